@@ -1,0 +1,1 @@
+"""Backends turn (recipe, plan) into running ranks. They know nothing of models."""

@@ -1,0 +1,83 @@
+"""Local backend: this machine's GPUs (one process each, NCCL) or N CPU processes on gloo.
+
+Ranks are started by torch.distributed.run, called in-process the way
+`accelerate launch` does, so a failed rank comes back as a structured
+ChildFailedError that names the rank, its host and the cause.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from launcher.plan import Plan
+from launcher.recipe import Recipe
+
+
+class LaunchFailed(Exception):
+    """One or more ranks failed; the message names them and the cause."""
+
+
+def count_gpus() -> int:
+    """GPUs this process may use, without importing torch (keeps --dry-run fast)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return 0
+    if not shutil.which("nvidia-smi"):
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    found = sum(1 for line in out.splitlines() if line.startswith("GPU "))
+    if visible is not None:
+        found = min(found, len([v for v in visible.split(",") if v.strip()]))
+    return found
+
+
+def worker_env(plan: Plan) -> dict[str, str]:
+    env = {"LAUNCHER_T0": str(time.time()), "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    if plan.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # torchrun would force 1; share the cores instead.
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // plan.procs_per_node))
+    return env
+
+
+def describe_failures(exc) -> str:
+    lines = []
+    for rank, failure in sorted(exc.failures.items()):
+        if failure.signal_name() not in ("", "N/A", None) and failure.exitcode < 0:
+            cause = f"killed by {failure.signal_name()}"
+        else:
+            cause = f"exit code {failure.exitcode}"
+        message = failure.message
+        if isinstance(message, dict):
+            message = message.get("message", "")
+        message = (message or "").strip()
+        detail = ""
+        if message and not message.startswith("To enable traceback"):
+            detail = f": {message.splitlines()[-1] if len(message) > 300 else message}"
+        lines.append(f"rank {rank} (local rank {failure.local_rank} on {failure.hostname}, pid {failure.pid}) {cause}{detail}")
+    return "\n".join(lines)
+
+
+def run(recipe: Recipe, plan: Plan, spec_dir: Path) -> None:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser
+    from torch.distributed.run import run as torchrun
+
+    os.environ.update(worker_env(plan))
+    args = get_args_parser().parse_args([
+        "--standalone",
+        "--nnodes", "1",
+        "--nproc-per-node", str(plan.procs_per_node),
+        "--max-restarts", "0",
+        "--monitor-interval", "0.5",
+        "-m", "launcher.train.worker", str(spec_dir),
+    ])
+    try:
+        torchrun(args)
+    except ChildFailedError as exc:
+        raise LaunchFailed(describe_failures(exc)) from None

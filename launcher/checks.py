@@ -1,0 +1,93 @@
+"""Checks that need the file system: model folder, data, output and resume paths.
+
+They run in the launcher before any process starts, so that a typo in a path
+or a label outside the classes is reported in seconds, not after allocation.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from launcher.dataset import Splits, load_splits
+from launcher.loading import Problem, RecipeError
+from launcher.recipe import Recipe
+
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def resolve_model_path(path: str) -> str:
+    """A local folder, a hub id (returned unchanged), or pkg:PACKAGE/SUB → the folder inside the package."""
+    if not path.startswith("pkg:"):
+        return path
+    package, _, sub = path[len("pkg:"):].partition("/")
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise RecipeError("model", [Problem("model.path", f"package {package!r} is not installed; "
+                                            f"pip install {package.replace('_', '-')}")])
+    folder = Path(list(spec.submodule_search_locations)[0]) / sub
+    if not folder.is_dir():
+        raise RecipeError("model", [Problem("model.path", f"package {package!r} has no folder {sub!r} ({folder})")])
+    return str(folder)
+
+
+def is_local(path: str) -> bool:
+    return Path(path).is_dir()
+
+
+def looks_like_hub_id(path: str) -> bool:
+    parts = path.split("/")
+    return len(parts) <= 2 and all(parts) and not path.startswith((".", "~"))
+
+
+def check_model(recipe: Recipe) -> list[Problem]:
+    try:
+        path = resolve_model_path(recipe.model.path)
+    except RecipeError as exc:
+        return exc.problems
+    if not is_local(path):
+        if Path(path).exists():
+            return [Problem("model.path", f"{path} is a file; give the model folder (with config.json)")]
+        if not looks_like_hub_id(path):
+            return [Problem("model.path", f"{path} is neither a local folder nor a hub id like 'org/name'")]
+        return []  # a hub id: resolved by transformers on the ranks
+    config_file = Path(path) / "config.json"
+    if not config_file.exists():
+        return [Problem("model.path", f"{path} has no config.json; is it a Hugging Face model folder?")]
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return [Problem("model.path", f"{config_file} is not valid JSON: {exc}")]
+    limit = next((config[k] for k in POSITION_KEYS if isinstance(config.get(k), int)), None)
+    if limit is not None and recipe.data.max_length > limit:
+        return [Problem("data.max_length", f"{recipe.data.max_length} is larger than the model's {limit} positions "
+                        f"({config.get('model_type', 'model')}); use at most {limit}")]
+    return []
+
+
+def check_paths(recipe: Recipe) -> list[Problem]:
+    problems = []
+    out = Path(recipe.output_dir)
+    if out.exists() and not out.is_dir():
+        problems.append(Problem("output_dir", f"{out} exists and is a file; give a folder"))
+    resume = recipe.train.resume
+    if resume not in ("auto", "never") and not Path(resume).is_dir():
+        problems.append(Problem("train.resume", f"checkpoint folder {resume} not found; use 'auto', 'never' or a "
+                                "checkpoint-* folder"))
+    return problems
+
+
+def check_recipe(recipe: Recipe) -> Splits:
+    """Everything checkable before launch; raises one RecipeError with all problems."""
+    problems = check_model(recipe) + check_paths(recipe)
+    try:
+        splits = load_splits(recipe)
+    except RecipeError as exc:
+        problems += exc.problems
+        splits = None
+    if problems:
+        raise RecipeError("recipe", problems)
+    return splits

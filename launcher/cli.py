@@ -1,0 +1,107 @@
+"""The `launch` command: parse, load, check, plan, dispatch. Small and stable.
+
+Exit status: 0 success, 1 the training failed, 2 the recipe (or its data) is wrong.
+Nothing on the --help path imports torch.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXIT_FAILED, EXIT_USAGE = 1, 2
+
+EPILOG = """\
+examples:
+  launch recipes/quickstart.yaml                       all local GPUs, or 1 CPU process
+  launch recipes/quickstart.yaml --procs 2             2 CPU processes (gloo)
+  launch recipes/quickstart.yaml --dry-run             validate and print the plan; start nothing
+  launch recipes/x.yaml train.optimizer.lr=1e-5 data.max_length=256   overrides, validated like the file
+
+exit status: 0 done, 1 training failed (the failing rank is named), 2 invalid recipe or data.
+"""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="launch",
+        description="Fine-tune a pretrained model from one YAML recipe.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("recipe", type=Path, help="recipe YAML file")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe fields")
+    p.add_argument("--procs", type=int, default=None, metavar="N",
+                   help="processes on this machine (default: one per visible GPU, else 1 CPU process)")
+    p.add_argument("--nodes", type=int, default=1, metavar="N", help="nodes (needs a Slurm or Ray cluster profile)")
+    p.add_argument("--cluster", type=Path, default=None, metavar="PROFILE", help="cluster profile YAML")
+    p.add_argument("--dry-run", action="store_true", help="validate, print the plan, start nothing")
+    return p
+
+
+def print_plan(recipe, plan) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"plan: {recipe.task.type} on {recipe.model.path}", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    for name, value in plan.rows():
+        table.add_row(name, value)
+    table.add_row("output", str(Path(recipe.output_dir).resolve()))
+    Console().print(table)
+
+
+def fail(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from launcher.checks import check_recipe
+    from launcher.loading import Problem, RecipeError, load_recipe
+    from launcher.plan import make_plan
+
+    if args.procs is not None and args.procs < 1:
+        return fail("--procs must be at least 1", EXIT_USAGE)
+    if args.nodes != 1 or args.cluster is not None:
+        return fail("multi-node launches need the Slurm or Ray backend, which this version does not have yet; "
+                    "run without --nodes/--cluster to train on this machine", EXIT_USAGE)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        splits = check_recipe(recipe)
+        from launcher.backends.local import count_gpus
+
+        gpus = count_gpus()
+        procs = args.procs or gpus or 1
+        device = "cuda" if gpus else "cpu"
+        if device == "cpu" and recipe.train.precision == "fp16":
+            raise RecipeError("recipe", [Problem("train.precision", "fp16 needs a GPU; use bf16 or fp32 on CPU")])
+        if gpus and procs > gpus:
+            raise RecipeError("command line", [Problem("--procs", f"{procs} processes but {gpus} GPUs visible")])
+        plan = make_plan(recipe, num_train_samples=len(splits.train), num_validation_samples=len(splits.validation),
+                         num_test_samples=len(splits.test), procs_per_node=procs, device=device)
+    except RecipeError as exc:
+        return fail(str(exc), EXIT_USAGE)
+    for split, count in splits.dropped.items():
+        if count:
+            print(f"warning: dropped {count} rows of {split} with an empty field (data.on_missing=drop)", file=sys.stderr)
+    print_plan(recipe, plan)
+    if args.dry_run:
+        return 0
+
+    from launcher.backends.local import LaunchFailed, run
+    from launcher.train.worker import write_spec
+
+    spec = write_spec(Path(recipe.output_dir), recipe, plan)
+    try:
+        run(recipe, plan, spec)
+    except LaunchFailed as exc:
+        return fail(f"training failed:\n{exc}", EXIT_FAILED)
+    print(f"done: {Path(recipe.output_dir).resolve() / 'summary.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Recipe files → a validated Recipe, or every problem at once.
+
+YAML is only ever read with the safe loader. Each problem names the field
+path, the YAML line (or the override that set it), the value given, what is
+valid, and the nearest valid key for a typo, so a user fixes a recipe in one
+edit instead of one launch per mistake.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from launcher.recipe import Recipe
+
+# Input paths travel with the recipe (relative to its folder); outputs land where you run.
+INPUT_PATHS = [("model", "path"), ("data", "train"), ("data", "validation"), ("data", "test"), ("train", "resume")]
+MAX_YAML_BYTES = 1_000_000
+
+
+@dataclass
+class Problem:
+    path: str
+    message: str
+    where: str = ""  # "line 12" or "override train.lr=..."
+
+    def render(self) -> str:
+        where = f" ({self.where})" if self.where else ""
+        return f"  - {self.path or '<recipe>'}{where}: {self.message}"
+
+
+class RecipeError(Exception):
+    """A user's recipe (or its data) is wrong; carries every problem found."""
+
+    def __init__(self, source: str, problems: list[Problem]):
+        self.source = source
+        self.problems = problems
+        count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+        lines = [f"{source}: {count}; nothing was started."] + [p.render() for p in problems]
+        super().__init__("\n".join(lines))
+
+
+@dataclass
+class Source:
+    """Where each value came from, for error messages."""
+
+    name: str
+    lines: dict[tuple, int] = field(default_factory=dict)
+    overrides: dict[tuple, str] = field(default_factory=dict)
+
+    def where(self, loc: tuple) -> str:
+        for n in range(len(loc), 0, -1):
+            key = tuple(loc[:n])
+            if key in self.overrides:
+                return f"override {self.overrides[key]}"
+            if key in self.lines:
+                return f"line {self.lines[key]}"
+        return ""
+
+
+def _line_map(node: yaml.Node, prefix: tuple = ()) -> dict[tuple, int]:
+    lines: dict[tuple, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = prefix + (key_node.value,)
+            lines[key] = key_node.start_mark.line + 1
+            lines.update(_line_map(value_node, key))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines[prefix + (i,)] = item.start_mark.line + 1
+            lines.update(_line_map(item, prefix + (i,)))
+    return lines
+
+
+def read_yaml(path: Path, what: str = "recipe") -> tuple[dict, dict[tuple, int]]:
+    """Safe-load a YAML mapping with the line of every key."""
+    name = str(path)
+    if not path.exists():
+        raise RecipeError(name, [Problem("", f"{what} file not found")])
+    if path.is_dir():
+        raise RecipeError(name, [Problem("", f"{what} path is a folder, not a YAML file")])
+    raw = path.read_bytes()
+    if len(raw) > MAX_YAML_BYTES:
+        raise RecipeError(name, [Problem("", f"{what} file is {len(raw)} bytes; recipes are small text files")])
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RecipeError(name, [Problem("", f"{what} file is not UTF-8 text (binary file?)")]) from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.load(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RecipeError(name, [Problem("", f"not valid YAML: {problem}", where)]) from None
+    if data is None:
+        raise RecipeError(name, [Problem("", f"{what} file is empty")])
+    if not isinstance(data, dict):
+        raise RecipeError(name, [Problem("", f"{what} must be a YAML mapping of sections, got {type(data).__name__}")])
+    return data, _line_map(node)
+
+
+def parse_override(text: str) -> tuple[tuple, Any]:
+    if "=" not in text:
+        raise RecipeError("command line", [Problem(text, "an override is key.sub=value (e.g. train.optimizer.lr=1e-5)")])
+    key, value = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise RecipeError("command line", [Problem(key, f"malformed override key in {text!r}")])
+    try:
+        parsed = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:
+        parsed = value
+    return tuple(key.split(".")), parsed
+
+
+def _set(data: dict, loc: tuple, value: Any) -> None:
+    node = data
+    for part in loc[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[loc[-1]] = value
+
+
+def _resolve_inputs(data: dict, base: Path, cwd: Path, overridden: set[tuple]) -> None:
+    for loc in INPUT_PATHS:
+        node = data
+        for part in loc[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or not isinstance(node.get(loc[-1]), str):
+            continue
+        value = node[loc[-1]]
+        if loc == ("train", "resume") and value in ("auto", "never"):
+            continue
+        if value.startswith("pkg:") or Path(value).is_absolute():
+            continue
+        candidate = (cwd if loc in overridden else base) / value
+        # A model path that is no local folder is a hub id and stays as written.
+        if loc == ("model", "path") and not candidate.exists():
+            continue
+        node[loc[-1]] = str(candidate.resolve())
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str] | None:
+    """Valid keys of the section at loc (for 'did you mean')."""
+    current: Any = model
+    for part in loc:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        info = current.model_fields.get(part)
+        if info is None:
+            return None
+        current = _model_in(info.annotation)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return None
+
+
+def _model_in(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _data_path(data: Any, loc: tuple) -> tuple:
+    """Map a pydantic error location onto keys that exist in the YAML (drops union tags)."""
+    path: list = []
+    node = data
+    for i, part in enumerate(loc):
+        if isinstance(node, dict) and part in node:
+            path.append(part)
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            path.append(part)
+            node = node[part]
+        elif i == len(loc) - 1 and isinstance(part, str):
+            path.append(part)
+        # else: a discriminator tag or function-validator frame; skip it
+    return tuple(path)
+
+
+def _problem(err: dict, data: dict, source: Source) -> Problem:
+    loc = _data_path(data, tuple(err["loc"]))
+    dotted = ".".join(str(p) for p in loc)
+    kind = err["type"]
+    given = err.get("input")
+    if kind == "extra_forbidden":
+        valid = _fields_at(Recipe, tuple(p for p in loc[:-1] if isinstance(p, str))) or []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        msg = f"unknown key{hint} Valid keys here: {', '.join(valid)}"
+    elif kind == "missing":
+        msg = "required field is missing"
+    elif kind == "union_tag_invalid" or kind == "union_tag_not_found":
+        msg = err["msg"]
+    else:
+        msg = err["msg"].removeprefix("Value error, ")
+        if given is not None and not isinstance(given, (dict, list)):
+            msg += f" (given: {given!r})"
+    return Problem(dotted, msg, source.where(loc))
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None, cwd: Path | None = None) -> Recipe:
+    """Read, override, resolve paths and validate. Raises RecipeError listing every problem."""
+    path = Path(path)
+    data, lines = read_yaml(path)
+    source = Source(str(path), lines)
+    parsed = [parse_override(o) for o in overrides or []]
+    for loc, value in parsed:
+        _set(data, loc, value)
+        source.overrides[loc] = f"{'.'.join(loc)}={value!r}"
+    _resolve_inputs(data, path.resolve().parent, (cwd or Path.cwd()), {loc for loc, _ in parsed})
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        problems = [_problem(e, data, source) for e in exc.errors(include_url=False)]
+        raise RecipeError(str(path), problems) from None
+    return recipe
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

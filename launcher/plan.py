@@ -1,0 +1,119 @@
+"""The plan: the numbers every rank agrees on before training starts.
+
+The recipe's batch_size is the global batch per optimizer step, so the plan
+derives micro-batch and accumulation from the world size; the same recipe
+then optimises identically on 1 process or 64, and a checkpoint can resume
+at a different world size.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from launcher.loading import Problem, RecipeError
+from launcher.recipe import Recipe
+
+
+class Plan(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_nodes: int
+    procs_per_node: int
+    world_size: int
+    device: Literal["cpu", "cuda"]
+    backend: Literal["gloo", "nccl"]
+    strategy: str
+    global_batch_size: int
+    micro_batch_size: int
+    grad_accum: int
+    num_train_samples: int
+    num_validation_samples: int
+    num_test_samples: int
+    steps_per_epoch: int
+    samples_dropped_per_epoch: int
+    epochs: int
+    total_steps: int
+    warmup_steps: int
+
+    def rows(self) -> list[tuple[str, str]]:
+        return [
+            ("nodes × processes per node", f"{self.num_nodes} × {self.procs_per_node}"),
+            ("world size", str(self.world_size)),
+            ("device / backend", f"{self.device} / {self.backend}"),
+            ("strategy", self.strategy),
+            ("global batch", str(self.global_batch_size)),
+            ("micro-batch per device", str(self.micro_batch_size)),
+            ("gradient accumulation", str(self.grad_accum)),
+            ("train / validation / test rows", f"{self.num_train_samples} / {self.num_validation_samples} / {self.num_test_samples}"),
+            ("steps per epoch", str(self.steps_per_epoch)),
+            ("rows dropped per epoch (partial batch)", str(self.samples_dropped_per_epoch)),
+            ("epochs", str(self.epochs)),
+            ("total optimizer steps", str(self.total_steps)),
+            ("warm-up steps", str(self.warmup_steps)),
+        ]
+
+
+def _near_multiples(value: int, unit: int) -> str:
+    low = max(unit, (value // unit) * unit)
+    return ", ".join(str(v) for v in sorted({low, low + unit}))
+
+
+def make_plan(
+    recipe: Recipe,
+    *,
+    num_train_samples: int,
+    num_validation_samples: int = 0,
+    num_test_samples: int = 0,
+    procs_per_node: int,
+    num_nodes: int = 1,
+    device: Literal["cpu", "cuda"] = "cpu",
+) -> Plan:
+    train = recipe.train
+    world = procs_per_node * num_nodes
+    problems: list[Problem] = []
+    micro = train.micro_batch_size
+    if micro is None:
+        if train.batch_size % world:
+            problems.append(Problem("train.batch_size", f"{train.batch_size} is not divisible by the world size {world}; "
+                                    f"use {_near_multiples(train.batch_size, world)}, or set train.micro_batch_size"))
+        micro = max(1, train.batch_size // world)
+    per_pass = micro * world
+    if train.batch_size % per_pass:
+        problems.append(Problem("train.batch_size", f"{train.batch_size} is not a multiple of micro_batch_size {micro} × "
+                                f"world size {world} = {per_pass}; use {_near_multiples(train.batch_size, per_pass)}"))
+    accum = max(1, train.batch_size // per_pass)
+    steps_per_epoch = num_train_samples // train.batch_size
+    if steps_per_epoch == 0:
+        problems.append(Problem("train.batch_size", f"{train.batch_size} is larger than the {num_train_samples} "
+                                "training rows; one epoch would have no full batch"))
+    if problems:
+        raise RecipeError("plan", problems)
+    if train.max_steps is not None:
+        total = train.max_steps
+        epochs = math.ceil(total / steps_per_epoch)
+    else:
+        epochs = train.epochs
+        total = epochs * steps_per_epoch
+    sched = train.scheduler
+    warmup = sched.warmup_steps if sched.warmup_steps is not None else int(sched.warmup_ratio * total)
+    return Plan(
+        num_nodes=num_nodes,
+        procs_per_node=procs_per_node,
+        world_size=world,
+        device=device,
+        backend="nccl" if device == "cuda" else "gloo",
+        strategy=recipe.distributed.strategy,
+        global_batch_size=train.batch_size,
+        micro_batch_size=micro,
+        grad_accum=accum,
+        num_train_samples=num_train_samples,
+        num_validation_samples=num_validation_samples,
+        num_test_samples=num_test_samples,
+        steps_per_epoch=steps_per_epoch,
+        samples_dropped_per_epoch=num_train_samples - steps_per_epoch * train.batch_size,
+        epochs=epochs,
+        total_steps=total,
+        warmup_steps=min(warmup, total),
+    )

@@ -1,0 +1,269 @@
+"""The recipe: what to train. Typed, documented, defaults in the schema.
+
+Every field is validated here, once, before any process starts; the training
+code reads typed attributes and never falls back to defaults of its own.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+TaskType = Literal[
+    "sequence_classification",
+    "multi_label_classification",
+    "regression",
+    "token_classification",
+    "causal_lm",
+    "seq2seq",
+]
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------- model
+class ModelConfig(Strict):
+    path: str = Field(
+        description="A local folder, a hub id, or 'pkg:PACKAGE/SUBFOLDER' for a model folder "
+        "shipped inside an installed Python package (found without importing the package)."
+    )
+    dtype: Precision = Field("fp32", description="dtype the weights are loaded in.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of a hub id.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the model folder.")
+
+
+# ----------------------------------------------------------------------------- losses
+class CrossEntropy(Strict):
+    name: Literal["cross_entropy"]
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    class_weights: list[Annotated[float, Field(gt=0)]] | Literal["auto"] | None = Field(
+        None, description="Per-class weights, or 'auto' for inverse label frequency in the training split."
+    )
+
+
+class Focal(Strict):
+    name: Literal["focal"]
+    gamma: float = Field(2.0, ge=0.0, description="Focusing parameter; 0 is plain cross-entropy.")
+    alpha: float | None = Field(None, gt=0.0, lt=1.0, description="Weight of the positive class (binary/multi-label).")
+
+
+class BCE(Strict):
+    name: Literal["bce"]
+    pos_weight: float | list[Annotated[float, Field(gt=0)]] | None = Field(
+        None, description="Weight of positives, one number or one per label."
+    )
+
+
+class MSE(Strict):
+    name: Literal["mse"]
+
+
+class MAE(Strict):
+    name: Literal["mae"]
+
+
+class Huber(Strict):
+    name: Literal["huber"]
+    delta: float = Field(1.0, gt=0.0)
+
+
+LossConfig = Annotated[Union[CrossEntropy, Focal, BCE, MSE, MAE, Huber], Field(discriminator="name")]
+
+CLASSIFICATION_LOSSES = {"cross_entropy", "focal"}
+LOSSES_BY_TASK: dict[str, set[str]] = {
+    "sequence_classification": CLASSIFICATION_LOSSES,
+    "multi_label_classification": {"bce", "focal"},
+    "regression": {"mse", "mae", "huber"},
+    "token_classification": CLASSIFICATION_LOSSES,
+    "causal_lm": {"cross_entropy"},
+    "seq2seq": {"cross_entropy"},
+}
+DEFAULT_LOSS = {
+    "sequence_classification": "cross_entropy",
+    "multi_label_classification": "bce",
+    "regression": "mse",
+    "token_classification": "cross_entropy",
+    "causal_lm": "cross_entropy",
+    "seq2seq": "cross_entropy",
+}
+METRICS_BY_TASK: dict[str, set[str]] = {
+    "sequence_classification": {"accuracy", "precision", "recall", "f1", "per_class", "roc_auc"},
+    "multi_label_classification": {"accuracy", "precision", "recall", "f1", "per_class", "roc_auc"},
+    "regression": {"mae", "rmse"},
+    "token_classification": {"accuracy", "precision", "recall", "f1", "per_class"},
+    "causal_lm": {"perplexity"},
+    "seq2seq": {"perplexity"},
+}
+DEFAULT_METRICS = {
+    "sequence_classification": ["accuracy", "f1"],
+    "multi_label_classification": ["accuracy", "f1"],
+    "regression": ["mae", "rmse"],
+    "token_classification": ["accuracy", "f1"],
+    "causal_lm": ["perplexity"],
+    "seq2seq": ["perplexity"],
+}
+NEEDS_LABELS = {"sequence_classification", "multi_label_classification", "token_classification"}
+
+
+class TaskConfig(Strict):
+    type: TaskType
+    num_labels: int | None = Field(None, ge=1, description="Number of classes; derived from `labels` when given.")
+    labels: list[str] | None = Field(
+        None, description="Class names in index order. Labels in the data may be these names or their indices."
+    )
+    loss: LossConfig | None = Field(None, description="Loss from the registry; a sensible one per task when omitted.")
+    metrics: list[str] | None = Field(None, description="Metrics from the registry; defaults per task.")
+    chat_template: bool = Field(
+        False, description="causal_lm prompt/response: format with the tokenizer's chat template."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TaskConfig":
+        errors = []
+        if self.labels is not None:
+            if len(set(self.labels)) != len(self.labels):
+                errors.append("labels: names must be unique")
+            if self.num_labels is not None and self.num_labels != len(self.labels):
+                errors.append(f"num_labels is {self.num_labels} but labels names {len(self.labels)} classes")
+        if self.type in NEEDS_LABELS and self.labels is None and self.num_labels is None:
+            errors.append(f"task type {self.type!r} needs num_labels or labels")
+        if self.loss is not None and self.loss.name not in LOSSES_BY_TASK[self.type]:
+            valid = ", ".join(sorted(LOSSES_BY_TASK[self.type]))
+            errors.append(f"loss {self.loss.name!r} does not fit task {self.type!r}; valid: {valid}")
+        for metric in self.metrics or []:
+            if metric not in METRICS_BY_TASK[self.type]:
+                valid = ", ".join(sorted(METRICS_BY_TASK[self.type]))
+                errors.append(f"metric {metric!r} does not fit task {self.type!r}; valid: {valid}")
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    @property
+    def resolved_num_labels(self) -> int:
+        if self.labels is not None:
+            return len(self.labels)
+        if self.num_labels is not None:
+            return self.num_labels
+        return 1
+
+    @property
+    def resolved_loss(self) -> CrossEntropy | Focal | BCE | MSE | MAE | Huber:
+        if self.loss is not None:
+            return self.loss
+        return {"cross_entropy": CrossEntropy, "bce": BCE, "mse": MSE}[DEFAULT_LOSS[self.type]](
+            name=DEFAULT_LOSS[self.type]
+        )
+
+    @property
+    def resolved_metrics(self) -> list[str]:
+        return list(self.metrics) if self.metrics is not None else list(DEFAULT_METRICS[self.type])
+
+
+# ----------------------------------------------------------------------------- data
+class SplitRatios(Strict):
+    validation: float = Field(0.1, ge=0.0, lt=1.0)
+    test: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _leaves_training_rows(self) -> "SplitRatios":
+        if self.validation + self.test >= 1.0:
+            raise ValueError("validation + test must leave rows for training (sum < 1)")
+        return self
+
+
+class DataConfig(Strict):
+    train: str = Field(description="Training file (.jsonl, .json, .csv, .tsv, .parquet) or a saved HF dataset folder.")
+    validation: str | None = Field(None, description="Validation file; when absent, `split` carves it from train.")
+    test: str | None = Field(None, description="Test file; when absent, `split` may carve it from train.")
+    split: SplitRatios = Field(
+        default_factory=SplitRatios,
+        description="Seeded split of `train` for the splits that have no file of their own.",
+    )
+    text_field: str = Field("text", description="Text column (token_classification: a list of words).")
+    text_pair_field: str | None = Field(None, description="Second text column for pair tasks (NLI, similarity).")
+    label_field: str = Field("label", description="Label column (token_classification: a list of tags).")
+    prompt_field: str | None = Field(None, description="causal_lm SFT / seq2seq: the prompt (source) column.")
+    response_field: str | None = Field(None, description="causal_lm SFT / seq2seq: the response (target) column.")
+    csv_delimiter: str | None = Field(None, description="CSV delimiter; ',' for .csv and tab for .tsv when omitted.")
+    csv_header: bool = Field(True, description="Whether a CSV file has a header row (without one, name columns with csv_columns).")
+    csv_columns: list[str] | None = Field(None, description="Column names for a CSV file without a header.")
+    max_length: int = Field(128, ge=8, description="Tokens per example after truncation.")
+    on_missing: Literal["error", "drop"] = Field(
+        "error", description="Rows with an empty text or label: fail naming them, or drop them and say how many."
+    )
+    seed: int = Field(1234, description="Seed of the split and of each epoch's shuffle.")
+
+
+# ----------------------------------------------------------------------------- train
+class OptimizerConfig(Strict):
+    name: Literal["adamw"] = "adamw"
+    lr: float = Field(5e-5, gt=0.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0.0)
+
+
+class SchedulerConfig(Strict):
+    name: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_steps: int | None = Field(None, ge=0, description="Warm-up steps; overrides warmup_ratio.")
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Warm-up as a fraction of total steps.")
+
+
+class TrainConfig(Strict):
+    batch_size: int = Field(32, ge=1, description="GLOBAL batch per optimizer step, across all ranks and accumulation.")
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="Per-device batch per forward pass; when omitted, batch_size / world_size (no accumulation)."
+    )
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    grad_clip: float | None = Field(1.0, gt=0.0, description="Max global gradient norm; null disables clipping.")
+    precision: Precision = Field("fp32", description="Mixed-precision autocast of the forward pass.")
+    eval_every: int | Literal["epoch"] | None = Field(
+        "epoch", description="Evaluate on validation every N steps, every epoch, or only at the end (null)."
+    )
+    save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps (and always at the end).")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept; the newest complete one is never removed.")
+    log_every: int = Field(10, ge=1, description="Steps between metric lines in metrics.jsonl and the log.")
+    seed: int = Field(42)
+    resume: str = Field("auto", description="'auto' (newest checkpoint in output_dir), 'never', or a checkpoint path.")
+    tensorboard: bool = Field(False, description="Also write TensorBoard events to output_dir/tensorboard.")
+
+    @model_validator(mode="after")
+    def _eval_every(self) -> "TrainConfig":
+        if isinstance(self.eval_every, int) and self.eval_every < 1:
+            raise ValueError("eval_every must be >= 1, 'epoch' or null")
+        return self
+
+
+class DistributedConfig(Strict):
+    strategy: Literal["ddp"] = Field("ddp", description="How ranks share the model. DDP replicates it.")
+
+
+class Recipe(Strict):
+    model: ModelConfig
+    task: TaskConfig
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    output_dir: str = Field(description="Run directory: checkpoints, metrics.jsonl, final/, summary.json.")
+
+    @model_validator(mode="after")
+    def _fields_fit_task(self) -> "Recipe":
+        task, data = self.task.type, self.data
+        if task in ("seq2seq",) and not (data.prompt_field and data.response_field):
+            raise ValueError("seq2seq needs data.prompt_field (source) and data.response_field (target)")
+        if bool(data.prompt_field) != bool(data.response_field):
+            raise ValueError("data.prompt_field and data.response_field go together")
+        if task == "causal_lm" and self.task.chat_template and not data.prompt_field:
+            raise ValueError("task.chat_template needs data.prompt_field and data.response_field")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir)

@@ -1,0 +1,1 @@
+"""Code that runs on every rank. Nothing here knows about Slurm, Ray or the command line."""

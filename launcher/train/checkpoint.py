@@ -1,0 +1,106 @@
+"""Atomic checkpoints, resume and retention.
+
+A checkpoint is written into a hidden temporary folder and renamed into
+place by rank 0 only after every rank has finished writing, so a folder named
+checkpoint-* is always complete; a crash mid-write leaves only a .tmp folder
+that the next save or resume removes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+PREFIX = "checkpoint-"
+STATE_FILE = "trainer_state.json"
+
+
+class CheckpointMismatch(Exception):
+    """A checkpoint that cannot continue this recipe (different model or task)."""
+
+
+def fingerprint(recipe) -> dict:
+    return {"model": recipe.model.path, "task": recipe.task.type, "num_labels": recipe.task.resolved_num_labels,
+            "global_batch_size": recipe.train.batch_size}
+
+
+def complete(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not run_dir.is_dir():
+        return []
+    found = [p for p in run_dir.glob(f"{PREFIX}*") if p.is_dir() and (p / STATE_FILE).exists()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def find_resume(run_dir: Path, resume: str) -> Path | None:
+    if resume == "never":
+        return None
+    if resume != "auto":
+        return Path(resume)
+    found = complete(run_dir)
+    return found[-1] if found else None
+
+
+def read_state(folder: Path) -> dict:
+    return json.loads((folder / STATE_FILE).read_text())
+
+
+def check_compatible(folder: Path, recipe, world_size: int) -> dict:
+    state = read_state(folder)
+    mine = fingerprint(recipe)
+    differ = {k: (state["fingerprint"].get(k), v) for k, v in mine.items() if state["fingerprint"].get(k) != v}
+    if differ:
+        detail = "; ".join(f"{k}: checkpoint {a!r}, recipe {b!r}" for k, (a, b) in differ.items())
+        raise CheckpointMismatch(f"{folder} was written by a different run ({detail}). Use another output_dir, "
+                                 "or train.resume=never to start over in a fresh output_dir.")
+    if state["world_size"] != world_size:
+        raise CheckpointMismatch(f"{folder} was written with world size {state['world_size']}, this launch has "
+                                 f"{world_size}; resume with the same number of processes")
+    return state
+
+
+def save(accelerator, run_dir: Path, step: int, state: dict, keep_last: int) -> Path:
+    """Every rank calls this; it returns once the checkpoint is in place."""
+    final = run_dir / f"{PREFIX}{step:08d}"
+    tmp = run_dir / f".tmp-{PREFIX}{step:08d}"
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json_atomic(tmp / STATE_FILE, state)
+        if final.exists():  # the same step saved again (e.g. end of run after a save_every hit)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(run_dir)
+        prune(run_dir, keep_last)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def prune(run_dir: Path, keep_last: int) -> None:
+    for old in complete(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in run_dir.glob(f".tmp-{PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,103 @@
+"""What a run tells its user: the progress bar, log lines, metrics.jsonl, TensorBoard.
+
+Only rank 0 writes files and draws the bar; every rank may log, and its lines
+say which rank they come from.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def rank_logger(rank: int) -> logging.Logger:
+    logger = logging.getLogger(f"launcher.rank{rank}")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
+
+
+def truncate_metrics(run_dir: Path, last_step: int) -> None:
+    """On resume, forget records of steps after the checkpoint: they are trained again."""
+    path = run_dir / METRICS_FILE
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
+class Reporter:
+    def __init__(self, run_dir: Path, is_main: bool, total_steps: int, start_step: int, log_every: int,
+                 tensorboard: bool, logger: logging.Logger):
+        self.is_main = is_main
+        self.log_every = log_every
+        self.total = total_steps
+        self.logger = logger
+        self.metrics_path = run_dir / METRICS_FILE
+        self.writer = None
+        self.progress = None
+        if not is_main:
+            return
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        console = Console(stderr=True)
+        if console.is_terminal:
+            self.progress = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[speed]:.1f} samples/s"),
+                TimeRemainingColumn(), console=console,
+            )
+            self.task_id = self.progress.add_task("train", total=total_steps, completed=start_step, loss=float("nan"),
+                                                  lr=0.0, speed=0.0)
+            self.progress.start()
+
+    def _append(self, record: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def step(self, step: int, epoch: int, loss: float, lr: float, grad_norm: float | None, samples_per_s: float) -> None:
+        if not self.is_main:
+            return
+        record = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                  "samples_per_s": samples_per_s, "time": time.time()}
+        self._append(record)
+        if self.writer:
+            self.writer.add_scalar("train/loss", loss, step)
+            self.writer.add_scalar("train/lr", lr, step)
+        if self.progress:
+            self.progress.update(self.task_id, completed=step, loss=loss, lr=lr, speed=samples_per_s)
+        if step % self.log_every == 0 or step == self.total:
+            self.logger.info(f"step {step}/{self.total} epoch {epoch} loss {loss:.4f} lr {lr:.2e} "
+                             f"{samples_per_s:.1f} samples/s")
+
+    def evaluation(self, step: int, split: str, metrics: dict) -> None:
+        if not self.is_main:
+            return
+        self._append({"step": step, "split": split, "metrics": metrics, "time": time.time()})
+        if self.writer:
+            for name, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"{split}/{name}", value, step)
+        flat = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, (int, float)))
+        self.logger.info(f"eval {split} at step {step}: {flat}")
+
+    def close(self) -> None:
+        if self.progress:
+            self.progress.stop()
+        if self.writer:
+            self.writer.close()

@@ -1,0 +1,321 @@
+"""train.run(recipe, plan): the one training entry point every backend ends in.
+
+Order: accelerator → tokenizer and data → model → loss → optimizer/scheduler
+→ resume → loop (train, evaluate, checkpoint, log) → export → summary.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from launcher.dataset import label_counts, load_splits
+from launcher.plan import Plan
+from launcher.recipe import CrossEntropy, Recipe
+from launcher.train import checkpoint
+from launcher.train.data import Collate, prepare, step_batch
+from launcher.train.losses import build_loss, class_weights_from_counts
+from launcher.train.metrics import EvalOutputs, compute
+from launcher.train.model import build, forward_logits, load_tokenizer
+from launcher.train.report import Reporter, rank_logger, truncate_metrics
+
+FAULT_ENV = "LAUNCHER_FAULT"  # "rank=R,step=S,phase=step|eval|save": SIGKILL that rank there (failure drills)
+
+
+class WorldMismatch(RuntimeError):
+    pass
+
+
+def make_accelerator(recipe: Recipe, plan: Plan):
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[recipe.train.precision]
+    accelerator = Accelerator(
+        cpu=plan.device == "cpu",
+        mixed_precision=mixed,
+        kwargs_handlers=[InitProcessGroupKwargs(backend=plan.backend)],
+    )
+    # The silent trap of CPU launches: N processes that each believe they are alone.
+    if accelerator.num_processes != plan.world_size:
+        raise WorldMismatch(f"planned world size {plan.world_size} but this process sees {accelerator.num_processes} "
+                            f"(distributed type {accelerator.distributed_type}); were the ranks started by torchrun?")
+    return accelerator
+
+
+def _fault(rank: int, step: int, phase: str) -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    want = dict(part.split("=", 1) for part in spec.split(","))
+    if int(want.get("rank", -1)) == rank and int(want.get("step", -1)) == step and want.get("phase", "step") == phase:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    cfg = recipe.train.optimizer
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+def _scheduler(optimizer, recipe: Recipe, plan: Plan):
+    from transformers import get_scheduler
+
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[recipe.train.scheduler.name]
+    return get_scheduler(name, optimizer, num_warmup_steps=plan.warmup_steps, num_training_steps=plan.total_steps)
+
+
+class Evaluator:
+    """Each rank scores a strided share of the split; outputs are gathered and scored once."""
+
+    def __init__(self, accelerator, model, loss_fn, collate, recipe: Recipe, plan: Plan):
+        self.acc, self.model, self.loss_fn, self.collate = accelerator, model, loss_fn, collate
+        self.task = recipe.task.type
+        self.metric_names = recipe.task.resolved_metrics
+        self.label_names = recipe.task.labels or []
+        self.batch = plan.micro_batch_size * 2
+
+    @torch.no_grad()
+    def __call__(self, rows: list[dict]) -> dict:
+        from accelerate.utils import gather_object
+
+        self.model.eval()
+        mine = rows[self.acc.process_index::self.acc.num_processes]
+        loss_sum, count, probs, labels = 0.0, 0.0, [], []
+        for start in range(0, len(mine), self.batch):
+            chunk = mine[start:start + self.batch]
+            batch = _to(self.collate(chunk), self.acc.device)
+            with self.acc.autocast():
+                logits = forward_logits(self.model, batch, self.task).float()
+            loss_sum += float(self.loss_fn(logits, batch["labels"]))
+            count += float(sum(r["weight"] for r in chunk))
+            p, y = self._outputs(logits, batch["labels"])
+            if p is not None:
+                probs.append(p)
+                labels.append(y)
+        parts = gather_object([(loss_sum, count, probs, labels)])
+        self.model.train()
+        out = EvalOutputs(task=self.task, label_names=self.label_names,
+                          loss_sum=sum(p[0] for p in parts), loss_count=sum(p[1] for p in parts))
+        all_probs = [a for p in parts for a in p[2]]
+        all_labels = [a for p in parts for a in p[3]]
+        if all_probs:
+            if self.task == "regression":
+                out.preds, out.labels = np.concatenate(all_probs), np.concatenate(all_labels)
+            else:
+                out.probs, out.labels = np.concatenate(all_probs), np.concatenate(all_labels)
+        return compute(out, self.metric_names)
+
+    def _outputs(self, logits: torch.Tensor, labels: torch.Tensor):
+        if self.task == "sequence_classification":
+            return logits.softmax(-1).cpu().numpy(), labels.cpu().numpy()
+        if self.task == "multi_label_classification":
+            return logits.sigmoid().cpu().numpy(), labels.cpu().numpy()
+        if self.task == "regression":
+            return logits.reshape(-1).cpu().numpy(), labels.cpu().numpy()
+        if self.task == "token_classification":
+            keep = labels != -100
+            return logits[keep].softmax(-1).cpu().numpy(), labels[keep].cpu().numpy()
+        return None, None
+
+
+def _global_mean(accelerator, value: float, weight: float) -> float:
+    """Loss sum of this rank → loss per term over the global batch."""
+    total = accelerator.reduce(torch.tensor([value], dtype=torch.float64, device=accelerator.device), "sum")
+    return float(total.item()) / weight
+
+
+def _param_checksum(model) -> float:
+    return float(sum(p.detach().double().sum().item() for p in model.parameters()))
+
+
+def run(recipe: Recipe, plan: Plan) -> dict:
+    t_launch = float(os.environ.get("LAUNCHER_T0", time.time()))
+    t0 = time.time()
+    accelerator = make_accelerator(recipe, plan)
+    t_pg = time.time()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    log = rank_logger(rank)
+    log.info(f"world size {world} ({accelerator.distributed_type.value}, backend {plan.backend}), device {accelerator.device}")
+    run_dir = Path(recipe.output_dir)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    from accelerate.utils import set_seed
+
+    set_seed(recipe.train.seed)
+    tokenizer = load_tokenizer(recipe)
+    splits = load_splits(recipe)
+    data = prepare(recipe, splits, tokenizer)
+    t_data = time.time()
+    model = build(recipe, tokenizer)
+    t_model = time.time()
+    task = recipe.task.type
+    loss_cfg = recipe.task.resolved_loss
+    class_weights = None
+    if isinstance(loss_cfg, CrossEntropy) and loss_cfg.class_weights is not None:
+        class_weights = (class_weights_from_counts(label_counts(splits.train, recipe.task.resolved_num_labels))
+                         if loss_cfg.class_weights == "auto" else list(loss_cfg.class_weights))
+        log.info(f"class weights: {[round(w, 4) for w in class_weights]}")
+    loss_fn = build_loss(task, loss_cfg, class_weights)
+    optimizer = _optimizer(model, recipe)
+    scheduler = _scheduler(optimizer, recipe, plan)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    collate = Collate(tokenizer, task)
+    evaluator = Evaluator(accelerator, model, loss_fn, collate, recipe, plan)
+
+    start_step, first_loss, resumed_from = 0, None, None
+    found = checkpoint.find_resume(run_dir, recipe.train.resume)
+    if found is not None:
+        state = checkpoint.check_compatible(found, recipe, world)
+        accelerator.load_state(str(found))
+        start_step, first_loss, resumed_from = state["step"], state.get("first_loss"), str(found)
+        log.info(f"resumed from {found} at step {start_step}")
+        if accelerator.is_main_process:
+            truncate_metrics(run_dir, start_step)
+    accelerator.wait_for_everyone()
+
+    train_rows = data["train"]
+    weights = np.array([r["weight"] for r in train_rows], dtype=np.float64)
+    reporter = Reporter(run_dir, accelerator.is_main_process, plan.total_steps, start_step,
+                        recipe.train.log_every, recipe.train.tensorboard, log)
+    eval_every = plan.steps_per_epoch if recipe.train.eval_every == "epoch" else recipe.train.eval_every
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    last_loss, t_first_step, t_train = None, None, time.time()
+    step_times: list[float] = []
+
+    def state_at(step: int) -> dict:
+        return {"step": step, "epoch": step / plan.steps_per_epoch, "samples_seen": step * plan.global_batch_size,
+                "world_size": world, "first_loss": first_loss, "last_loss": last_loss,
+                "fingerprint": checkpoint.fingerprint(recipe), "plan": plan.model_dump()}
+
+    def save(step: int) -> None:
+        _fault(rank, step, "save")
+        checkpoint.save(accelerator, run_dir, step, state_at(step), recipe.train.keep_last)
+
+    for step in range(start_step, plan.total_steps):
+        _fault(rank, step + 1, "step")
+        t_step = time.time()
+        batch_plan = step_batch(plan, recipe.data.seed, weights, step, rank)
+        loss_sum = 0.0
+        for a, indices in enumerate(batch_plan.micro_batches):
+            batch = _to(collate([train_rows[i] for i in indices]), accelerator.device)
+            sync = a == len(batch_plan.micro_batches) - 1
+            with (contextlib.nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
+                micro_sum = loss_fn(forward_logits(model, batch, task), batch["labels"])
+            # DDP averages gradients over ranks, so scale by world / global terms to get the global mean.
+            accelerator.backward(micro_sum * world / batch_plan.global_weight)
+            loss_sum += float(micro_sum.detach())
+        grad_norm = None
+        if recipe.train.grad_clip is not None:
+            grad_norm = float(accelerator.clip_grad_norm_(params, recipe.train.grad_clip))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        last_loss = _global_mean(accelerator, loss_sum, batch_plan.global_weight)
+        if not math.isfinite(last_loss):
+            raise FloatingPointError(f"loss is {last_loss} at step {step + 1}; lower train.optimizer.lr or check the data")
+        if first_loss is None:
+            first_loss = last_loss
+        if t_first_step is None:
+            t_first_step = time.time()
+        done = step + 1
+        elapsed = time.time() - t_step
+        step_times.append(elapsed)
+        reporter.step(done, math.ceil(done / plan.steps_per_epoch), last_loss, scheduler.get_last_lr()[0], grad_norm,
+                      plan.global_batch_size / max(elapsed, 1e-9))
+        if eval_every and done % eval_every == 0 and done != plan.total_steps and splits.validation:
+            _fault(rank, done, "eval")
+            reporter.evaluation(done, "validation", evaluator(data["validation"]))
+        if recipe.train.save_every and done % recipe.train.save_every == 0 and done != plan.total_steps:
+            save(done)
+    t_train_end = time.time()
+    steps_run = plan.total_steps - start_step
+    save(plan.total_steps)
+
+    results = {}
+    for split in ("validation", "test"):
+        if getattr(splits, split):
+            _fault(rank, plan.total_steps, "eval")
+            results[split] = evaluator(data[split])
+            reporter.evaluation(plan.total_steps, split, results[split])
+    reporter.close()
+
+    checksums = [float(x) for x in accelerator.gather(
+        torch.tensor([_param_checksum(model)], dtype=torch.float64, device=accelerator.device)).tolist()]
+    final_dir = run_dir / "final"
+    if accelerator.is_main_process:
+        _export(accelerator.unwrap_model(model), tokenizer, final_dir)
+    accelerator.wait_for_everyone()
+    train_wall = t_train_end - t_train
+    summary = {
+        "status": "completed",
+        "world_size": world,
+        "distributed_type": accelerator.distributed_type.value,
+        "backend": plan.backend,
+        "hosts": sorted(set(_gather_hosts(accelerator))),
+        "steps": plan.total_steps,
+        "steps_this_launch": steps_run,
+        "epochs": plan.total_steps / plan.steps_per_epoch,
+        "samples_seen": plan.total_steps * plan.global_batch_size,
+        "resumed_from": resumed_from,
+        "train_loss": {"first": first_loss, "last": last_loss},
+        "metrics": results,
+        "final_model": str(final_dir.resolve()),
+        "param_checksum_per_rank": checksums,
+        "plan": plan.model_dump(),
+        "timings": {
+            "time_to_first_step_s": (t_first_step - t_launch) if t_first_step else None,
+            "process_group_s": t_pg - t0,
+            "data_prep_s": t_data - t_pg,
+            "model_load_s": t_model - t_data,
+            "training_wall_s": train_wall,
+            "samples_per_s": steps_run * plan.global_batch_size / train_wall if steps_run and train_wall > 0 else None,
+            "median_step_s": float(np.median(step_times)) if step_times else None,
+        },
+    }
+    if accelerator.is_main_process:
+        checkpoint.write_json_atomic(run_dir / "summary.json", summary)
+        log.info(f"done: {plan.total_steps} steps, loss {first_loss} → {last_loss}; model in {final_dir}")
+    accelerator.end_training()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return summary
+
+
+def _gather_hosts(accelerator) -> list[str]:
+    import socket
+
+    from accelerate.utils import gather_object
+
+    return gather_object([socket.gethostname()])
+
+
+def _export(model, tokenizer, final_dir: Path) -> None:
+    import shutil
+
+    tmp = final_dir.with_name(".tmp-final")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    if final_dir.exists():
+        shutil.rmtree(final_dir)
+    os.replace(tmp, final_dir)
