@@ -58,7 +58,7 @@ def fail(message: str, code: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parser().parse_intermixed_args(argv)
     from launcher.checks import check_recipe
     from launcher.loading import Problem, RecipeError, load_recipe
     from launcher.plan import make_plan
