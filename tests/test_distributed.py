@@ -71,7 +71,7 @@ def test_killed_rank_fails_fast_and_resume_equals_uninterrupted(tiny, tmp_path):
     start = time.time()
     killed = launch(*small_run(model, run), "--procs", "2", env={"LAUNCHER_FAULT": "rank=1,step=6,phase=step"})
     assert killed.returncode == 1, killed.output
-    assert time.time() - start < 120
+    assert time.time() - start < 60, "start-up, 6 steps and the failure report take well under a minute"
     assert "rank 1" in killed.stderr and "SIGKILL" in killed.stderr, killed.stderr[-2000:]
     assert not (run / "final").exists() and not (run / "summary.json").exists()
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-00000004"]

@@ -14,7 +14,7 @@ from conftest import RECIPES, launch, metric_lines, summary
 CASES = {
     # recipe: (tiny model, extra overrides, metrics expected in the validation results)
     "token-classification.yaml": ("bert", ["train.optimizer.lr=3e-3"], {"accuracy", "f1_macro", "per_class"}),
-    "regression.yaml": ("bert", ["train.optimizer.lr=3e-3"], {"mae", "rmse"}),
+    "regression.yaml": ("bert", ["train.optimizer.lr=3e-3", "train.tensorboard=true"], {"mae", "rmse"}),
     "sft-causal-lm.yaml": ("llama", ["train.optimizer.lr=3e-3", "train.precision=fp32"], {"perplexity"}),
     "seq2seq.yaml": ("t5", ["train.optimizer.lr=3e-3"], {"perplexity"}),
     # a random tiny BERT cannot learn imbalanced spam in 16 steps; the real MiniLM (a BERT) can
@@ -45,6 +45,8 @@ def test_recipe_trains_for_real(recipe, tiny, tmp_path):
     assert expected <= set(s["metrics"]["validation"])
     config = json.loads((out / "final" / "config.json").read_text())
     assert (out / "final" / "tokenizer.json").exists()
+    if recipe == "regression.yaml":
+        assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     if recipe == "token-classification.yaml":
         assert config["id2label"] == {"0": "O", "1": "B-PER", "2": "B-LOC", "3": "B-ORG"}
 
