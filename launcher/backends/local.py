@@ -10,7 +10,6 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 from launcher.plan import Plan
@@ -38,8 +37,8 @@ def count_gpus() -> int:
     return found
 
 
-def worker_env(plan: Plan) -> dict[str, str]:
-    env = {"LAUNCHER_T0": str(time.time()), "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+def worker_env(plan: Plan, t0: float) -> dict[str, str]:
+    env = {"LAUNCHER_T0": str(t0), "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     if plan.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # torchrun would force 1; share the cores instead.
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // plan.procs_per_node))
@@ -64,12 +63,13 @@ def describe_failures(exc) -> str:
     return "\n".join(lines)
 
 
-def run(recipe: Recipe, plan: Plan, spec_dir: Path) -> None:
+def run(recipe: Recipe, plan: Plan, spec_dir: Path, t0: float) -> None:
+    """t0: when `launch` started, so ranks can report the time to their first step."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser
     from torch.distributed.run import run as torchrun
 
-    os.environ.update(worker_env(plan))
+    os.environ.update(worker_env(plan, t0))
     args = get_args_parser().parse_args([
         "--standalone",
         "--nnodes", "1",

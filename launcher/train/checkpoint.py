@@ -47,7 +47,12 @@ def read_state(folder: Path) -> dict:
 
 
 def check_compatible(folder: Path, recipe, world_size: int) -> dict:
-    state = read_state(folder)
+    try:
+        state = read_state(folder)
+        state["fingerprint"], state["world_size"], state["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CheckpointMismatch(f"{folder} is not a readable checkpoint (no valid {STATE_FILE}); point train.resume "
+                                 "at a checkpoint-* folder, or remove it") from None
     mine = fingerprint(recipe)
     differ = {k: (state["fingerprint"].get(k), v) for k, v in mine.items() if state["fingerprint"].get(k) != v}
     if differ:
