@@ -39,6 +39,8 @@ def count_gpus() -> int:
 
 def worker_env(plan: Plan, t0: float) -> dict[str, str]:
     env = {"LAUNCHER_T0": str(t0), "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    if plan.device == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed (imported by transformers) would probe for GPUs and warn
     if plan.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # torchrun would force 1; share the cores instead.
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // plan.procs_per_node))

@@ -80,10 +80,15 @@ class Reporter:
             self.writer.add_scalar("train/loss", loss, step)
             self.writer.add_scalar("train/lr", lr, step)
         if self.progress:
-            self.progress.update(self.task_id, completed=step, loss=loss, lr=lr, speed=samples_per_s)
+            self.progress.update(self.task_id, loss=loss, lr=lr, speed=samples_per_s)
         if step % self.log_every == 0 or step == self.total:
             self.logger.info(f"step {step}/{self.total} epoch {epoch} loss {loss:.4f} lr {lr:.2e} "
                              f"{samples_per_s:.1f} samples/s")
+
+    def tick(self, step: int) -> None:
+        """Advance the bar every step; the numbers on it refresh at each flush of the step losses."""
+        if self.progress:
+            self.progress.update(self.task_id, completed=step)
 
     def evaluation(self, step: int, split: str, metrics: dict) -> None:
         if not self.is_main:

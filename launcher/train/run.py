@@ -138,10 +138,37 @@ class Evaluator:
         return None, None
 
 
-def _global_mean(accelerator, value: float, weight: float) -> float:
-    """Loss sum of this rank → loss per term over the global batch."""
-    total = accelerator.reduce(torch.tensor([value], dtype=torch.float64, device=accelerator.device), "sum")
-    return float(total.item()) / weight
+class StepLosses:
+    """Per-step loss sums stay on the device until a flush, which all-reduces them in one collective.
+
+    No host sync and no collective per step (on a GPU both stall the pipeline), yet
+    metrics.jsonl still gets every step's global-batch loss.
+    """
+
+    def __init__(self, accelerator, reporter: Reporter, plan: Plan, first: float | None, last: float | None):
+        self.acc, self.reporter, self.plan = accelerator, reporter, plan
+        self.pending: list[tuple] = []
+        self.first, self.last = first, last
+        self.window_start = time.time()
+
+    def add(self, step: int, loss_sum: torch.Tensor, weight: float, lr: float, grad_norm) -> None:
+        self.pending.append((step, loss_sum, weight, lr, grad_norm))
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        sums = self.acc.reduce(torch.stack([p[1] for p in self.pending]).double(), "sum").tolist()
+        speed = len(self.pending) * self.plan.global_batch_size / max(time.time() - self.window_start, 1e-9)
+        for (step, _, weight, lr, grad_norm), total in zip(self.pending, sums):
+            loss = total / weight
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {step}; lower train.optimizer.lr or check the data")
+            self.first = loss if self.first is None else self.first
+            self.last = loss
+            self.reporter.step(step, math.ceil(step / self.plan.steps_per_epoch), loss, lr,
+                               None if grad_norm is None else float(grad_norm), speed)
+        self.pending = []
+        self.window_start = time.time()
 
 
 def _param_checksum(model) -> float:
@@ -185,12 +212,13 @@ def run(recipe: Recipe, plan: Plan) -> dict:
     collate = Collate(tokenizer, task)
     evaluator = Evaluator(accelerator, model, loss_fn, collate, recipe, plan)
 
-    start_step, first_loss, resumed_from = 0, None, None
+    start_step, first_loss, last_loss, resumed_from = 0, None, None, None
     found = checkpoint.find_resume(run_dir, recipe.train.resume)
     if found is not None:
         state = checkpoint.check_compatible(found, recipe, world)
         accelerator.load_state(str(found))
-        start_step, first_loss, resumed_from = state["step"], state.get("first_loss"), str(found)
+        start_step, resumed_from = state["step"], str(found)
+        first_loss, last_loss = state.get("first_loss"), state.get("last_loss")
         log.info(f"resumed from {found} at step {start_step}")
         if accelerator.is_main_process:
             truncate_metrics(run_dir, start_step)
@@ -203,23 +231,23 @@ def run(recipe: Recipe, plan: Plan) -> dict:
     eval_every = plan.steps_per_epoch if recipe.train.eval_every == "epoch" else recipe.train.eval_every
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
-    last_loss, t_first_step, t_train = None, None, time.time()
-    step_times: list[float] = []
+    losses = StepLosses(accelerator, reporter, plan, first_loss, last_loss)
+    t_first_step, t_train = None, time.time()
 
     def state_at(step: int) -> dict:
         return {"step": step, "epoch": step / plan.steps_per_epoch, "samples_seen": step * plan.global_batch_size,
-                "world_size": world, "first_loss": first_loss, "last_loss": last_loss,
+                "world_size": world, "first_loss": losses.first, "last_loss": losses.last,
                 "fingerprint": checkpoint.fingerprint(recipe), "plan": plan.model_dump()}
 
     def save(step: int) -> None:
+        losses.flush()
         _fault(rank, step, "save")
         checkpoint.save(accelerator, run_dir, step, state_at(step), recipe.train.keep_last)
 
     for step in range(start_step, plan.total_steps):
         _fault(rank, step + 1, "step")
-        t_step = time.time()
         batch_plan = step_batch(plan, recipe.data.seed, weights, step, rank)
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), dtype=torch.float32, device=accelerator.device)
         for a, indices in enumerate(batch_plan.micro_batches):
             batch = _to(collate([train_rows[i] for i in indices]), accelerator.device)
             sync = a == len(batch_plan.micro_batches) - 1
@@ -227,26 +255,22 @@ def run(recipe: Recipe, plan: Plan) -> dict:
                 micro_sum = loss_fn(forward_logits(model, batch, task), batch["labels"])
             # DDP averages gradients over ranks, so scale by world / global terms to get the global mean.
             accelerator.backward(micro_sum * world / batch_plan.global_weight)
-            loss_sum += float(micro_sum.detach())
+            loss_sum += micro_sum.detach().float()
         grad_norm = None
         if recipe.train.grad_clip is not None:
-            grad_norm = float(accelerator.clip_grad_norm_(params, recipe.train.grad_clip))
+            grad_norm = accelerator.clip_grad_norm_(params, recipe.train.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        last_loss = _global_mean(accelerator, loss_sum, batch_plan.global_weight)
-        if not math.isfinite(last_loss):
-            raise FloatingPointError(f"loss is {last_loss} at step {step + 1}; lower train.optimizer.lr or check the data")
-        if first_loss is None:
-            first_loss = last_loss
+        done = step + 1
         if t_first_step is None:
             t_first_step = time.time()
-        done = step + 1
-        elapsed = time.time() - t_step
-        step_times.append(elapsed)
-        reporter.step(done, math.ceil(done / plan.steps_per_epoch), last_loss, scheduler.get_last_lr()[0], grad_norm,
-                      plan.global_batch_size / max(elapsed, 1e-9))
+        losses.add(done, loss_sum, batch_plan.global_weight, scheduler.get_last_lr()[0], grad_norm)
+        reporter.tick(done)
+        if done % recipe.train.log_every == 0:
+            losses.flush()
         if eval_every and done % eval_every == 0 and done != plan.total_steps and splits.validation:
+            losses.flush()
             _fault(rank, done, "eval")
             reporter.evaluation(done, "validation", evaluator(data["validation"]))
         if recipe.train.save_every and done % recipe.train.save_every == 0 and done != plan.total_steps:
@@ -281,7 +305,7 @@ def run(recipe: Recipe, plan: Plan) -> dict:
         "epochs": plan.total_steps / plan.steps_per_epoch,
         "samples_seen": plan.total_steps * plan.global_batch_size,
         "resumed_from": resumed_from,
-        "train_loss": {"first": first_loss, "last": last_loss},
+        "train_loss": {"first": losses.first, "last": losses.last},
         "metrics": results,
         "final_model": str(final_dir.resolve()),
         "param_checksum_per_rank": checksums,
@@ -293,12 +317,11 @@ def run(recipe: Recipe, plan: Plan) -> dict:
             "model_load_s": t_model - t_data,
             "training_wall_s": train_wall,
             "samples_per_s": steps_run * plan.global_batch_size / train_wall if steps_run and train_wall > 0 else None,
-            "median_step_s": float(np.median(step_times)) if step_times else None,
         },
     }
     if accelerator.is_main_process:
         checkpoint.write_json_atomic(run_dir / "summary.json", summary)
-        log.info(f"done: {plan.total_steps} steps, loss {first_loss} → {last_loss}; model in {final_dir}")
+        log.info(f"done: {plan.total_steps} steps, loss {losses.first} → {losses.last}; model in {final_dir}")
     accelerator.end_training()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
