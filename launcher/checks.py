@@ -80,6 +80,24 @@ def check_paths(recipe: Recipe) -> list[Problem]:
     return problems
 
 
+def ignored_settings(recipe: Recipe) -> list[str]:
+    """Settings that are valid but have no effect for this task: said, not silently dropped."""
+    task, data, notes = recipe.task, recipe.data, []
+    if task.type in ("regression", "causal_lm", "seq2seq") and (task.labels or task.num_labels):
+        notes.append(f"task.labels/num_labels are ignored for {task.type}")
+    if task.chat_template and task.type != "causal_lm":
+        notes.append(f"task.chat_template is ignored for {task.type}")
+    if data.text_pair_field and task.type in ("token_classification", "causal_lm", "seq2seq"):
+        notes.append(f"data.text_pair_field is ignored for {task.type}")
+    if data.prompt_field and task.type not in ("causal_lm", "seq2seq"):
+        notes.append(f"data.prompt_field/response_field are ignored for {task.type}")
+    if recipe.train.max_steps is not None and "epochs" in recipe.train.model_fields_set:
+        notes.append("train.epochs is ignored: train.max_steps sets the length of the run")
+    if recipe.train.eval_every is not None and data.validation is None and data.split.validation == 0:
+        notes.append("train.eval_every is ignored: there is no validation split")
+    return notes
+
+
 def check_recipe(recipe: Recipe) -> Splits:
     """Everything checkable before launch; raises one RecipeError with all problems."""
     problems = check_model(recipe) + check_paths(recipe)

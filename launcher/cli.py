@@ -103,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         resume = resume_point(recipe, plan)
     except RecipeError as exc:
         return fail(str(exc), EXIT_USAGE)
+    from launcher.checks import ignored_settings
+
+    for note in ignored_settings(recipe):
+        print(f"warning: {note}", file=sys.stderr)
     for split, count in splits.dropped.items():
         if count:
             print(f"warning: dropped {count} rows of {split} with an empty field (data.on_missing=drop)", file=sys.stderr)

@@ -201,3 +201,12 @@ def test_unreadable_checkpoint_is_refused(write, tmp_path):
     (folder / "trainer_state.json").write_text("{truncated")
     run = launch(write(GOOD), "--dry-run")
     assert run.returncode == 2 and "is not a readable checkpoint" in run.stderr
+
+
+def test_ignored_settings_are_warned(write, tmp_path):
+    run = launch(write(GOOD), "--dry-run", "task.chat_template=true", "train.max_steps=3", "train.epochs=2",
+                 "data.split.validation=0")
+    assert run.returncode == 0, run.output
+    assert "warning: task.chat_template is ignored for sequence_classification" in run.stderr
+    assert "warning: train.epochs is ignored: train.max_steps sets the length of the run" in run.stderr
+    assert "warning: train.eval_every is ignored: there is no validation split" in run.stderr

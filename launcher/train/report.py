@@ -25,6 +25,16 @@ def rank_logger(rank: int) -> logging.Logger:
     return logger
 
 
+class _ConsoleHandler(logging.Handler):
+    def __init__(self, console, formatter: logging.Formatter):
+        super().__init__()
+        self.console = console
+        self.setFormatter(formatter)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.console.print(self.format(record), markup=False, highlight=False, soft_wrap=True)
+
+
 def truncate_metrics(run_dir: Path, last_step: int) -> None:
     """On resume, forget records of steps after the checkpoint: they are trained again."""
     path = run_dir / METRICS_FILE
@@ -65,6 +75,9 @@ class Reporter:
             self.task_id = self.progress.add_task("train", total=total_steps, completed=start_step, loss=float("nan"),
                                                   lr=0.0, speed=0.0)
             self.progress.start()
+            # Log lines print above the live bar instead of tearing through it.
+            self.plain_handlers = logger.handlers[:]
+            logger.handlers = [_ConsoleHandler(console, self.plain_handlers[0].formatter)]
 
     def _append(self, record: dict) -> None:
         with open(self.metrics_path, "a") as f:
@@ -104,5 +117,6 @@ class Reporter:
     def close(self) -> None:
         if self.progress:
             self.progress.stop()
+            self.logger.handlers = self.plain_handlers
         if self.writer:
             self.writer.close()
