@@ -43,7 +43,11 @@ def parser() -> argparse.ArgumentParser:
 def resume_point(recipe, plan) -> str:
     """Where training will start; a checkpoint that cannot continue this recipe is refused here, before launch."""
     from launcher.loading import Problem, RecipeError
-    from launcher.train.checkpoint import CheckpointMismatch, check_compatible, find_resume
+    from launcher.train.checkpoint import (
+        CheckpointMismatch,
+        check_compatible,
+        find_resume,
+    )
 
     found = find_resume(Path(recipe.output_dir), recipe.train.resume)
     if found is None:

@@ -51,8 +51,15 @@ def tiny(tmp_path_factory) -> dict[str, str]:
     recipe must agree; `bert_dropout` keeps it, to show RNG state is resumed.
     """
     import torch
-    from transformers import (AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, T5Config,
-                              T5ForConditionalGeneration)
+    from transformers import (
+        AutoTokenizer,
+        BertConfig,
+        BertModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
 
     root = tmp_path_factory.mktemp("tiny-models")
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())

@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
 from conftest import RECIPES, final_weights, launch, metric_lines, summary
 
 QUICKSTART = RECIPES / "quickstart.yaml"

@@ -21,8 +21,8 @@ def test_cross_entropy_sum_with_smoothing_and_weights():
 
 
 def test_auto_class_weights_are_sklearn_balanced():
-    from sklearn.utils.class_weight import compute_class_weight
     import numpy as np
+    from sklearn.utils.class_weight import compute_class_weight
 
     labels = np.array([0] * 90 + [1] * 10)
     expected = compute_class_weight("balanced", classes=np.array([0, 1]), y=labels)

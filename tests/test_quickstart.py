@@ -1,10 +1,9 @@
 """The README's quick start, end to end: real MiniLM weights, real SMS spam data, 2 gloo ranks."""
 from __future__ import annotations
 
+import torch
 from conftest import RECIPES, launch, summary
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-import torch
 
 
 def test_quickstart_learns_spam(tmp_path):

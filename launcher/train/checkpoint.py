@@ -109,3 +109,15 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def export(model, tokenizer, final_dir: Path) -> None:
+    """The final model as a plain Hugging Face folder, renamed into place when complete."""
+    tmp = final_dir.with_name(".tmp-final")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    if final_dir.exists():
+        shutil.rmtree(final_dir)
+    os.replace(tmp, final_dir)

@@ -180,3 +180,6 @@ class Collate:
             batch["labels"] = torch.tensor([r["labels"] for r in rows], dtype=torch.float32)
         return batch
 
+
+def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}

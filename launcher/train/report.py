@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -63,7 +66,13 @@ class Reporter:
 
             self.writer = SummaryWriter(str(run_dir / "tensorboard"))
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
         console = Console(stderr=True)
         if console.is_terminal:
@@ -120,3 +129,36 @@ class Reporter:
             self.logger.handlers = self.plain_handlers
         if self.writer:
             self.writer.close()
+
+
+class StepLosses:
+    """Per-step loss sums stay on the device until a flush, which all-reduces them in one collective.
+
+    No host sync and no collective per step (on a GPU both stall the pipeline), yet
+    metrics.jsonl still gets every step's global-batch loss.
+    """
+
+    def __init__(self, accelerator, reporter: Reporter, plan, first: float | None, last: float | None):
+        self.acc, self.reporter, self.plan = accelerator, reporter, plan
+        self.pending: list[tuple] = []
+        self.first, self.last = first, last
+        self.window_start = time.time()
+
+    def add(self, step: int, loss_sum: torch.Tensor, weight: float, lr: float, grad_norm) -> None:
+        self.pending.append((step, loss_sum, weight, lr, grad_norm))
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        sums = self.acc.reduce(torch.stack([p[1] for p in self.pending]).double(), "sum").tolist()
+        speed = len(self.pending) * self.plan.global_batch_size / max(time.time() - self.window_start, 1e-9)
+        for (step, _, weight, lr, grad_norm), total in zip(self.pending, sums):
+            loss = total / weight
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {step}; lower train.optimizer.lr or check the data")
+            self.first = loss if self.first is None else self.first
+            self.last = loss
+            self.reporter.step(step, math.ceil(step / self.plan.steps_per_epoch), loss, lr,
+                               None if grad_norm is None else float(grad_norm), speed)
+        self.pending = []
+        self.window_start = time.time()

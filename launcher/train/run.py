@@ -6,7 +6,6 @@ Order: accelerator → tokenizer and data → model → loss → optimizer/sched
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import signal
 import time
@@ -19,11 +18,11 @@ from launcher.dataset import label_counts, load_splits
 from launcher.plan import Plan
 from launcher.recipe import CrossEntropy, Recipe
 from launcher.train import checkpoint
-from launcher.train.data import Collate, prepare, step_batch
+from launcher.train.data import Collate, prepare, step_batch, to_device
+from launcher.train.evaluate import Evaluator
 from launcher.train.losses import build_loss, class_weights_from_counts
-from launcher.train.metrics import EvalOutputs, compute
 from launcher.train.model import build, forward_logits, load_tokenizer
-from launcher.train.report import Reporter, rank_logger, truncate_metrics
+from launcher.train.report import Reporter, StepLosses, rank_logger, truncate_metrics
 
 # Failure drills: "rank=R,step=S,phase=step|eval|save[,kind=kill|raise]" makes that rank die there
 # (SIGKILL, or an exception). Used by the tests; also handy to rehearse recovery on a real cluster.
@@ -62,10 +61,6 @@ def _fault(rank: int, step: int, phase: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _to(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
 def _optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     cfg = recipe.train.optimizer
     decay, no_decay = [], []
@@ -82,93 +77,6 @@ def _scheduler(optimizer, recipe: Recipe, plan: Plan):
 
     name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[recipe.train.scheduler.name]
     return get_scheduler(name, optimizer, num_warmup_steps=plan.warmup_steps, num_training_steps=plan.total_steps)
-
-
-class Evaluator:
-    """Each rank scores a strided share of the split; outputs are gathered and scored once."""
-
-    def __init__(self, accelerator, model, loss_fn, collate, recipe: Recipe, plan: Plan):
-        self.acc, self.model, self.loss_fn, self.collate = accelerator, model, loss_fn, collate
-        self.task = recipe.task.type
-        self.metric_names = recipe.task.resolved_metrics
-        self.label_names = recipe.task.labels or []
-        self.batch = plan.micro_batch_size * 2
-
-    @torch.no_grad()
-    def __call__(self, rows: list[dict]) -> dict:
-        from accelerate.utils import gather_object
-
-        self.model.eval()
-        mine = rows[self.acc.process_index::self.acc.num_processes]
-        loss_sum, count, probs, labels = 0.0, 0.0, [], []
-        for start in range(0, len(mine), self.batch):
-            chunk = mine[start:start + self.batch]
-            batch = _to(self.collate(chunk), self.acc.device)
-            with self.acc.autocast():
-                logits = forward_logits(self.model, batch, self.task).float()
-            loss_sum += float(self.loss_fn(logits, batch["labels"]))
-            count += float(sum(r["weight"] for r in chunk))
-            p, y = self._outputs(logits, batch["labels"])
-            if p is not None:
-                probs.append(p)
-                labels.append(y)
-        parts = gather_object([(loss_sum, count, probs, labels)])
-        self.model.train()
-        out = EvalOutputs(task=self.task, label_names=self.label_names,
-                          loss_sum=sum(p[0] for p in parts), loss_count=sum(p[1] for p in parts))
-        all_probs = [a for p in parts for a in p[2]]
-        all_labels = [a for p in parts for a in p[3]]
-        if all_probs:
-            if self.task == "regression":
-                out.preds, out.labels = np.concatenate(all_probs), np.concatenate(all_labels)
-            else:
-                out.probs, out.labels = np.concatenate(all_probs), np.concatenate(all_labels)
-        return compute(out, self.metric_names)
-
-    def _outputs(self, logits: torch.Tensor, labels: torch.Tensor):
-        if self.task == "sequence_classification":
-            return logits.softmax(-1).cpu().numpy(), labels.cpu().numpy()
-        if self.task == "multi_label_classification":
-            return logits.sigmoid().cpu().numpy(), labels.cpu().numpy()
-        if self.task == "regression":
-            return logits.reshape(-1).cpu().numpy(), labels.cpu().numpy()
-        if self.task == "token_classification":
-            keep = labels != -100
-            return logits[keep].softmax(-1).cpu().numpy(), labels[keep].cpu().numpy()
-        return None, None
-
-
-class StepLosses:
-    """Per-step loss sums stay on the device until a flush, which all-reduces them in one collective.
-
-    No host sync and no collective per step (on a GPU both stall the pipeline), yet
-    metrics.jsonl still gets every step's global-batch loss.
-    """
-
-    def __init__(self, accelerator, reporter: Reporter, plan: Plan, first: float | None, last: float | None):
-        self.acc, self.reporter, self.plan = accelerator, reporter, plan
-        self.pending: list[tuple] = []
-        self.first, self.last = first, last
-        self.window_start = time.time()
-
-    def add(self, step: int, loss_sum: torch.Tensor, weight: float, lr: float, grad_norm) -> None:
-        self.pending.append((step, loss_sum, weight, lr, grad_norm))
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        sums = self.acc.reduce(torch.stack([p[1] for p in self.pending]).double(), "sum").tolist()
-        speed = len(self.pending) * self.plan.global_batch_size / max(time.time() - self.window_start, 1e-9)
-        for (step, _, weight, lr, grad_norm), total in zip(self.pending, sums):
-            loss = total / weight
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss} at step {step}; lower train.optimizer.lr or check the data")
-            self.first = loss if self.first is None else self.first
-            self.last = loss
-            self.reporter.step(step, math.ceil(step / self.plan.steps_per_epoch), loss, lr,
-                               None if grad_norm is None else float(grad_norm), speed)
-        self.pending = []
-        self.window_start = time.time()
 
 
 def _param_checksum(model) -> float:
@@ -249,7 +157,7 @@ def run(recipe: Recipe, plan: Plan) -> dict:
         batch_plan = step_batch(plan, recipe.data.seed, weights, step, rank)
         loss_sum = torch.zeros((), dtype=torch.float32, device=accelerator.device)
         for a, indices in enumerate(batch_plan.micro_batches):
-            batch = _to(collate([train_rows[i] for i in indices]), accelerator.device)
+            batch = to_device(collate([train_rows[i] for i in indices]), accelerator.device)
             sync = a == len(batch_plan.micro_batches) - 1
             with (contextlib.nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
                 micro_sum = loss_fn(forward_logits(model, batch, task), batch["labels"])
@@ -291,7 +199,7 @@ def run(recipe: Recipe, plan: Plan) -> dict:
         torch.tensor([_param_checksum(model)], dtype=torch.float64, device=accelerator.device)).tolist()]
     final_dir = run_dir / "final"
     if accelerator.is_main_process:
-        _export(accelerator.unwrap_model(model), tokenizer, final_dir)
+        checkpoint.export(accelerator.unwrap_model(model), tokenizer, final_dir)
     accelerator.wait_for_everyone()
     train_wall = t_train_end - t_train
     summary = {
@@ -344,16 +252,3 @@ def _gather_hosts(accelerator) -> list[str]:
     from accelerate.utils import gather_object
 
     return gather_object([socket.gethostname()])
-
-
-def _export(model, tokenizer, final_dir: Path) -> None:
-    import shutil
-
-    tmp = final_dir.with_name(".tmp-final")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    if final_dir.exists():
-        shutil.rmtree(final_dir)
-    os.replace(tmp, final_dir)

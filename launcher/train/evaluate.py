@@ -1,0 +1,65 @@
+"""Evaluation: each rank scores a strided share of a split; outputs are gathered and scored once."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from launcher.plan import Plan
+from launcher.recipe import Recipe
+from launcher.train.data import to_device
+from launcher.train.metrics import EvalOutputs, compute
+from launcher.train.model import forward_logits
+
+
+class Evaluator:
+    """Metrics do not depend on the world size: they are computed on the whole gathered split."""
+
+    def __init__(self, accelerator, model, loss_fn, collate, recipe: Recipe, plan: Plan):
+        self.acc, self.model, self.loss_fn, self.collate = accelerator, model, loss_fn, collate
+        self.task = recipe.task.type
+        self.metric_names = recipe.task.resolved_metrics
+        self.label_names = recipe.task.labels or []
+        self.batch = plan.micro_batch_size * 2
+
+    @torch.no_grad()
+    def __call__(self, rows: list[dict]) -> dict:
+        from accelerate.utils import gather_object
+
+        self.model.eval()
+        mine = rows[self.acc.process_index::self.acc.num_processes]
+        loss_sum, count, probs, labels = 0.0, 0.0, [], []
+        for start in range(0, len(mine), self.batch):
+            chunk = mine[start:start + self.batch]
+            batch = to_device(self.collate(chunk), self.acc.device)
+            with self.acc.autocast():
+                logits = forward_logits(self.model, batch, self.task).float()
+            loss_sum += float(self.loss_fn(logits, batch["labels"]))
+            count += float(sum(r["weight"] for r in chunk))
+            p, y = self._outputs(logits, batch["labels"])
+            if p is not None:
+                probs.append(p)
+                labels.append(y)
+        parts = gather_object([(loss_sum, count, probs, labels)])
+        self.model.train()
+        out = EvalOutputs(task=self.task, label_names=self.label_names,
+                          loss_sum=sum(p[0] for p in parts), loss_count=sum(p[1] for p in parts))
+        all_probs = [a for p in parts for a in p[2]]
+        all_labels = [a for p in parts for a in p[3]]
+        if all_probs:
+            if self.task == "regression":
+                out.preds, out.labels = np.concatenate(all_probs), np.concatenate(all_labels)
+            else:
+                out.probs, out.labels = np.concatenate(all_probs), np.concatenate(all_labels)
+        return compute(out, self.metric_names)
+
+    def _outputs(self, logits: torch.Tensor, labels: torch.Tensor):
+        if self.task == "sequence_classification":
+            return logits.softmax(-1).cpu().numpy(), labels.cpu().numpy()
+        if self.task == "multi_label_classification":
+            return logits.sigmoid().cpu().numpy(), labels.cpu().numpy()
+        if self.task == "regression":
+            return logits.reshape(-1).cpu().numpy(), labels.cpu().numpy()
+        if self.task == "token_classification":
+            keep = labels != -100
+            return logits[keep].softmax(-1).cpu().numpy(), labels[keep].cpu().numpy()
+        return None, None
