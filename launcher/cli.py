@@ -1,6 +1,7 @@
 """The `launch` command: parse, load, check, plan, dispatch. Small and stable.
 
-Exit status: 0 success, 1 the training failed, 2 the recipe (or its data) is wrong.
+Exit status: 0 success, 1 the training failed, 2 the recipe (or its data) is wrong,
+128 + N when `launch` was stopped by signal N (130 for Ctrl-C, 143 for SIGTERM).
 Nothing on the --help path imports torch.
 """
 from __future__ import annotations
@@ -19,7 +20,8 @@ examples:
   launch recipes/quickstart.yaml --dry-run             validate and print the plan; start nothing
   launch recipes/x.yaml train.optimizer.lr=1e-5 data.max_length=256   overrides, validated like the file
 
-exit status: 0 done, 1 training failed (the failing rank is named), 2 invalid recipe or data.
+exit status: 0 done, 1 training failed (the failing rank is named), 2 invalid recipe or data,
+             128+N stopped by signal N (relaunch to resume).
 """
 
 
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
 
-    from launcher.backends.local import LaunchFailed, run
+    from launcher.backends.local import LaunchFailed, LaunchStopped, run
     from launcher.train.worker import write_spec
 
     spec = write_spec(Path(recipe.output_dir), recipe, plan)
@@ -126,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         run(recipe, plan, spec, t0)
     except LaunchFailed as exc:
         return fail(f"training failed:\n{exc}", EXIT_FAILED)
+    except LaunchStopped as exc:
+        return fail(str(exc), 128 + exc.signum)
     print(f"done: {Path(recipe.output_dir).resolve() / 'summary.json'}")
     return 0
 

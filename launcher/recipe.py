@@ -202,6 +202,10 @@ class DataConfig(Strict):
     csv_header: bool = Field(True, description="Whether a CSV file has a header row (without one, name columns with csv_columns).")
     csv_columns: list[str] | None = Field(None, description="Column names for a CSV file without a header.")
     max_length: int = Field(128, ge=8, description="Tokens per example after truncation.")
+    balance: bool = Field(
+        False, description="sequence_classification: draw each epoch so every class is seen equally often "
+        "(a weighted sampler, with replacement), for imbalanced data."
+    )
     on_missing: Literal["error", "drop"] = Field(
         "error", description="Rows with an empty text or label: fail naming them, or drop them and say how many."
     )
@@ -270,6 +274,8 @@ class Recipe(Strict):
             raise ValueError("seq2seq needs data.prompt_field (source) and data.response_field (target)")
         if bool(data.prompt_field) != bool(data.response_field):
             raise ValueError("data.prompt_field and data.response_field go together")
+        if data.balance and task != "sequence_classification":
+            raise ValueError(f"data.balance needs single-label classes; task {task!r} has none to balance")
         if task == "causal_lm" and self.task.chat_template and not data.prompt_field:
             raise ValueError("task.chat_template needs data.prompt_field and data.response_field")
         return self

@@ -30,8 +30,9 @@ def assert_same_weights(a: dict, b: dict, atol: float) -> None:
 @pytest.fixture(scope="module")
 def one_and_two(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("sync")
-    one = launch(*small_run(tiny["bert"], root / "one"), "--procs", "1")
-    two = launch(*small_run(tiny["bert"], root / "two"), "--procs", "2")
+    # data.balance: the weighted sampler must be world-size invariant too
+    one = launch(*small_run(tiny["bert"], root / "one", "data.balance=true"), "--procs", "1")
+    two = launch(*small_run(tiny["bert"], root / "two", "data.balance=true"), "--procs", "2")
     return root, one, two
 
 
@@ -54,8 +55,7 @@ def test_two_ranks_give_the_one_rank_result(one_and_two):
     assert_same_weights(a, b, atol=2e-5)
     losses_one = [r["loss"] for r in metric_lines(root / "one") if "loss" in r and "split" not in r]
     losses_two = [r["loss"] for r in metric_lines(root / "two") if "loss" in r and "split" not in r]
-    assert losses_one == pytest.approx(losses_two, abs=1e-4)
-    assert losses_one[-1] < losses_one[0]
+    assert len(losses_one) == 12 and losses_one == pytest.approx(losses_two, abs=1e-4)
 
 
 def test_killed_rank_fails_fast_and_resume_equals_uninterrupted(tiny, tmp_path):
@@ -93,3 +93,32 @@ def test_exception_in_one_rank_is_reported_with_rank_and_message(tiny, tmp_path)
     verdict = run.stderr.split("error: training failed")[-1]
     assert "rank 1" in verdict and "exited with code 1: RuntimeError: injected failure at step 3" in verdict
     assert "Traceback" not in verdict
+
+
+def test_sigterm_to_launch_stops_every_rank(tiny, tmp_path):
+    """scancel or Ctrl-C: launch stops all ranks at once and exits 128+signal, leaving no orphans."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+    from conftest import REPO
+
+    out = tmp_path / "run"
+    args = [str(a) for a in small_run(tiny["bert"], out, "train.max_steps=100000")]
+    proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", *args, "--procs", "2"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip()):
+        assert proc.poll() is None and time.time() < deadline, "training never started"
+        time.sleep(0.2)
+    ranks = psutil.Process(proc.pid).children(recursive=True)
+    assert len(ranks) >= 2
+    start = time.time()
+    os.kill(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert time.time() - start < 30
+    assert "stopped by SIGTERM; every rank was terminated" in stderr
+    assert not [p for p in ranks if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]

@@ -210,3 +210,8 @@ def test_ignored_settings_are_warned(write, tmp_path):
     assert "warning: task.chat_template is ignored for sequence_classification" in run.stderr
     assert "warning: train.epochs is ignored: train.max_steps sets the length of the run" in run.stderr
     assert "warning: train.eval_every is ignored: there is no validation split" in run.stderr
+
+
+def test_balance_needs_single_label_classes(write):
+    message = problems(write(GOOD), "task.type=regression", "task.labels=null", "data.balance=true")
+    assert "data.balance needs single-label classes; task 'regression' has none to balance" in message

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -18,6 +19,15 @@ from launcher.recipe import Recipe
 
 class LaunchFailed(Exception):
     """One or more ranks failed; the message names them and the cause."""
+
+
+class LaunchStopped(Exception):
+    """`launch` itself got SIGTERM/SIGINT (scancel, Ctrl-C); torchrun has stopped every rank."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}; every rank was terminated. Launch the same "
+                         "command again to resume from the newest checkpoint.")
 
 
 def count_gpus() -> int:
@@ -67,6 +77,7 @@ def describe_failures(exc) -> str:
 
 def run(recipe: Recipe, plan: Plan, spec_dir: Path, t0: float) -> None:
     """t0: when `launch` started, so ranks can report the time to their first step."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser
     from torch.distributed.run import run as torchrun
@@ -84,3 +95,5 @@ def run(recipe: Recipe, plan: Plan, spec_dir: Path, t0: float) -> None:
         torchrun(args)
     except ChildFailedError as exc:
         raise LaunchFailed(describe_failures(exc)) from None
+    except SignalException as exc:
+        raise LaunchStopped(int(exc.sigval)) from None

@@ -139,24 +139,51 @@ def prepare(recipe: Recipe, splits: Splits, tokenizer) -> dict[str, list[dict]]:
     return {name: datasets.load_from_disk(str(folder / name)).to_list() if rows else [] for name, rows in splits.items()}
 
 
-def epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(num_rows)
-
-
 @dataclass
 class StepBatch:
     micro_batches: list[list[int]]  # this rank's row indices, one list per accumulation step
     global_weight: float  # loss terms in the whole global batch, identical on every rank
 
 
-def step_batch(plan: Plan, seed: int, weights: np.ndarray, step: int, rank: int) -> StepBatch:
-    """The rows rank `rank` trains on at optimizer step `step` (0-based, global)."""
-    epoch, within = divmod(step, plan.steps_per_epoch)
-    order = epoch_order(plan.num_train_samples, seed, epoch)
-    rows = order[within * plan.global_batch_size:(within + 1) * plan.global_batch_size]
-    micro, world = plan.micro_batch_size, plan.world_size
-    chunks = [rows[(a * world + rank) * micro:(a * world + rank + 1) * micro].tolist() for a in range(plan.grad_accum)]
-    return StepBatch(chunks, float(weights[rows].sum()))
+class Sampler:
+    """Which rows each rank trains on at each optimizer step.
+
+    Stateless by design: an epoch's order is a function of (seed, epoch), so the
+    step number alone pins the data position and every rank computes the whole
+    global batch (and its number of loss terms) without communicating.
+    `row_probs` (data.balance) draws each epoch with replacement, rare classes
+    as often as common ones.
+    """
+
+    def __init__(self, plan: Plan, seed: int, weights: np.ndarray, row_probs: np.ndarray | None = None):
+        self.plan, self.seed, self.weights, self.row_probs = plan, seed, weights, row_probs
+        self._epoch, self._order = -1, np.empty(0, dtype=np.int64)
+
+    def order(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            n = self.plan.num_train_samples
+            self._order = rng.permutation(n) if self.row_probs is None else rng.choice(n, n, p=self.row_probs)
+            self._epoch = epoch
+        return self._order
+
+    def batch(self, step: int, rank: int) -> StepBatch:
+        """The rows of rank `rank` at optimizer step `step` (0-based, global)."""
+        plan = self.plan
+        epoch, within = divmod(step, plan.steps_per_epoch)
+        rows = self.order(epoch)[within * plan.global_batch_size:(within + 1) * plan.global_batch_size]
+        micro, world = plan.micro_batch_size, plan.world_size
+        chunks = [rows[(a * world + rank) * micro:(a * world + rank + 1) * micro].tolist()
+                  for a in range(plan.grad_accum)]
+        return StepBatch(chunks, float(self.weights[rows].sum()))
+
+
+def balanced_row_probs(labels: list[int]) -> np.ndarray:
+    """Each class gets the same total probability, shared evenly among its rows."""
+    labels_arr = np.asarray(labels)
+    counts = np.bincount(labels_arr)
+    probs = 1.0 / counts[labels_arr]
+    return probs / probs.sum()
 
 
 class Collate:

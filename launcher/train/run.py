@@ -18,7 +18,7 @@ from launcher.dataset import label_counts, load_splits
 from launcher.plan import Plan
 from launcher.recipe import CrossEntropy, Recipe
 from launcher.train import checkpoint
-from launcher.train.data import Collate, prepare, step_batch, to_device
+from launcher.train.data import Collate, Sampler, balanced_row_probs, prepare, to_device
 from launcher.train.evaluate import Evaluator
 from launcher.train.losses import build_loss, class_weights_from_counts
 from launcher.train.model import build, forward_logits, load_tokenizer
@@ -134,6 +134,8 @@ def run(recipe: Recipe, plan: Plan) -> dict:
 
     train_rows = data["train"]
     weights = np.array([r["weight"] for r in train_rows], dtype=np.float64)
+    row_probs = balanced_row_probs([r["labels"] for r in train_rows]) if recipe.data.balance else None
+    sampler = Sampler(plan, recipe.data.seed, weights, row_probs)
     reporter = Reporter(run_dir, accelerator.is_main_process, plan.total_steps, start_step,
                         recipe.train.log_every, recipe.train.tensorboard, log)
     eval_every = plan.steps_per_epoch if recipe.train.eval_every == "epoch" else recipe.train.eval_every
@@ -154,7 +156,7 @@ def run(recipe: Recipe, plan: Plan) -> dict:
 
     for step in range(start_step, plan.total_steps):
         _fault(rank, step + 1, "step")
-        batch_plan = step_batch(plan, recipe.data.seed, weights, step, rank)
+        batch_plan = sampler.batch(step, rank)
         loss_sum = torch.zeros((), dtype=torch.float32, device=accelerator.device)
         for a, indices in enumerate(batch_plan.micro_batches):
             batch = to_device(collate([train_rows[i] for i in indices]), accelerator.device)
@@ -185,7 +187,8 @@ def run(recipe: Recipe, plan: Plan) -> dict:
             save(done)
     t_train_end = time.time()
     steps_run = plan.total_steps - start_step
-    save(plan.total_steps)
+    if steps_run:
+        save(plan.total_steps)
 
     results = {}
     for split in ("validation", "test"):
