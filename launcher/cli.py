@@ -83,7 +83,8 @@ def fail(message: str, code: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     args = parser().parse_intermixed_args(argv)
-    from launcher.checks import check_recipe
+    from launcher.backends.local import count_gpus
+    from launcher.checks import check_recipe, ignored_settings
     from launcher.loading import Problem, RecipeError, load_recipe
     from launcher.plan import make_plan
 
@@ -95,13 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         splits = check_recipe(recipe)
-        from launcher.backends.local import count_gpus
-
         gpus = count_gpus()
         procs = args.procs or gpus or 1
         device = "cuda" if gpus else "cpu"
-        if device == "cpu" and recipe.train.precision == "fp16":
-            raise RecipeError("recipe", [Problem("train.precision", "fp16 needs a GPU; use bf16 or fp32 on CPU")])
         if gpus and procs > gpus:
             raise RecipeError("command line", [Problem("--procs", f"{procs} processes but {gpus} GPUs visible")])
         plan = make_plan(recipe, num_train_samples=len(splits.train), num_validation_samples=len(splits.validation),
@@ -109,8 +106,6 @@ def main(argv: list[str] | None = None) -> int:
         resume = resume_point(recipe, plan)
     except RecipeError as exc:
         return fail(str(exc), EXIT_USAGE)
-    from launcher.checks import ignored_settings
-
     for note in ignored_settings(recipe):
         print(f"warning: {note}", file=sys.stderr)
     for split, count in splits.dropped.items():

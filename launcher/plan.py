@@ -73,6 +73,8 @@ def make_plan(
     train = recipe.train
     world = procs_per_node * num_nodes
     problems: list[Problem] = []
+    if device == "cpu" and train.precision == "fp16":
+        problems.append(Problem("train.precision", "fp16 needs a GPU; use bf16 or fp32 on CPU"))
     micro = train.micro_batch_size
     if micro is None:
         if train.batch_size % world:

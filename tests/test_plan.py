@@ -52,3 +52,9 @@ def test_indivisible_batch_names_the_numbers():
 def test_batch_larger_than_data():
     with pytest.raises(RecipeError, match="larger than the 10 training rows"):
         make_plan(recipe(batch_size=32), num_train_samples=10, procs_per_node=1)
+
+
+def test_fp16_is_refused_on_cpu_but_planned_on_gpu():
+    with pytest.raises(RecipeError, match="fp16 needs a GPU; use bf16 or fp32 on CPU"):
+        make_plan(recipe(batch_size=8, precision="fp16"), num_train_samples=100, procs_per_node=1)
+    assert make_plan(recipe(batch_size=8, precision="fp16"), num_train_samples=100, procs_per_node=1, device="cuda")
