@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from launcher.loading import dump_recipe
 from launcher.plan import Plan
 from launcher.recipe import Recipe
 
@@ -21,7 +22,7 @@ def write_spec(run_dir: Path, recipe: Recipe, plan: Plan) -> Path:
     """The resolved recipe and plan, as every rank will read them."""
     folder = run_dir / SPEC_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    (folder / "recipe.yaml").write_text(dump_recipe(recipe))
     (folder / "plan.json").write_text(plan.model_dump_json(indent=2))
     return folder
 
