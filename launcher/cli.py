@@ -7,11 +7,12 @@ Nothing on the --help path imports torch.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from pathlib import Path
 
-EXIT_FAILED, EXIT_USAGE = 1, 2
+EXIT_USAGE = 2
 
 EPILOG = """\
 examples:
@@ -80,29 +81,35 @@ def fail(message: str, code: int) -> int:
     return code
 
 
+# `launch NAME ...` runs a subcommand instead of a recipe: name → "module:function(argv) -> int"
+SUBCOMMANDS: dict[str, str] = {}
+
+
 def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SUBCOMMANDS:
+        module, function = SUBCOMMANDS[argv[0]].split(":")
+        return getattr(importlib.import_module(module), function)(argv[1:])
     args = parser().parse_intermixed_args(argv)
-    from launcher.backends.local import count_gpus
     from launcher.checks import check_recipe, ignored_settings
-    from launcher.loading import Problem, RecipeError, load_recipe
+    from launcher.cluster import load_profile
+    from launcher.loading import RecipeError, load_recipe
     from launcher.plan import make_plan
 
     if args.procs is not None and args.procs < 1:
         return fail("--procs must be at least 1", EXIT_USAGE)
-    if args.nodes != 1 or args.cluster is not None:
-        return fail("multi-node launches need the Slurm or Ray backend, which this version does not have yet; "
-                    "run without --nodes/--cluster to train on this machine", EXIT_USAGE)
+    if args.nodes < 1:
+        return fail("--nodes must be at least 1", EXIT_USAGE)
     try:
+        profile = load_profile(args.cluster)
+        backend = importlib.import_module(f"launcher.backends.{profile.backend}")
         recipe = load_recipe(args.recipe, args.overrides)
         splits = check_recipe(recipe)
-        gpus = count_gpus()
-        procs = args.procs or gpus or 1
-        device = "cuda" if gpus else "cpu"
-        if gpus and procs > gpus:
-            raise RecipeError("command line", [Problem("--procs", f"{procs} processes but {gpus} GPUs visible")])
+        layout = backend.layout(profile, nodes=args.nodes, procs=args.procs)
         plan = make_plan(recipe, num_train_samples=len(splits.train), num_validation_samples=len(splits.validation),
-                         num_test_samples=len(splits.test), procs_per_node=procs, device=device)
+                         num_test_samples=len(splits.test), num_nodes=layout.num_nodes,
+                         procs_per_node=layout.procs_per_node, device=layout.device)
         resume = resume_point(recipe, plan)
     except RecipeError as exc:
         return fail(str(exc), EXIT_USAGE)
@@ -114,19 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     print_plan(recipe, plan, resume)
     if args.dry_run:
         return 0
-
-    from launcher.backends.local import LaunchFailed, LaunchStopped, run
-    from launcher.train.worker import write_spec
-
-    spec = write_spec(Path(recipe.output_dir), recipe, plan)
-    try:
-        run(recipe, plan, spec, t0)
-    except LaunchFailed as exc:
-        return fail(f"training failed:\n{exc}", EXIT_FAILED)
-    except LaunchStopped as exc:
-        return fail(str(exc), 128 + exc.signum)
-    print(f"done: {Path(recipe.output_dir).resolve() / 'summary.json'}")
-    return 0
+    return backend.launch(recipe, plan, profile, t0)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ from pydantic import BaseModel, ValidationError
 from launcher.recipe import Recipe
 
 # Input paths travel with the recipe (relative to its folder); outputs land where you run.
-INPUT_PATHS = [("model", "path"), ("data", "train"), ("data", "validation"), ("data", "test"), ("train", "resume")]
+INPUT_PATHS = [("model", "path"), ("data", "train"), ("data", "validation"), ("data", "test"), ("train", "resume"),
+               ("distributed", "deepspeed_config")]
 MAX_YAML_BYTES = 1_000_000
 
 
@@ -188,13 +189,13 @@ def _data_path(data: Any, loc: tuple) -> tuple:
     return tuple(path)
 
 
-def _problem(err: dict, data: dict, source: Source) -> Problem:
+def _problem(err: dict, data: dict, source: Source, schema: type[BaseModel] = Recipe) -> Problem:
     loc = _data_path(data, tuple(err["loc"]))
     dotted = ".".join(str(p) for p in loc)
     kind = err["type"]
     given = err.get("input")
     if kind == "extra_forbidden":
-        valid = _fields_at(Recipe, tuple(p for p in loc[:-1] if isinstance(p, str))) or []
+        valid = _fields_at(schema, tuple(p for p in loc[:-1] if isinstance(p, str))) or []
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         msg = f"unknown key{hint} Valid keys here: {', '.join(valid)}"
@@ -219,13 +220,17 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, cwd: Path 
         _set(data, loc, value)
         source.overrides[loc] = f"{'.'.join(loc)}={value!r}"
     _resolve_inputs(data, path.resolve().parent, (cwd or Path.cwd()), {loc for loc, _ in parsed})
+    return validate(Recipe, data, source, extra=_missing_inputs)
+
+
+def validate(schema: type[BaseModel], data: dict, source: Source, extra=None):
+    """schema.model_validate, with every problem rendered for a user (plus extra(data, source) ones)."""
     try:
-        recipe = Recipe.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as exc:
-        problems = [_problem(e, data, source) for e in exc.errors(include_url=False)]
-        problems += _missing_inputs(data, source)
-        raise RecipeError(str(path), problems) from None
-    return recipe
+        problems = [_problem(e, data, source, schema) for e in exc.errors(include_url=False)]
+        problems += extra(data, source) if extra else []
+        raise RecipeError(source.name, problems) from None
 
 
 def _missing_inputs(data: dict, source: Source) -> list[Problem]:

@@ -60,6 +60,19 @@ def _near_multiples(value: int, unit: int) -> str:
     return ", ".join(str(v) for v in sorted({low, low + unit}))
 
 
+def _not_yet_supported(recipe: Recipe) -> list[Problem]:
+    """Schema fields whose training code has not landed: refused, never silently run as plain DDP."""
+    dist, model = recipe.distributed, recipe.model
+    problems = []
+    if dist.strategy != "ddp":
+        problems.append(Problem("distributed.strategy", f"{dist.strategy!r} is not supported by this version; use ddp"))
+    if model.lora is not None:
+        problems.append(Problem("model.lora", "LoRA is not supported by this version; remove the section"))
+    if model.quantization is not None:
+        problems.append(Problem("model.quantization", "quantization is not supported by this version; remove the section"))
+    return problems
+
+
 def make_plan(
     recipe: Recipe,
     *,
@@ -75,6 +88,7 @@ def make_plan(
     problems: list[Problem] = []
     if device == "cpu" and train.precision == "fp16":
         problems.append(Problem("train.precision", "fp16 needs a GPU; use bf16 or fp32 on CPU"))
+    problems += _not_yet_supported(recipe)
     micro = train.micro_batch_size
     if micro is None:
         if train.batch_size % world:

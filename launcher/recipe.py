@@ -26,6 +26,26 @@ class Strict(BaseModel):
 
 
 # ----------------------------------------------------------------------------- model
+class LoraConfig(Strict):
+    r: int = Field(8, ge=1, description="Rank of the adapters.")
+    alpha: float = Field(16, gt=0, description="Scaling numerator: updates are scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names (or suffixes) that get adapters, or every linear layer but the head."
+    )
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    modules_to_save: list[str] | Literal["auto"] = Field(
+        "auto", description="Modules trained in full and saved with the adapter; 'auto' = the task head."
+    )
+
+
+class QuantizationConfig(Strict):
+    bits: Literal[4, 8] = Field(description="8-bit (LLM.int8) or 4-bit (QLoRA) base weights.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="4-bit: quantize the quantization constants too.")
+    compute_dtype: Precision = Field("bf16", description="4-bit: dtype of the matmuls.")
+
+
 class ModelConfig(Strict):
     path: str = Field(
         description="A local folder, a hub id, or 'pkg:PACKAGE/SUBFOLDER' for a model folder "
@@ -34,6 +54,10 @@ class ModelConfig(Strict):
     dtype: Precision = Field("fp32", description="dtype the weights are loaded in.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of a hub id.")
     trust_remote_code: bool = Field(False, description="Allow model code from the model folder.")
+    lora: LoraConfig | None = Field(None, description="Train low-rank adapters (PEFT) instead of all weights.")
+    quantization: QuantizationConfig | None = Field(
+        None, description="Load the frozen base in 8 or 4 bits (bitsandbytes); needs `lora` (QLoRA)."
+    )
 
 
 # ----------------------------------------------------------------------------- losses
@@ -255,8 +279,23 @@ class TrainConfig(Strict):
         return self
 
 
+Strategy = Literal["ddp", "zero1", "zero2", "zero3", "fsdp", "auto"]
+
+
 class DistributedConfig(Strict):
-    strategy: Literal["ddp"] = Field("ddp", description="How ranks share the model. DDP replicates it.")
+    strategy: Strategy = Field(
+        "ddp", description="How ranks share the model: ddp replicates it; zero1/2/3 shard optimizer states, "
+        "+gradients, +parameters (DeepSpeed); fsdp shards all three (torch FSDP2); auto picks the fastest that fits."
+    )
+    offload: Literal["none", "cpu", "nvme"] = Field(
+        "none", description="Where optimizer states live (ZeRO; fsdp supports cpu)."
+    )
+    offload_parameters: bool = Field(False, description="zero3/fsdp: offload the parameters as well (to `offload`).")
+    nvme_path: str | None = Field(None, description="offload: nvme: a fast local folder on every node.")
+    activation_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    deepspeed_config: str | None = Field(
+        None, description="A DeepSpeed JSON to use instead of the generated one; validated against the plan."
+    )
 
 
 class Recipe(Strict):

@@ -11,8 +11,12 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
+from typing import Literal, NamedTuple
 
+from launcher.cluster import LocalProfile
+from launcher.loading import Problem, RecipeError
 from launcher.plan import Plan
 from launcher.recipe import Recipe
 
@@ -75,7 +79,44 @@ def describe_failures(exc) -> str:
     return "\n".join(lines)
 
 
-def run(recipe: Recipe, plan: Plan, spec_dir: Path, t0: float) -> None:
+class Layout(NamedTuple):
+    """How many ranks a backend will start, and where."""
+
+    num_nodes: int
+    procs_per_node: int
+    device: Literal["cpu", "cuda"]
+
+
+def layout(profile: LocalProfile, *, nodes: int, procs: int | None) -> Layout:
+    gpus = count_gpus()
+    if nodes != 1:
+        raise RecipeError("command line", [Problem("--nodes", f"{nodes} nodes need a cluster profile "
+                                                   "(--cluster cluster/slurm.yaml or cluster/ray.yaml); "
+                                                   "the local backend runs on this machine only")])
+    if gpus and procs is not None and procs > gpus:
+        raise RecipeError("command line", [Problem("--procs", f"{procs} processes but {gpus} GPUs visible")])
+    return Layout(1, procs or gpus or 1, "cuda" if gpus else "cpu")
+
+
+def launch(recipe: Recipe, plan: Plan, profile: LocalProfile, t0: float) -> int:
+    """Run every rank here; the exit status of `launch` (see launcher.cli)."""
+    from launcher.train.worker import write_spec
+
+    spec = write_spec(Path(recipe.output_dir), recipe, plan)
+    os.environ.update(profile.env)
+    try:
+        run(plan, spec, t0)
+    except LaunchFailed as exc:
+        print(f"error: training failed:\n{exc}", file=sys.stderr)
+        return 1
+    except LaunchStopped as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 128 + exc.signum
+    print(f"done: {Path(recipe.output_dir).resolve() / 'summary.json'}")
+    return 0
+
+
+def run(plan: Plan, spec_dir: Path, t0: float) -> None:
     """t0: when `launch` started, so ranks can report the time to their first step."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
