@@ -9,6 +9,7 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +25,9 @@ from launcher.train.losses import build_loss, class_weights_from_counts
 from launcher.train.model import build, forward_logits, load_tokenizer
 from launcher.train.report import Reporter, StepLosses, rank_logger, truncate_metrics
 
-# Failure drills: "rank=R,step=S,phase=step|eval|save[,kind=kill|raise]" makes that rank die there
-# (SIGKILL, or an exception). Used by the tests; also handy to rehearse recovery on a real cluster.
+# Failure drills: "rank=R,step=S,phase=step|eval|save[,kind=kill|raise][,once=PATH]" makes that rank die there
+# (SIGKILL, or an exception); with once=PATH only the first time (PATH marks it done), so a backend that
+# restarts the ranks by itself (Ray) gets past it. Used by the tests; also handy to rehearse recovery.
 FAULT_ENV = "LAUNCHER_FAULT"
 
 
@@ -56,6 +58,10 @@ def _fault(rank: int, step: int, phase: str) -> None:
         return
     want = dict(part.split("=", 1) for part in spec.split(","))
     if int(want.get("rank", -1)) == rank and int(want.get("step", -1)) == step and want.get("phase", "step") == phase:
+        if "once" in want:
+            if os.path.exists(want["once"]):
+                return
+            Path(want["once"]).touch()
         if want.get("kind", "kill") == "raise":
             raise RuntimeError(f"injected failure at step {step} ({FAULT_ENV})")
         os.kill(os.getpid(), signal.SIGKILL)
@@ -83,7 +89,8 @@ def _param_checksum(model) -> float:
     return float(sum(p.detach().double().sum().item() for p in model.parameters()))
 
 
-def run(recipe: Recipe, plan: Plan) -> dict:
+def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] | None = None) -> dict:
+    """on_checkpoint(folder, state) is called on every rank once a checkpoint is complete (Ray reports it)."""
     t_launch = float(os.environ.get("LAUNCHER_T0", time.time()))
     t0 = time.time()
     accelerator = make_accelerator(recipe, plan)
@@ -152,7 +159,10 @@ def run(recipe: Recipe, plan: Plan) -> dict:
     def save(step: int) -> None:
         losses.flush()
         _fault(rank, step, "save")
-        checkpoint.save(accelerator, run_dir, step, state_at(step), recipe.train.keep_last)
+        state = state_at(step)
+        folder = checkpoint.save(accelerator, run_dir, step, state, recipe.train.keep_last)
+        if on_checkpoint is not None:
+            on_checkpoint(folder, state)
 
     for step in range(start_step, plan.total_steps):
         _fault(rank, step + 1, "step")
