@@ -20,6 +20,8 @@ examples:
   launch recipes/quickstart.yaml --procs 2             2 CPU processes (gloo)
   launch recipes/quickstart.yaml --dry-run             validate and print the plan; start nothing
   launch recipes/x.yaml train.optimizer.lr=1e-5 data.max_length=256   overrides, validated like the file
+  launch recipes/x.yaml --nodes 4 --cluster cluster/ray.yaml            Ray Train workers on a Ray cluster
+  launch recipes/x.yaml --nodes 4 --cluster cluster/ray.yaml --submit --follow   as a Ray job, logs streamed
 
 exit status: 0 done, 1 training failed (the failing rank is named), 2 invalid recipe or data,
              128+N stopped by signal N (relaunch to resume).
@@ -40,6 +42,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, default=1, metavar="N", help="nodes (needs a Slurm or Ray cluster profile)")
     p.add_argument("--cluster", type=Path, default=None, metavar="PROFILE", help="cluster profile YAML")
     p.add_argument("--dry-run", action="store_true", help="validate, print the plan, start nothing")
+    p.add_argument("--submit", action="store_true", help="submit as a Ray job (Ray profile) and print its id")
+    p.add_argument("--follow", action="store_true", help="stream the submitted job's logs and exit with its status")
     return p
 
 
@@ -104,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         profile = load_profile(args.cluster)
         backend = importlib.import_module(f"launcher.backends.{profile.backend}")
+        if args.submit and not hasattr(backend, "submit"):
+            return fail(f"--submit needs a Ray cluster profile; the {profile.backend} backend runs here", EXIT_USAGE)
+        if args.follow and not args.submit and profile.backend == "ray":
+            return fail("--follow streams a submitted Ray job's logs; add --submit", EXIT_USAGE)
         recipe = load_recipe(args.recipe, args.overrides)
         splits = check_recipe(recipe)
         layout = backend.layout(profile, nodes=args.nodes, procs=args.procs)
@@ -121,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     print_plan(recipe, plan, resume)
     if args.dry_run:
         return 0
+    if args.submit:
+        try:
+            return backend.submit(args, profile)
+        except RecipeError as exc:
+            return fail(str(exc), EXIT_USAGE)
     return backend.launch(recipe, plan, profile, t0)
 
 
