@@ -27,12 +27,19 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """A 2-node Ray cluster (plus a CPU-less head with the dashboard for Ray Jobs), token authentication on."""
-    # Our own token and temp dir, so the session touches neither ~/.ray/auth_token nor /tmp/ray (which other
-    # Ray users of this machine share); the path is short because Unix socket paths are limited to 107 bytes.
+def ray_env():
+    """Token authentication on, with our own token and temp dir, so the session touches neither ~/.ray/auth_token
+    nor /tmp/ray (which other Ray users of this machine share); the path is short because Unix socket paths are
+    limited to 107 bytes."""
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_TMPDIR=temp_dir)
+    yield
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(ray_env):
+    """A 2-node Ray cluster (plus a CPU-less head with the dashboard for Ray Jobs)."""
     from ray.cluster_utils import Cluster
 
     dashboard_port = free_port()
@@ -47,7 +54,6 @@ def ray_cluster():
         yield cluster, f"http://127.0.0.1:{dashboard_port}"
     finally:
         cluster.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -78,6 +84,7 @@ def test_two_workers_on_two_ray_nodes(clean_run):
     assert s["world_size"] == 2 and s["backend"] == "gloo" and s["distributed_type"] == "MULTI_CPU"
     nodes = s["ray"]["node_id_per_rank"]
     assert len(nodes) == 2 and nodes[0] != nodes[1], "STRICT_SPREAD: each worker on its own Ray node"
+    assert s["ray"]["torch_threads"] == 1, "OMP_NUM_THREADS = cpus_per_worker"
     assert s["steps"] == 12 and s["resumed_from"] is None and not s["ray"]["resumed_from_ray_storage"]
     assert s["param_checksum_per_rank"][0] == s["param_checksum_per_rank"][1]
     assert s["train_loss"]["last"] < s["train_loss"]["first"]
@@ -104,10 +111,14 @@ def test_killed_worker_is_restarted_and_resumes_exactly(clean_run, tiny, ray_pro
     assert s["train_loss"] == pytest.approx(summary(clean_out)["train_loss"], abs=1e-6)
 
 
-def test_failing_run_exits_nonzero_with_the_cause(tiny, ray_profile, tmp_path):
-    """A failure that survives Ray's restart (max_failures: 1) ends the launch with exit 1 and names it."""
-    run = ray_run(tiny["bert"], tmp_path / "run", ray_profile,
-                  env={"LAUNCHER_FAULT": "rank=1,step=2,phase=step,kind=raise"})
+def test_failing_run_exits_nonzero_with_the_cause(ray_env, tiny, tmp_path):
+    """A failing worker ends the launch with exit 1 naming the rank and its error (restarts are shown by the
+    test above). This run uses `address: local`: a private one-node Ray started and stopped by the launch."""
+    profile = tmp_path / "ray-local.yaml"
+    profile.write_text("backend: ray\naddress: local\ncpu_workers_per_node: 2\nmax_failures: 0\n"
+                       f"object_store_memory: {OBJECT_STORE}B\n")
+    run = launch(*small_run(tiny["bert"], tmp_path / "run"), "--cluster", profile, timeout=RAY_TIMEOUT,
+                 env={"LAUNCHER_FAULT": "rank=1,step=2,phase=step,kind=raise"})
     assert run.returncode == 1, run.output[-4000:]
     verdict = run.stderr.split("error: training failed")[-1]
     assert "rank 1" in verdict and "injected failure at step 2" in verdict, run.stderr[-4000:]

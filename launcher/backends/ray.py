@@ -73,11 +73,13 @@ def connect(profile: RayProfile, plan: Plan) -> None:
     from launcher.cluster import parse_bytes
 
     if IN_RAY_JOB in os.environ:
-        ray.init(log_to_driver=True)
+        ray.init()
     elif profile.address == "local":
-        ray.init(num_cpus=plan.world_size * profile.cpus_per_worker, num_gpus=plan.world_size if
-                 profile.gpus_per_node else 0, object_store_memory=parse_bytes(profile.object_store_memory),
-                 include_dashboard=False, runtime_env=profile.runtime_env or None)
+        # A new instance even if one runs here. The dashboard also serves the State API, which Ray Train's
+        # placement group cleaner polls every second.
+        ray.init(address="local", num_cpus=plan.world_size * profile.cpus_per_worker,
+                 num_gpus=plan.world_size if profile.gpus_per_node else 0,
+                 object_store_memory=parse_bytes(profile.object_store_memory), runtime_env=profile.runtime_env or None)
     else:
         ray.init(address=profile.address, runtime_env=profile.runtime_env or None)
 
@@ -114,9 +116,13 @@ def launch(recipe: Recipe, plan: Plan, profile: RayProfile, t0: float) -> int:
                                  worker_runtime_env={"env_vars": ray_worker_env(plan, profile, t0)}),
         )
         trainer.fit()
+    except (ConnectionError, ray.exceptions.AuthenticationError) as exc:  # from connect
+        print(f"error: cannot join the Ray cluster at {profile.address!r} (auth: {profile.auth}): {exc}\n"
+              "Is it up (ray status --address ADDRESS)?", file=sys.stderr)
+        return 1
     except ray.train.TrainingFailedError as exc:
-        print(f"error: training failed on Ray after {profile.max_failures} restart(s) allowed:\n"
-              f"{describe_failure(exc)}", file=sys.stderr)
+        print(f"error: training failed on Ray (worker group restarts allowed: max_failures {profile.max_failures}):"
+              f"\n{describe_failure(exc)}", file=sys.stderr)
         return 1
     except (LaunchStopped, KeyboardInterrupt) as exc:
         signum = exc.signum if isinstance(exc, LaunchStopped) else signal.SIGINT
@@ -172,7 +178,8 @@ def train_worker(config: dict) -> None:
             recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"resume": folder})})
         summary = run(recipe, plan, on_checkpoint=report)
     if rank == 0:
-        summary["ray"] = {"node_id_per_rank": nodes, "resumed_from_ray_storage": from_ray}
+        summary["ray"] = {"node_id_per_rank": nodes, "resumed_from_ray_storage": from_ray,
+                          "torch_threads": torch.get_num_threads()}
         write_json_atomic(Path(recipe.output_dir) / "summary.json", summary)
 
 
@@ -203,7 +210,7 @@ def submit(args, profile: RayProfile) -> int:
         entrypoint = f"cd {shlex.quote(os.getcwd())} && {shlex.join([sys.executable, *command])}"
     client = JobSubmissionClient(profile.dashboard)
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env=profile.runtime_env or None)
-    print(f"submitted Ray job {job_id}")
+    print(f"submitted Ray job {job_id}; its logs: ray job logs --follow {job_id} --address {profile.dashboard}")
     if not args.follow:
         return 0
     import asyncio
@@ -212,7 +219,12 @@ def submit(args, profile: RayProfile) -> int:
         async for chunk in client.tail_job_logs(job_id):
             print(chunk, end="", flush=True)
 
-    asyncio.run(stream())
+    try:
+        asyncio.run(stream())
+    except KeyboardInterrupt:
+        print(f"\nstopped following; the job keeps running (ray job stop {job_id} --address {profile.dashboard})",
+              file=sys.stderr)
+        return 128 + signal.SIGINT
     status = client.get_job_status(job_id)
     print(f"Ray job {job_id}: {status.value}", file=sys.stderr if status != JobStatus.SUCCEEDED else sys.stdout)
     return 0 if status == JobStatus.SUCCEEDED else 1
