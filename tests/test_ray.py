@@ -11,6 +11,7 @@ import secrets
 import shutil
 import socket
 import tempfile
+from pathlib import Path
 
 import pytest
 from conftest import RECIPES, REPO, final_weights, launch, metric_lines, summary
@@ -171,3 +172,16 @@ def test_resume_prefers_the_newer_of_output_dir_and_ray_storage(tmp_path):
     checkpoint(out / "checkpoint-00000008", 8)
     assert not newer_than_output_dir(in_ray, recipe), "a tie: output_dir's, no copy needed"
     assert newer_than_output_dir(checkpoint(tmp_path / "ray" / "checkpoint-00000012", 12), recipe)
+
+
+def test_ray_up_example_follows_rays_cluster_schema():
+    import json
+
+    import jsonschema
+    import ray.autoscaler
+    import yaml
+
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    config = yaml.safe_load((REPO / "cluster" / "ray-up.yaml").read_text())
+    jsonschema.validate(config, schema)
+    assert config["available_node_types"]["gpu-worker"]["max_workers"] == config["max_workers"] == 4
