@@ -20,6 +20,8 @@ examples:
   launch recipes/quickstart.yaml --procs 2             2 CPU processes (gloo)
   launch recipes/quickstart.yaml --dry-run             validate and print the plan; start nothing
   launch recipes/x.yaml train.optimizer.lr=1e-5 data.max_length=256   overrides, validated like the file
+  launch recipes/x.yaml --nodes 4 --cluster cluster/slurm.yaml --follow   sbatch job; stream its log
+  launch status runs/x        launch cancel runs/x              a submitted job's state; scancel it
 
 exit status: 0 done, 1 training failed (the failing rank is named), 2 invalid recipe or data,
              128+N stopped by signal N (relaunch to resume).
@@ -39,7 +41,8 @@ def parser() -> argparse.ArgumentParser:
                    help="processes on this machine (default: one per visible GPU, else 1 CPU process)")
     p.add_argument("--nodes", type=int, default=1, metavar="N", help="nodes (needs a Slurm or Ray cluster profile)")
     p.add_argument("--cluster", type=Path, default=None, metavar="PROFILE", help="cluster profile YAML")
-    p.add_argument("--dry-run", action="store_true", help="validate, print the plan, start nothing")
+    p.add_argument("--dry-run", action="store_true", help="validate, print the plan (and job script), start nothing")
+    p.add_argument("--follow", action="store_true", help="cluster jobs: stream the log, exit with the job's status")
     return p
 
 
@@ -82,7 +85,10 @@ def fail(message: str, code: int) -> int:
 
 
 # `launch NAME ...` runs a subcommand instead of a recipe: name → "module:function(argv) -> int"
-SUBCOMMANDS: dict[str, str] = {}
+SUBCOMMANDS: dict[str, str] = {
+    "status": "launcher.backends.slurm_jobs:status_command",
+    "cancel": "launcher.backends.slurm_jobs:cancel_command",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,8 +126,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warning: dropped {count} rows of {split} with an empty field (data.on_missing=drop)", file=sys.stderr)
     print_plan(recipe, plan, resume)
     if args.dry_run:
+        if hasattr(backend, "preview"):  # what a cluster backend would submit
+            backend.preview(recipe, plan, profile)
         return 0
-    return backend.launch(recipe, plan, profile, t0)
+    return backend.launch(recipe, plan, profile, t0, follow=args.follow)
 
 
 if __name__ == "__main__":
