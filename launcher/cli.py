@@ -1,7 +1,8 @@
 """The `launch` command: parse, load, check, plan, dispatch. Small and stable.
 
 Exit status: 0 success, 1 the training failed, 2 the recipe (or its data) is wrong,
-128 + N when `launch` was stopped by signal N (130 for Ctrl-C, 143 for SIGTERM).
+128 + N when `launch` was stopped by signal N (130 for Ctrl-C, 143 for SIGTERM), 75 when the ranks
+were asked to stop (USR1: launcher.train.stop) and wrote a checkpoint.
 Nothing on the --help path imports torch.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ examples:
   launch status runs/x        launch cancel runs/x              a submitted job's state; scancel it
 
 exit status: 0 done, 1 training failed (the failing rank is named), 2 invalid recipe or data,
-             128+N stopped by signal N (relaunch to resume).
+             128+N stopped by signal N, 75 stopped on request (USR1) after a checkpoint (relaunch to resume).
 """
 
 

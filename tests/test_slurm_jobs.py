@@ -93,16 +93,52 @@ def test_two_nodes_train_one_world(slurm_cluster, tiny, tmp_path):
     assert (out / "job.sbatch").exists() and (out / "slurm.log").exists()
     assert SECRET not in run.output and HF_SECRET not in run.output
     assert_no_secret_written(out, tmp_path / "slurm-cpu.yaml")
+    status = launch("status", out)
+    assert status.returncode == 0 and "COMPLETED" in status.stdout and "step 8 of 8" in status.stdout, status.output
 
 
-def test_two_ranks_per_node_make_world_size_four(slurm_cluster, tiny, tmp_path):
+def test_cancel_a_submitted_job(slurm_cluster, tiny, tmp_path):
     out = tmp_path / "run"
-    run = launch(*tiny_run(tiny["bert"], out), "--nodes", "2", "--cluster", cpu_profile(tmp_path, procs_per_node=2),
-                 "--follow", env=ENV, timeout=300)
-    assert run.returncode == 0, run.output[-4000:]
+    run = launch(*tiny_run(tiny["bert"], out), "--nodes", "2", "--cluster", cpu_profile(tmp_path), env=ENV)
+    assert run.returncode == 0, run.output[-3000:]
+    job_id = re.search(r"submitted job (\d+)", run.stdout).group(1)
+    cancel = launch("cancel", out)
+    assert cancel.returncode == 0 and f"scancel {job_id}: done" in cancel.stdout, cancel.output
+    deadline = time.time() + 60
+    while "CANCELLED" not in (status := launch("status", job_id)).stdout:
+        assert time.time() < deadline, status.output
+        time.sleep(1)
+
+
+def _in_allocation(nodelist: str, **more: str) -> dict:
+    return {"SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": nodelist, **more}
+
+
+def test_agent_fails_at_once_when_the_first_node_does_not_resolve(slurm_cluster, tmp_path):
+    env = _in_allocation("nosuchnode[1-2]", SLURM_STEP_ID="0", SLURM_NODEID="1")
+    run = launch(RECIPES / "quickstart.yaml", f"output_dir={tmp_path / 'run'}", env=env, timeout=120)
+    assert run.returncode == 1, run.output[-3000:]
+    assert "the first node 'nosuchnode1' of 'nosuchnode[1-2]' does not resolve" in run.stderr
+
+
+def test_launch_outside_a_step_of_a_multinode_allocation_says_how_to_srun_it(slurm_cluster, tmp_path):
+    run = launch(RECIPES / "quickstart.yaml", f"output_dir={tmp_path / 'run'}", env=_in_allocation("n[1-2]"))
+    assert run.returncode == 2, run.output[-3000:]
+    assert "start one agent per node with\n  srun --ntasks-per-node=1 --kill-on-bad-exit=1 launch" in run.stderr
+
+
+def test_plain_sbatch_example_runs_launch_as_the_per_node_agent(slurm_cluster, tiny, tmp_path):
+    """slurm/launch.sbatch: the user's own job script calls `launch`, which trains instead of submitting
+    (2 nodes x 2 ranks: world size 4)."""
+    out = tmp_path / "run"
+    args = [str(a) for a in tiny_run(tiny["bert"], out)]
+    env = {**os.environ, "LAUNCH": f"{sys.executable} -m launcher.cli", "OMP_NUM_THREADS": "1"}
+    job_id = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path / 'job.log'}", "--wait",
+                             str(REPO / "slurm" / "launch.sbatch"), *args, "--procs", "2"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert job_id.returncode == 0, (tmp_path / "job.log").read_text()[-3000:]
     s = summary(out)
-    assert s["world_size"] == 4 and s["hosts"] == ["n1", "n2"] and s["plan"]["procs_per_node"] == 2
-    assert len(set(s["param_checksum_per_rank"])) == 1
+    assert s["world_size"] == 4 and s["hosts"] == ["n1", "n2"] and s["steps"] == 8
 
 
 def _start(args: list, env: dict) -> subprocess.Popen:
@@ -123,11 +159,12 @@ def _wait_for_step(proc: subprocess.Popen, out: Path, step: int, timeout: float 
 
 
 def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tiny, tmp_path):
-    """The time-limit warning (USR1 to the batch shell, as --signal=B:USR1@grace sends it) mid-training:
-    every rank stops at one step after a checkpoint, the job requeues itself and finishes the plan."""
+    """2 nodes x 2 ranks (world size 4). The time-limit warning (USR1 to the batch shell, as
+    --signal=B:USR1@grace sends it) mid-training: every rank stops at one step after a checkpoint,
+    the job requeues itself and finishes the plan."""
     out = tmp_path / "run"
-    proc = _start([*tiny_run(tiny["bert"], out, "train.max_steps=60", "train.save_every=1000"), "--nodes", "2",
-                   "--cluster", cpu_profile(tmp_path), "--follow"], ENV)
+    proc = _start([*tiny_run(tiny["bert"], out, "train.max_steps=40", "train.save_every=1000"), "--nodes", "2",
+                   "--cluster", cpu_profile(tmp_path, procs_per_node=2), "--follow"], ENV)
     try:
         _wait_for_step(proc, out, 3)
         job_id = (out / "launch" / "jobs").read_text().split()[-1]
@@ -137,11 +174,12 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tiny, tmp
         proc.kill()
     assert proc.returncode == 0, output[-4000:]
     s = summary(out)
-    assert s["steps"] == 60 and s["resumed_from"] is not None
+    assert s["world_size"] == 4 and s["hosts"] == ["n1", "n2"] and len(set(s["param_checksum_per_rank"])) == 1
+    assert s["steps"] == 40 and s["resumed_from"] is not None
     stopped_at = int(Path(s["resumed_from"]).name.split("-")[-1])
-    assert 3 <= stopped_at < 60 and s["steps_this_launch"] == 60 - stopped_at
+    assert 3 <= stopped_at < 40 and s["steps_this_launch"] == 40 - stopped_at
     steps = [r["step"] for r in metric_lines(out) if "split" not in r]
-    assert steps == list(range(1, 61)), "every step trained and logged exactly once"
+    assert steps == list(range(1, 41)), "every step trained and logged exactly once"
     log = (out / "slurm.log").read_text()
     assert "(restart 0)" in log and "(restart 1)" in log, "both runs of the job log into one file"
     assert "requeued" in log and re.search(r"restarts 1\b", output)

@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from launcher.backends.local import Layout, count_gpus
-from launcher.cluster import SlurmProfile
+from launcher.cluster import SlurmProfile, parse_bytes
 from launcher.loading import Problem, RecipeError
 from launcher.plan import Plan
 from launcher.recipe import Recipe
@@ -124,7 +124,8 @@ def render_script(recipe: Recipe, plan: Plan, profile: SlurmProfile) -> str:
     env.filters["shquote"] = lambda value: shlex.quote(str(value))
     profile = resolved(profile)
     return env.get_template("job.sbatch.j2").render(
-        p=profile, python=profile.python, job_name=run_dir.name, nodes=plan.num_nodes,
+        p=profile, python=profile.python, job_name=run_dir.name,
+        mem_mib=parse_bytes(profile.mem) // 2**20 if profile.mem else None, nodes=plan.num_nodes,
         procs_per_node=plan.procs_per_node, script=run_dir / SCRIPT, log=run_dir / LOG, spec=run_dir / "launch")
 
 
