@@ -52,12 +52,17 @@ def exit_status(info: dict[str, str]) -> int:
 def follow(job_id: str, log: Path) -> int:
     """Stream the job's log (every restart, it is one file) until the job ends; its exit status."""
     offset, info = 0, None
-    while True:
-        info = job_info(job_id)
-        offset = _print_new(log, offset)
-        if info is None or info["JobState"] in ENDED:
-            break
-        time.sleep(POLL_S)
+    try:
+        while True:
+            info = job_info(job_id)
+            offset = _print_new(log, offset)
+            if info is None or info["JobState"] in ENDED:
+                break
+            time.sleep(POLL_S)
+    except KeyboardInterrupt:
+        print(f"\nstopped following; job {job_id} goes on (launch status {job_id}, launch cancel {job_id})",
+              file=sys.stderr)
+        return 130
     time.sleep(POLL_S)  # the last lines may reach the shared file system just after the state changes
     _print_new(log, offset)
     if info is None:

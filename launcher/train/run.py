@@ -93,7 +93,9 @@ def run(recipe: Recipe, plan: Plan) -> dict:
     rank, world = accelerator.process_index, accelerator.num_processes
     log = rank_logger(rank)
     _quiet_libraries(accelerator.is_main_process)
-    log.info(f"world size {world} ({accelerator.distributed_type.value}, backend {plan.backend}), device {accelerator.device}")
+    hosts = sorted(set(_gather_hosts(accelerator)))  # the peers, checked before anything heavy is loaded
+    log.info(f"world size {world} ({accelerator.distributed_type.value}, backend {plan.backend}), device "
+             f"{accelerator.device}, hosts {', '.join(hosts)}")
     run_dir = Path(recipe.output_dir)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -220,7 +222,7 @@ def run(recipe: Recipe, plan: Plan) -> dict:
         "world_size": world,
         "distributed_type": accelerator.distributed_type.value,
         "backend": plan.backend,
-        "hosts": sorted(set(_gather_hosts(accelerator))),
+        "hosts": hosts,
         "steps": plan.total_steps,
         "steps_this_launch": steps_run,
         "epochs": plan.total_steps / plan.steps_per_epoch,
