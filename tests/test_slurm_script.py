@@ -83,6 +83,16 @@ def test_a_secret_in_the_profile_env_is_refused(tmp_path):
     assert "must not hold secrets (WANDB_API_KEY)" in result.stderr and "abc" not in result.output
 
 
+def test_local_profile_in_a_multinode_slurm_step_is_refused(tmp_path):
+    """Each node would run its own standalone world and train alone."""
+    path = tmp_path / "local.yaml"
+    path.write_text("backend: local\n")
+    env = {"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0", "SLURM_NODEID": "1", "SLURM_JOB_NUM_NODES": "2",
+           "SLURM_JOB_NODELIST": "n[1-2]"}
+    result = launch(RECIPES / "quickstart.yaml", "--cluster", path, "--dry-run", env=env)
+    assert result.returncode == 2 and "a step of a multi-node Slurm job" in result.stderr, result.output
+
+
 def test_slurm_environment_view():
     assert SlurmEnvironment.detect({}) is None
     batch = SlurmEnvironment.detect({"SLURM_JOB_ID": "31337", "SLURM_JOB_NUM_NODES": "4",

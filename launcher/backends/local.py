@@ -105,6 +105,10 @@ def layout(profile: LocalProfile, *, nodes: int, procs: int | None) -> Layout:
         raise RecipeError("command line", [Problem("--nodes", f"{nodes} nodes need a cluster profile "
                                                    "(--cluster cluster/slurm.yaml or cluster/ray.yaml); "
                                                    "the local backend runs on this machine only")])
+    if "SLURM_STEP_ID" in os.environ and int(os.environ.get("SLURM_JOB_NUM_NODES", "1")) > 1:
+        # one standalone run per node would train each node alone, silently
+        raise RecipeError("cluster profile", [Problem("backend", "local runs on one machine, but this is a step of "
+                                                      "a multi-node Slurm job; drop --cluster (or use a slurm profile)")])
     if gpus and procs is not None and procs > gpus:
         raise RecipeError("command line", [Problem("--procs", f"{procs} processes but {gpus} GPUs visible")])
     return Layout(1, procs or gpus or 1, "cuda" if gpus else "cpu")
