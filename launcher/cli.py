@@ -1,7 +1,8 @@
 """The `launch` command: parse, load, check, plan, dispatch. Small and stable.
 
 Exit status: 0 success, 1 the training failed, 2 the recipe (or its data) is wrong,
-128 + N when `launch` was stopped by signal N (130 for Ctrl-C, 143 for SIGTERM).
+128 + N when `launch` was stopped by signal N (130 for Ctrl-C, 143 for SIGTERM), 75 when the ranks
+were asked to stop (USR1: launcher.train.stop) and wrote a checkpoint.
 Nothing on the --help path imports torch.
 """
 from __future__ import annotations
@@ -22,9 +23,11 @@ examples:
   launch recipes/x.yaml train.optimizer.lr=1e-5 data.max_length=256   overrides, validated like the file
   launch recipes/x.yaml --nodes 4 --cluster cluster/ray.yaml            Ray Train workers on a Ray cluster
   launch recipes/x.yaml --nodes 4 --cluster cluster/ray.yaml --submit --follow   as a Ray job, logs streamed
+  launch recipes/x.yaml --nodes 4 --cluster cluster/slurm.yaml --follow   sbatch job; stream its log
+  launch status runs/x        launch cancel runs/x              a submitted job's state; scancel it
 
 exit status: 0 done, 1 training failed (the failing rank is named), 2 invalid recipe or data,
-             128+N stopped by signal N (relaunch to resume).
+             128+N stopped by signal N, 75 stopped on request (USR1) after a checkpoint (relaunch to resume).
 """
 
 
@@ -41,9 +44,9 @@ def parser() -> argparse.ArgumentParser:
                    help="processes on this machine (default: one per visible GPU, else 1 CPU process)")
     p.add_argument("--nodes", type=int, default=1, metavar="N", help="nodes (needs a Slurm or Ray cluster profile)")
     p.add_argument("--cluster", type=Path, default=None, metavar="PROFILE", help="cluster profile YAML")
-    p.add_argument("--dry-run", action="store_true", help="validate, print the plan, start nothing")
+    p.add_argument("--dry-run", action="store_true", help="validate, print the plan (and job script), start nothing")
     p.add_argument("--submit", action="store_true", help="submit as a Ray job (Ray profile) and print its id")
-    p.add_argument("--follow", action="store_true", help="stream the submitted job's logs and exit with its status")
+    p.add_argument("--follow", action="store_true", help="cluster jobs: stream the log, exit with the job's status")
     return p
 
 
@@ -86,7 +89,10 @@ def fail(message: str, code: int) -> int:
 
 
 # `launch NAME ...` runs a subcommand instead of a recipe: name → "module:function(argv) -> int"
-SUBCOMMANDS: dict[str, str] = {}
+SUBCOMMANDS: dict[str, str] = {
+    "status": "launcher.backends.slurm_jobs:status_command",
+    "cancel": "launcher.backends.slurm_jobs:cancel_command",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         profile = load_profile(args.cluster)
         backend = importlib.import_module(f"launcher.backends.{profile.backend}")
-        if args.submit and not hasattr(backend, "submit"):
+        if args.submit and not hasattr(backend, "submit_job"):
             return fail(f"--submit needs a Ray cluster profile; the {profile.backend} backend runs here", EXIT_USAGE)
         if args.follow and not args.submit and profile.backend == "ray":
             return fail("--follow streams a submitted Ray job's logs; add --submit", EXIT_USAGE)
@@ -128,13 +134,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warning: dropped {count} rows of {split} with an empty field (data.on_missing=drop)", file=sys.stderr)
     print_plan(recipe, plan, resume)
     if args.dry_run:
+        if hasattr(backend, "preview"):  # what a cluster backend would submit
+            backend.preview(recipe, plan, profile)
         return 0
     if args.submit:
         try:
-            return backend.submit(args, profile)
+            return backend.submit_job(args, profile)
         except RecipeError as exc:
             return fail(str(exc), EXIT_USAGE)
-    return backend.launch(recipe, plan, profile, t0)
+    return backend.launch(recipe, plan, profile, t0, follow=args.follow)
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ def connect(profile: RayProfile, plan: Plan) -> None:
         ray.init(address=profile.address, runtime_env=profile.runtime_env or None)
 
 
-def launch(recipe: Recipe, plan: Plan, profile: RayProfile, t0: float) -> int:
+def launch(recipe: Recipe, plan: Plan, profile: RayProfile, t0: float, *, follow: bool = True) -> int:
     """Run every rank as a Ray Train worker; the exit status of `launch` (see launcher.cli)."""
     from launcher.loading import dump_recipe
     from launcher.train.worker import write_spec
@@ -192,7 +192,7 @@ def newer_than_output_dir(restored: Path, recipe: Recipe) -> bool:
     return local is None or read_state(local)["step"] < read_state(restored)["step"]
 
 
-def submit(args, profile: RayProfile) -> int:
+def submit_job(args, profile: RayProfile) -> int:
     """`launch ... --submit`: the same command as a Ray job; prints its id; --follow streams its logs."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 

@@ -24,6 +24,7 @@ from launcher.train.evaluate import Evaluator
 from launcher.train.losses import build_loss, class_weights_from_counts
 from launcher.train.model import build, forward_logits, load_tokenizer
 from launcher.train.report import Reporter, StepLosses, rank_logger, truncate_metrics
+from launcher.train.stop import EXIT_STOPPED, StopRequest
 
 # Failure drills: "rank=R,step=S,phase=step|eval|save[,kind=kill|raise][,once=PATH]" makes that rank die there
 # (SIGKILL, or an exception); with once=PATH only the first time (PATH marks it done), so a backend that
@@ -93,12 +94,15 @@ def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] 
     """on_checkpoint(folder, state) is called on every rank once a checkpoint is complete (Ray reports it)."""
     t_launch = float(os.environ.get("LAUNCHER_T0", time.time()))
     t0 = time.time()
+    stop = StopRequest()
     accelerator = make_accelerator(recipe, plan)
     t_pg = time.time()
     rank, world = accelerator.process_index, accelerator.num_processes
     log = rank_logger(rank)
     _quiet_libraries(accelerator.is_main_process)
-    log.info(f"world size {world} ({accelerator.distributed_type.value}, backend {plan.backend}), device {accelerator.device}")
+    hosts = sorted(set(_gather_hosts(accelerator)))  # the peers, checked before anything heavy is loaded
+    log.info(f"world size {world} ({accelerator.distributed_type.value}, backend {plan.backend}), device "
+             f"{accelerator.device}, hosts {', '.join(hosts)}")
     run_dir = Path(recipe.output_dir)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -193,8 +197,16 @@ def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] 
             losses.flush()
             _fault(rank, done, "eval")
             reporter.evaluation(done, "validation", evaluator(data["validation"]))
-        if recipe.train.save_every and done % recipe.train.save_every == 0 and done != plan.total_steps:
+        saved = recipe.train.save_every and done % recipe.train.save_every == 0 and done != plan.total_steps
+        if saved:
             save(done)
+        if done != plan.total_steps and stop.agreed(accelerator.device):
+            if not saved:
+                save(done)
+            reporter.close()  # save() returned on every rank only once the checkpoint was in place
+            log.info(f"stop requested by signal: checkpoint of step {done} written, exiting with {EXIT_STOPPED}")
+            _shutdown(accelerator)
+            raise SystemExit(EXIT_STOPPED)
     t_train_end = time.time()
     steps_run = plan.total_steps - start_step
     if steps_run:
@@ -220,7 +232,7 @@ def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] 
         "world_size": world,
         "distributed_type": accelerator.distributed_type.value,
         "backend": plan.backend,
-        "hosts": sorted(set(_gather_hosts(accelerator))),
+        "hosts": hosts,
         "steps": plan.total_steps,
         "steps_this_launch": steps_run,
         "epochs": plan.total_steps / plan.steps_per_epoch,
@@ -243,10 +255,14 @@ def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] 
     if accelerator.is_main_process:
         checkpoint.write_json_atomic(run_dir / "summary.json", summary)
         log.info(f"done: {plan.total_steps} steps, loss {losses.first} → {losses.last}; model in {final_dir}")
+    _shutdown(accelerator)
+    return summary
+
+
+def _shutdown(accelerator) -> None:
     accelerator.end_training()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    return summary
 
 
 def _quiet_libraries(is_main: bool) -> None:
