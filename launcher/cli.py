@@ -20,6 +20,7 @@ examples:
   launch recipes/quickstart.yaml --procs 2             2 CPU processes (gloo)
   launch recipes/quickstart.yaml --dry-run             validate and print the plan; start nothing
   launch recipes/x.yaml train.optimizer.lr=1e-5 data.max_length=256   overrides, validated like the file
+  launch export runs/x --merge                         a LoRA run's adapter folded into full weights
 
 exit status: 0 done, 1 training failed (the failing rank is named), 2 invalid recipe or data,
              128+N stopped by signal N (relaunch to resume).
@@ -82,7 +83,7 @@ def fail(message: str, code: int) -> int:
 
 
 # `launch NAME ...` runs a subcommand instead of a recipe: name → "module:function(argv) -> int"
-SUBCOMMANDS: dict[str, str] = {}
+SUBCOMMANDS: dict[str, str] = {"export": "launcher.export:main"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         resume = resume_point(recipe, plan)
     except RecipeError as exc:
         return fail(str(exc), EXIT_USAGE)
-    for note in ignored_settings(recipe):
+    for note in [*ignored_settings(recipe), *plan.warnings]:
         print(f"warning: {note}", file=sys.stderr)
     for split, count in splits.dropped.items():
         if count:

@@ -65,8 +65,9 @@ def check_compatible(folder: Path, recipe, world_size: int) -> dict:
     return state
 
 
-def save(accelerator, run_dir: Path, step: int, state: dict, keep_last: int) -> Path:
-    """Every rank calls this; it returns once the checkpoint is in place."""
+def save(accelerator, run_dir: Path, step: int, state: dict, keep_last: int, engine=None) -> Path:
+    """Every rank calls this; it returns once the checkpoint is in place. `engine` (train.strategy) adds the
+    sharded model and optimizer states that Accelerate does not hold."""
     final = run_dir / f"{PREFIX}{step:08d}"
     tmp = run_dir / f".tmp-{PREFIX}{step:08d}"
     if accelerator.is_main_process:
@@ -75,6 +76,8 @@ def save(accelerator, run_dir: Path, step: int, state: dict, keep_last: int) -> 
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    if engine is not None:
+        engine.save(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_json_atomic(tmp / STATE_FILE, state)
@@ -111,12 +114,13 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def export(model, tokenizer, final_dir: Path) -> None:
-    """The final model as a plain Hugging Face folder, renamed into place when complete."""
-    tmp = final_dir.with_name(".tmp-final")
+def export(model, tokenizer, final_dir: Path, state_dict: dict | None = None) -> None:
+    """The final model as a plain Hugging Face folder (a LoRA model: its adapter), renamed into place when
+    complete. `state_dict`: full weights gathered from a sharded model, written instead of its own shards."""
+    tmp = final_dir.with_name(f".tmp-{final_dir.name}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    model.save_pretrained(str(tmp), state_dict=state_dict)
     tokenizer.save_pretrained(str(tmp))
     if final_dir.exists():
         shutil.rmtree(final_dir)

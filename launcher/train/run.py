@@ -5,7 +5,6 @@ Order: accelerator → tokenizer and data → model → loss → optimizer/sched
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import time
@@ -23,6 +22,7 @@ from launcher.train.evaluate import Evaluator
 from launcher.train.losses import build_loss, class_weights_from_counts
 from launcher.train.model import build, forward_logits, load_tokenizer
 from launcher.train.report import Reporter, StepLosses, rank_logger, truncate_metrics
+from launcher.train.strategy import make_engine
 
 # Failure drills: "rank=R,step=S,phase=step|eval|save[,kind=kill|raise]" makes that rank die there
 # (SIGKILL, or an exception). Used by the tests; also handy to rehearse recovery on a real cluster.
@@ -38,6 +38,8 @@ def make_accelerator(recipe: Recipe, plan: Plan):
     from accelerate.utils import InitProcessGroupKwargs
 
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[recipe.train.precision]
+    if plan.deepspeed_config is not None:
+        mixed = "no"  # DeepSpeed runs the model in bf16/fp16 itself, from its config
     accelerator = Accelerator(
         cpu=plan.device == "cpu",
         mixed_precision=mixed,
@@ -79,8 +81,8 @@ def _scheduler(optimizer, recipe: Recipe, plan: Plan):
     return get_scheduler(name, optimizer, num_warmup_steps=plan.warmup_steps, num_training_steps=plan.total_steps)
 
 
-def _param_checksum(model) -> float:
-    return float(sum(p.detach().double().sum().item() for p in model.parameters()))
+def _param_checksum(tensors) -> float:
+    return float(sum(t.double().sum().item() for t in tensors))
 
 
 def run(recipe: Recipe, plan: Plan) -> dict:
@@ -91,7 +93,8 @@ def run(recipe: Recipe, plan: Plan) -> dict:
     rank, world = accelerator.process_index, accelerator.num_processes
     log = rank_logger(rank)
     _quiet_libraries(accelerator.is_main_process)
-    log.info(f"world size {world} ({accelerator.distributed_type.value}, backend {plan.backend}), device {accelerator.device}")
+    log.info(f"world size {world} ({accelerator.distributed_type.value}, backend {plan.backend}), device "
+             f"{accelerator.device}, strategy {plan.strategy_label}")
     run_dir = Path(recipe.output_dir)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -103,7 +106,8 @@ def run(recipe: Recipe, plan: Plan) -> dict:
     splits = load_splits(recipe)
     data = prepare(recipe, splits, tokenizer)
     t_data = time.time()
-    model = build(recipe, tokenizer)
+    engine = make_engine(accelerator, recipe, plan)
+    model = build(recipe, tokenizer, accelerator.device)
     t_model = time.time()
     task = recipe.task.type
     loss_cfg = recipe.task.resolved_loss
@@ -113,9 +117,8 @@ def run(recipe: Recipe, plan: Plan) -> dict:
                          if loss_cfg.class_weights == "auto" else list(loss_cfg.class_weights))
         log.info(f"class weights: {[round(w, 4) for w in class_weights]}")
     loss_fn = build_loss(task, loss_cfg, class_weights)
-    optimizer = _optimizer(model, recipe)
-    scheduler = _scheduler(optimizer, recipe, plan)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model = engine.prepare(model, lambda m: _optimizer(m, recipe))
+    scheduler = _scheduler(engine.base_optimizer, recipe, plan)
     accelerator.register_for_checkpointing(scheduler)
     collate = Collate(tokenizer, task)
     evaluator = Evaluator(accelerator, model, loss_fn, collate, recipe, plan)
@@ -125,6 +128,7 @@ def run(recipe: Recipe, plan: Plan) -> dict:
     if found is not None:
         state = checkpoint.check_compatible(found, recipe, world)
         accelerator.load_state(str(found))
+        engine.load(found)
         start_step, resumed_from = state["step"], str(found)
         first_loss, last_loss = state.get("first_loss"), state.get("last_loss")
         log.info(f"resumed from {found} at step {start_step}")
@@ -139,7 +143,6 @@ def run(recipe: Recipe, plan: Plan) -> dict:
     reporter = Reporter(run_dir, accelerator.is_main_process, plan.total_steps, start_step,
                         recipe.train.log_every, recipe.train.tensorboard, log)
     eval_every = plan.steps_per_epoch if recipe.train.eval_every == "epoch" else recipe.train.eval_every
-    params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     losses = StepLosses(accelerator, reporter, plan, first_loss, last_loss)
     t_first_step, t_train = None, time.time()
@@ -152,7 +155,7 @@ def run(recipe: Recipe, plan: Plan) -> dict:
     def save(step: int) -> None:
         losses.flush()
         _fault(rank, step, "save")
-        checkpoint.save(accelerator, run_dir, step, state_at(step), recipe.train.keep_last)
+        checkpoint.save(accelerator, run_dir, step, state_at(step), recipe.train.keep_last, engine=engine)
 
     for step in range(start_step, plan.total_steps):
         _fault(rank, step + 1, "step")
@@ -161,17 +164,13 @@ def run(recipe: Recipe, plan: Plan) -> dict:
         for a, indices in enumerate(batch_plan.micro_batches):
             batch = to_device(collate([train_rows[i] for i in indices]), accelerator.device)
             sync = a == len(batch_plan.micro_batches) - 1
-            with (contextlib.nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
+            with engine.accumulating(sync), accelerator.autocast():
                 micro_sum = loss_fn(forward_logits(model, batch, task), batch["labels"])
-            # DDP averages gradients over ranks, so scale by world / global terms to get the global mean.
-            accelerator.backward(micro_sum * world / batch_plan.global_weight)
+            # Every strategy averages gradients over ranks, so scale by world / global terms to get the global mean.
+            engine.backward(micro_sum * world / batch_plan.global_weight, sync)
             loss_sum += micro_sum.detach().float()
-        grad_norm = None
-        if recipe.train.grad_clip is not None:
-            grad_norm = accelerator.clip_grad_norm_(params, recipe.train.grad_clip)
-        optimizer.step()
+        grad_norm = engine.step()
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         done = step + 1
         if t_first_step is None:
             t_first_step = time.time()
@@ -198,11 +197,14 @@ def run(recipe: Recipe, plan: Plan) -> dict:
             reporter.evaluation(plan.total_steps, split, results[split])
     reporter.close()
 
-    checksums = [float(x) for x in accelerator.gather(
-        torch.tensor([_param_checksum(model)], dtype=torch.float64, device=accelerator.device)).tolist()]
+    checksums = [float(x) for x in accelerator.gather(torch.tensor(
+        [_param_checksum(engine.local_tensors())], dtype=torch.float64, device=accelerator.device)).tolist()]
+    held = accelerator.gather(torch.tensor([engine.held()], dtype=torch.int64, device=accelerator.device)).tolist()
+    adapter_norms = engine.trainable_norms() if recipe.model.lora is not None else None
     final_dir = run_dir / "final"
+    full_state = engine.full_state_dict()  # a collective under zero3/fsdp
     if accelerator.is_main_process:
-        checkpoint.export(accelerator.unwrap_model(model), tokenizer, final_dir)
+        checkpoint.export(engine.unwrapped(), tokenizer, final_dir, full_state)
     accelerator.wait_for_everyone()
     train_wall = t_train_end - t_train
     summary = {
@@ -220,6 +222,11 @@ def run(recipe: Recipe, plan: Plan) -> dict:
         "metrics": results,
         "final_model": str(final_dir.resolve()),
         "param_checksum_per_rank": checksums,
+        "strategy": plan.strategy_label,
+        # what the strategy shards (ddp: nothing), and how much of it each rank holds: [local, whole]
+        "sharded": engine.sharded,
+        "held_per_rank": held,
+        "adapter_norms": adapter_norms,  # LoRA: the trained values, to check the saved adapter against
         "plan": plan.model_dump(),
         "timings": {
             "time_to_first_step_s": (t_first_step - t_launch) if t_first_step else None,
