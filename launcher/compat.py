@@ -71,6 +71,9 @@ def incompatibilities(recipe: Recipe, strategy: str, offload: str, *, offload_pa
     if strategy == "fsdp" and offload == "cpu" and not params:
         problems.append(Problem("distributed.offload_parameters", "fsdp's CPU offload moves parameters, gradients "
                                 "and optimizer states together; set offload_parameters: true"))
+    if strategy == "fsdp" and recipe.train.precision == "fp16":
+        problems.append(Problem("train.precision", "fsdp trains with bf16 or fp32 here (fp16 needs a gradient "
+                                "scaler); use bf16, or a ZeRO strategy for fp16"))
     if dist.deepspeed_config is not None and strategy not in ZERO:
         problems.append(Problem("distributed.deepspeed_config", f"a DeepSpeed config applies to zero1/zero2/zero3, "
                                 f"not {strategy}; remove it or pick a ZeRO strategy"))

@@ -42,6 +42,7 @@ REFUSED = [
     (recipe({"strategy": "zero3", "offload_parameters": True}), "distributed.offload_parameters",
      "set distributed.offload: cpu"),
     (recipe({"deepspeed_config": "ds.json"}), "distributed.deepspeed_config", "pick a ZeRO strategy"),
+    (recipe({"strategy": "fsdp"}, train={"precision": "fp16"}), "train.precision", "use bf16"),
 ]
 
 

@@ -56,7 +56,9 @@ def runs(models, tmp_path_factory):
 
 def _saved_name(param_name: str) -> str:
     """peft drops the adapter name from saved keys; a trained head is saved under its own name."""
-    return param_name.replace(".modules_to_save.default", "").replace(".default", "")
+    name = param_name.replace(".modules_to_save.default", "").replace(".lora_magnitude_vector.default.weight",
+                                                                       ".lora_magnitude_vector")
+    return name.replace(".default", "")
 
 
 @pytest.mark.parametrize("name", list(CASES))

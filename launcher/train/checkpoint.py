@@ -21,8 +21,10 @@ class CheckpointMismatch(Exception):
 
 
 def fingerprint(recipe) -> dict:
+    # strategy and LoRA decide the checkpoint's layout (DeepSpeed / FSDP shards, adapter-only states)
     return {"model": recipe.model.path, "task": recipe.task.type, "num_labels": recipe.task.resolved_num_labels,
-            "global_batch_size": recipe.train.batch_size}
+            "global_batch_size": recipe.train.batch_size, "strategy": recipe.distributed.strategy,
+            "lora": recipe.model.lora is not None}
 
 
 def complete(run_dir: Path) -> list[Path]:
@@ -117,6 +119,8 @@ def _fsync_dir(folder: Path) -> None:
 def export(model, tokenizer, final_dir: Path, state_dict: dict | None = None) -> None:
     """The final model as a plain Hugging Face folder (a LoRA model: its adapter), renamed into place when
     complete. `state_dict`: full weights gathered from a sharded model, written instead of its own shards."""
+    if state_dict is not None:
+        state_dict = _without_aliases(model, state_dict)
     tmp = final_dir.with_name(f".tmp-{final_dir.name}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -125,3 +129,14 @@ def export(model, tokenizer, final_dir: Path, state_dict: dict | None = None) ->
     if final_dir.exists():
         shutil.rmtree(final_dir)
     os.replace(tmp, final_dir)
+
+
+def _without_aliases(model, state_dict: dict) -> dict:
+    """A gathered state dict holds tied weights (embeddings / LM head) once per name; keep the first name,
+    as save_pretrained does for a model's own weights."""
+    seen, aliases = set(), set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            aliases.add(name)
+        seen.add(id(param))
+    return {k: v for k, v in state_dict.items() if k not in aliases}
