@@ -6,6 +6,8 @@ tools under ZeRO-3 is an adapter file that is saved but empty or untrained.
 """
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from conftest import RECIPES, launch, summary
@@ -16,7 +18,8 @@ SHORT = ["data.max_length=32", "train.batch_size=8", "train.micro_batch_size=4",
          "train.log_every=1", "train.precision=fp32"]
 CASES = {
     # name: (model, recipe, procs, overrides)
-    "lora-zero3": ("llama", SFT, 2, ["model.lora.r=8", "train.optimizer.lr=1e-2", "distributed.strategy=zero3"]),
+    "lora-zero3": ("llama", SFT, 2, ["model.lora.r=8", "train.optimizer.lr=1e-2", "distributed.strategy=zero3",
+                                     "train.save_every=4"]),
     "dora-classifier": ("bert", QUICKSTART, 1, ["model.lora.r=4", "model.lora.use_dora=true",
                                                 "train.optimizer.lr=1e-2", "model.lora.target_modules=[query,value]"]),
     "8bit": ("llama64", SFT, 1, ["model.lora.r=8", "train.optimizer.lr=1e-2", "model.quantization.bits=8"]),
@@ -51,6 +54,16 @@ def runs(models, tmp_path_factory):
                          "--procs", str(procs), timeout=600)
         merged = launch("export", run_dir, "--merge") if trained.returncode == 0 else None
         out[name] = (run_dir, trained, merged)
+    # ZeRO-3 checkpoints of a LoRA run hold the adapter's states only; resume from step 4 of a copy
+    again = root / "lora-zero3-resumed"
+    if out["lora-zero3"][1].returncode == 0:
+        shutil.copytree(root / "lora-zero3", again)
+        for gone in ("checkpoint-00000008", "final", "merged"):
+            shutil.rmtree(again / gone)
+        (again / "summary.json").unlink()
+        model, recipe, procs, extra = CASES["lora-zero3"]
+        out["lora-zero3-resumed"] = launch(recipe, f"model.path={tiny[model]}", f"output_dir={again}", *SHORT, *extra,
+                                           "--procs", str(procs), timeout=600)
     return out
 
 
@@ -111,3 +124,16 @@ def _base_path(run_dir) -> str:
     import yaml
 
     return yaml.safe_load((run_dir / "launch" / "recipe.yaml").read_text())["model"]["path"]
+
+
+def test_lora_under_zero3_resumes_to_the_same_adapter(runs):
+    from safetensors.torch import load_file
+
+    resumed = runs["lora-zero3-resumed"]
+    assert resumed.returncode == 0, resumed.output[-3000:]
+    run_dir = runs["lora-zero3"][0]
+    again = run_dir.with_name("lora-zero3-resumed")
+    assert summary(again)["resumed_from"].endswith("checkpoint-00000004")
+    a = load_file(str(run_dir / "final" / "adapter_model.safetensors"))
+    b = load_file(str(again / "final" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
