@@ -94,3 +94,11 @@ def test_resume_gives_identical_parameters(runs, name):
     assert s["resumed_from"].endswith("checkpoint-00000003") and s["steps_this_launch"] == 3
     a, b = final_weights(root / name), final_weights(root / f"{name}-resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_export_command_on_full_weight_runs(runs, tmp_path):
+    root, _ = runs
+    full = launch("export", root / "zero3", "--merge")
+    assert full.returncode == 0 and "holds the full weights (nothing to merge: not a LoRA run)" in full.stdout
+    missing = launch("export", tmp_path / "nowhere")
+    assert missing.returncode == 2 and "has not finished" in missing.stderr
