@@ -25,6 +25,7 @@ examples:
   launch recipes/x.yaml --nodes 4 --cluster cluster/ray.yaml --submit --follow   as a Ray job, logs streamed
   launch recipes/x.yaml --nodes 4 --cluster cluster/slurm.yaml --follow   sbatch job; stream its log
   launch status runs/x        launch cancel runs/x              a submitted job's state; scancel it
+  launch export runs/x --merge                         a LoRA run's adapter folded into full weights
 
 exit status: 0 done, 1 training failed (the failing rank is named), 2 invalid recipe or data,
              128+N stopped by signal N, 75 stopped on request (USR1) after a checkpoint (relaunch to resume).
@@ -92,6 +93,7 @@ def fail(message: str, code: int) -> int:
 SUBCOMMANDS: dict[str, str] = {
     "status": "launcher.backends.slurm_jobs:status_command",
     "cancel": "launcher.backends.slurm_jobs:cancel_command",
+    "export": "launcher.export:main",
 }
 
 
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         resume = resume_point(recipe, plan)
     except RecipeError as exc:
         return fail(str(exc), EXIT_USAGE)
-    for note in ignored_settings(recipe):
+    for note in [*ignored_settings(recipe), *plan.warnings]:
         print(f"warning: {note}", file=sys.stderr)
     for split, count in splits.dropped.items():
         if count:

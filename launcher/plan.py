@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from launcher import compat, dsconfig
 from launcher.loading import Problem, RecipeError
 from launcher.recipe import Recipe
 
@@ -25,6 +26,12 @@ class Plan(BaseModel):
     device: Literal["cpu", "cuda"]
     backend: Literal["gloo", "nccl"]
     strategy: str
+    offload: Literal["none", "cpu", "nvme"] = "none"
+    offload_parameters: bool = False
+    # the DeepSpeed config every rank uses (ZeRO strategies): generated, or the user's checked against the plan
+    deepspeed_config: dict | None = None
+    # rewrites of the recipe's settings to working equivalents (launcher.compat), shown before launch
+    warnings: list[str] = []
     global_batch_size: int
     micro_batch_size: int
     grad_accum: int
@@ -37,12 +44,19 @@ class Plan(BaseModel):
     total_steps: int
     warmup_steps: int
 
+    @property
+    def strategy_label(self) -> str:
+        if self.offload == "none":
+            return self.strategy
+        what = "optimizer states and parameters" if self.offload_parameters else "optimizer states"
+        return f"{self.strategy}, {what} offloaded to {self.offload}"
+
     def rows(self) -> list[tuple[str, str]]:
         return [
             ("nodes × processes per node", f"{self.num_nodes} × {self.procs_per_node}"),
             ("world size", str(self.world_size)),
             ("device / backend", f"{self.device} / {self.backend}"),
-            ("strategy", self.strategy),
+            ("strategy", self.strategy_label),
             ("global batch", str(self.global_batch_size)),
             ("micro-batch per device", str(self.micro_batch_size)),
             ("gradient accumulation", str(self.grad_accum)),
@@ -60,19 +74,6 @@ def _near_multiples(value: int, unit: int) -> str:
     return ", ".join(str(v) for v in sorted({low, low + unit}))
 
 
-def _not_yet_supported(recipe: Recipe) -> list[Problem]:
-    """Schema fields whose training code has not landed: refused, never silently run as plain DDP."""
-    dist, model = recipe.distributed, recipe.model
-    problems = []
-    if dist.strategy != "ddp":
-        problems.append(Problem("distributed.strategy", f"{dist.strategy!r} is not supported by this version; use ddp"))
-    if model.lora is not None:
-        problems.append(Problem("model.lora", "LoRA is not supported by this version; remove the section"))
-    if model.quantization is not None:
-        problems.append(Problem("model.quantization", "quantization is not supported by this version; remove the section"))
-    return problems
-
-
 def make_plan(
     recipe: Recipe,
     *,
@@ -88,7 +89,11 @@ def make_plan(
     problems: list[Problem] = []
     if device == "cpu" and train.precision == "fp16":
         problems.append(Problem("train.precision", "fp16 needs a GPU; use bf16 or fp32 on CPU"))
-    problems += _not_yet_supported(recipe)
+    decision = None
+    try:
+        decision = compat.decide(recipe, device)
+    except RecipeError as exc:
+        problems += exc.problems
     micro = train.micro_batch_size
     if micro is None:
         if train.batch_size % world:
@@ -114,13 +119,16 @@ def make_plan(
         total = epochs * steps_per_epoch
     sched = train.scheduler
     warmup = sched.warmup_steps if sched.warmup_steps is not None else int(sched.warmup_ratio * total)
-    return Plan(
+    plan = Plan(
         num_nodes=num_nodes,
         procs_per_node=procs_per_node,
         world_size=world,
         device=device,
         backend="nccl" if device == "cuda" else "gloo",
-        strategy=recipe.distributed.strategy,
+        strategy=decision.strategy,
+        offload=decision.offload,
+        offload_parameters=decision.offload_parameters,
+        warnings=decision.warnings,
         global_batch_size=train.batch_size,
         micro_batch_size=micro,
         grad_accum=accum,
@@ -133,3 +141,7 @@ def make_plan(
         total_steps=total,
         warmup_steps=min(warmup, total),
     )
+    ds_config, ds_problems = dsconfig.resolve(recipe, plan)
+    if ds_problems:
+        raise RecipeError("plan", ds_problems)
+    return plan.model_copy(update={"deepspeed_config": ds_config})

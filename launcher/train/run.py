@@ -5,7 +5,6 @@ Order: accelerator → tokenizer and data → model → loss → optimizer/sched
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import time
@@ -25,6 +24,7 @@ from launcher.train.losses import build_loss, class_weights_from_counts
 from launcher.train.model import build, forward_logits, load_tokenizer
 from launcher.train.report import Reporter, StepLosses, rank_logger, truncate_metrics
 from launcher.train.stop import EXIT_STOPPED, StopRequest
+from launcher.train.strategy import make_engine
 
 # Failure drills: "rank=R,step=S,phase=step|eval|save[,kind=kill|raise][,once=PATH]" makes that rank die there
 # (SIGKILL, or an exception); with once=PATH only the first time (PATH marks it done), so a backend that
@@ -41,6 +41,8 @@ def make_accelerator(recipe: Recipe, plan: Plan):
     from accelerate.utils import InitProcessGroupKwargs
 
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[recipe.train.precision]
+    if plan.deepspeed_config is not None:
+        mixed = "no"  # DeepSpeed runs the model in bf16/fp16 itself, from its config
     accelerator = Accelerator(
         cpu=plan.device == "cpu",
         mixed_precision=mixed,
@@ -86,8 +88,8 @@ def _scheduler(optimizer, recipe: Recipe, plan: Plan):
     return get_scheduler(name, optimizer, num_warmup_steps=plan.warmup_steps, num_training_steps=plan.total_steps)
 
 
-def _param_checksum(model) -> float:
-    return float(sum(p.detach().double().sum().item() for p in model.parameters()))
+def _param_checksum(tensors) -> float:
+    return float(sum(t.double().sum().item() for t in tensors))
 
 
 def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] | None = None) -> dict:
@@ -102,7 +104,7 @@ def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] 
     _quiet_libraries(accelerator.is_main_process)
     hosts = sorted(set(_gather_hosts(accelerator)))  # the peers, checked before anything heavy is loaded
     log.info(f"world size {world} ({accelerator.distributed_type.value}, backend {plan.backend}), device "
-             f"{accelerator.device}, hosts {', '.join(hosts)}")
+             f"{accelerator.device}, strategy {plan.strategy_label}, hosts {', '.join(hosts)}")
     run_dir = Path(recipe.output_dir)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -114,7 +116,8 @@ def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] 
     splits = load_splits(recipe)
     data = prepare(recipe, splits, tokenizer)
     t_data = time.time()
-    model = build(recipe, tokenizer)
+    engine = make_engine(accelerator, recipe, plan)
+    model = build(recipe, tokenizer, accelerator.device)
     t_model = time.time()
     task = recipe.task.type
     loss_cfg = recipe.task.resolved_loss
@@ -124,9 +127,8 @@ def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] 
                          if loss_cfg.class_weights == "auto" else list(loss_cfg.class_weights))
         log.info(f"class weights: {[round(w, 4) for w in class_weights]}")
     loss_fn = build_loss(task, loss_cfg, class_weights)
-    optimizer = _optimizer(model, recipe)
-    scheduler = _scheduler(optimizer, recipe, plan)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model = engine.prepare(model, lambda m: _optimizer(m, recipe))
+    scheduler = _scheduler(engine.base_optimizer, recipe, plan)
     accelerator.register_for_checkpointing(scheduler)
     collate = Collate(tokenizer, task)
     evaluator = Evaluator(accelerator, model, loss_fn, collate, recipe, plan)
@@ -136,6 +138,7 @@ def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] 
     if found is not None:
         state = checkpoint.check_compatible(found, recipe, world)
         accelerator.load_state(str(found))
+        engine.load(found)
         start_step, resumed_from = state["step"], str(found)
         first_loss, last_loss = state.get("first_loss"), state.get("last_loss")
         log.info(f"resumed from {found} at step {start_step}")
@@ -150,7 +153,6 @@ def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] 
     reporter = Reporter(run_dir, accelerator.is_main_process, plan.total_steps, start_step,
                         recipe.train.log_every, recipe.train.tensorboard, log)
     eval_every = plan.steps_per_epoch if recipe.train.eval_every == "epoch" else recipe.train.eval_every
-    params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     losses = StepLosses(accelerator, reporter, plan, first_loss, last_loss)
     t_first_step, t_train = None, time.time()
@@ -164,7 +166,7 @@ def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] 
         losses.flush()
         _fault(rank, step, "save")
         state = state_at(step)
-        folder = checkpoint.save(accelerator, run_dir, step, state, recipe.train.keep_last)
+        folder = checkpoint.save(accelerator, run_dir, step, state, recipe.train.keep_last, engine=engine)
         if on_checkpoint is not None:
             on_checkpoint(folder, state)
 
@@ -175,17 +177,13 @@ def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] 
         for a, indices in enumerate(batch_plan.micro_batches):
             batch = to_device(collate([train_rows[i] for i in indices]), accelerator.device)
             sync = a == len(batch_plan.micro_batches) - 1
-            with (contextlib.nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
+            with engine.accumulating(sync), accelerator.autocast():
                 micro_sum = loss_fn(forward_logits(model, batch, task), batch["labels"])
-            # DDP averages gradients over ranks, so scale by world / global terms to get the global mean.
-            accelerator.backward(micro_sum * world / batch_plan.global_weight)
+            # Every strategy averages gradients over ranks, so scale by world / global terms to get the global mean.
+            engine.backward(micro_sum * world / batch_plan.global_weight, sync)
             loss_sum += micro_sum.detach().float()
-        grad_norm = None
-        if recipe.train.grad_clip is not None:
-            grad_norm = accelerator.clip_grad_norm_(params, recipe.train.grad_clip)
-        optimizer.step()
+        grad_norm = engine.step()
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         done = step + 1
         if t_first_step is None:
             t_first_step = time.time()
@@ -220,11 +218,14 @@ def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] 
             reporter.evaluation(plan.total_steps, split, results[split])
     reporter.close()
 
-    checksums = [float(x) for x in accelerator.gather(
-        torch.tensor([_param_checksum(model)], dtype=torch.float64, device=accelerator.device)).tolist()]
+    checksums = [float(x) for x in accelerator.gather(torch.tensor(
+        [_param_checksum(engine.local_tensors())], dtype=torch.float64, device=accelerator.device)).tolist()]
+    held = accelerator.gather(torch.tensor([engine.held()], dtype=torch.int64, device=accelerator.device)).tolist()
+    adapter_norms = engine.trainable_norms() if recipe.model.lora is not None else None
     final_dir = run_dir / "final"
+    full_state = engine.full_state_dict()  # a collective under zero3/fsdp
     if accelerator.is_main_process:
-        checkpoint.export(accelerator.unwrap_model(model), tokenizer, final_dir)
+        checkpoint.export(engine.unwrapped(), tokenizer, final_dir, full_state)
     accelerator.wait_for_everyone()
     train_wall = t_train_end - t_train
     summary = {
@@ -242,6 +243,11 @@ def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] 
         "metrics": results,
         "final_model": str(final_dir.resolve()),
         "param_checksum_per_rank": checksums,
+        "strategy": plan.strategy_label,
+        # what the strategy shards (ddp: nothing), and how much of it each rank holds: [local, whole]
+        "sharded": engine.sharded,
+        "held_per_rank": held,
+        "adapter_norms": adapter_norms,  # LoRA: the trained values, to check the saved adapter against
         "plan": plan.model_dump(),
         "timings": {
             "time_to_first_step_s": (t_first_step - t_launch) if t_first_step else None,
