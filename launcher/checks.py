@@ -68,6 +68,19 @@ def check_model(recipe: Recipe) -> list[Problem]:
     return []
 
 
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
+
+
+def missing_weights(recipe: Recipe) -> list[Problem]:
+    """A local model folder with a config but no weights plans fine (the planner reads the config only);
+    training it is refused here, before any rank starts loading."""
+    path = resolve_model_path(recipe.model.path)
+    if not is_local(path) or any(next(Path(path).glob(pattern), None) for pattern in WEIGHT_FILES):
+        return []
+    return [Problem("model.path", f"{path} has a config but no weights ({', '.join(WEIGHT_FILES)}); `launch plan` "
+                    "and --dry-run work without them, training does not: point model.path at the full model folder")]
+
+
 def check_paths(recipe: Recipe) -> list[Problem]:
     problems = []
     out = Path(recipe.output_dir)

@@ -20,6 +20,7 @@ examples:
   launch recipes/quickstart.yaml --procs 2             2 CPU processes (gloo)
   launch recipes/quickstart.yaml --dry-run             validate and print the plan; start nothing
   launch recipes/x.yaml train.optimizer.lr=1e-5 data.max_length=256   overrides, validated like the file
+  launch plan recipes/x.yaml --nodes 2 --gpus-per-node 8 --gpu-memory 80GiB   memory per GPU of every strategy
 
 exit status: 0 done, 1 training failed (the failing rank is named), 2 invalid recipe or data,
              128+N stopped by signal N (relaunch to resume).
@@ -62,9 +63,11 @@ def resume_point(recipe, plan) -> str:
     return f"step {state['step']} of {found}"
 
 
-def print_plan(recipe, plan, resume: str) -> None:
+def print_plan(recipe, plan, resume: str, gpu_memory: int | None) -> None:
     from rich.console import Console
     from rich.table import Table
+
+    from launcher.plan_table import estimate_line
 
     table = Table(title=f"plan: {recipe.task.type} on {recipe.model.path}", show_header=False)
     table.add_column("what", style="bold")
@@ -73,6 +76,7 @@ def print_plan(recipe, plan, resume: str) -> None:
         table.add_row(name, value)
     table.add_row("output", str(Path(recipe.output_dir).resolve()))
     table.add_row("start", resume)
+    table.add_row("memory per GPU (estimate)", estimate_line(recipe, plan, gpu_memory))
     Console().print(table)
 
 
@@ -82,7 +86,7 @@ def fail(message: str, code: int) -> int:
 
 
 # `launch NAME ...` runs a subcommand instead of a recipe: name → "module:function(argv) -> int"
-SUBCOMMANDS: dict[str, str] = {}
+SUBCOMMANDS: dict[str, str] = {"plan": "launcher.plan_table:main"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,10 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         module, function = SUBCOMMANDS[argv[0]].split(":")
         return getattr(importlib.import_module(module), function)(argv[1:])
     args = parser().parse_intermixed_args(argv)
-    from launcher.checks import check_recipe, ignored_settings
-    from launcher.cluster import load_profile
+    from launcher.checks import check_recipe, ignored_settings, missing_weights
+    from launcher.cluster import load_profile, parse_bytes
     from launcher.loading import RecipeError, load_recipe
-    from launcher.plan import make_plan
+    from launcher.plan import make_plan, not_yet_supported
 
     if args.procs is not None and args.procs < 1:
         return fail("--procs must be at least 1", EXIT_USAGE)
@@ -107,9 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.recipe, args.overrides)
         splits = check_recipe(recipe)
         layout = backend.layout(profile, nodes=args.nodes, procs=args.procs)
+        gpu_memory = parse_bytes(profile.gpu_memory) if getattr(profile, "gpu_memory", None) else None
         plan = make_plan(recipe, num_train_samples=len(splits.train), num_validation_samples=len(splits.validation),
                          num_test_samples=len(splits.test), num_nodes=layout.num_nodes,
-                         procs_per_node=layout.procs_per_node, device=layout.device)
+                         procs_per_node=layout.procs_per_node, device=layout.device, gpu_memory=gpu_memory)
         resume = resume_point(recipe, plan)
     except RecipeError as exc:
         return fail(str(exc), EXIT_USAGE)
@@ -118,9 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     for split, count in splits.dropped.items():
         if count:
             print(f"warning: dropped {count} rows of {split} with an empty field (data.on_missing=drop)", file=sys.stderr)
-    print_plan(recipe, plan, resume)
+    print_plan(recipe, plan, resume, gpu_memory)
     if args.dry_run:
         return 0
+    refused = not_yet_supported(recipe, plan) + missing_weights(recipe)
+    if refused:
+        return fail(str(RecipeError("launch", refused)), EXIT_USAGE)
     return backend.launch(recipe, plan, profile, t0)
 
 
