@@ -106,6 +106,9 @@ def ignored_settings(recipe: Recipe) -> list[str]:
         notes.append(f"data.prompt_field/response_field are ignored for {task.type}")
     if recipe.train.max_steps is not None and "epochs" in recipe.train.model_fields_set:
         notes.append("train.epochs is ignored: train.max_steps sets the length of the run")
+    dist = recipe.distributed
+    if dist.strategy == "auto" and (dist.offload != "none" or dist.offload_parameters):
+        notes.append("distributed.offload/offload_parameters are ignored with strategy: auto, which chooses the offload")
     if recipe.train.eval_every is not None and data.validation is None and data.split.validation == 0:
         notes.append("train.eval_every is ignored: there is no validation split")
     return notes

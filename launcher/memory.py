@@ -120,6 +120,9 @@ def usable(gpu_memory: int) -> int:
 
 
 def gib(num_bytes: int) -> str:
+    """GiB with one decimal; MiB below 1 GiB, so small models do not read 0.0."""
+    if num_bytes < GiB:
+        return f"{num_bytes / 2**20:.0f} MiB"
     return f"{num_bytes / GiB:.1f} GiB"
 
 

@@ -28,9 +28,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def estimate_line(recipe, plan, gpu_memory: int | None) -> str:
-    """One line for the dry-run table: the estimate of the plan's own strategy."""
-    from launcher import memory
+    """One line for the dry-run table: the estimate of the plan's own strategy. Plain ddp on CPU processes has
+    no GPU to fit, and is left out: building the model on the meta device imports torch and transformers,
+    which would make every dry run many times slower."""
     from launcher.loading import RecipeError
+
+    if plan.device == "cpu" and plan.choice == ("ddp", "none", False) and recipe.model.lora is None \
+            and recipe.model.quantization is None and gpu_memory is None:
+        return "not estimated for CPU processes; see `launch plan RECIPE --gpus-per-node G --gpu-memory SIZE`"
+    from launcher import memory
 
     try:
         shape = memory.model_shape(recipe)
@@ -56,9 +62,10 @@ def print_table(recipe, shape, *, num_nodes: int, gpus_per_node: int, micro_batc
     trainable = (f"{shape.num_trainable / 1e6:,.1f}M trainable of {shape.num_params / 1e6:,.1f}M"
                  if shape.num_trainable != shape.num_params else f"{shape.num_params / 1e6:,.1f}M parameters")
     ckpt = "on" if recipe.distributed.activation_checkpointing else "off"
-    table = Table(title=f"memory per GPU: {recipe.model.path} ({trainable}), {num_nodes} × {gpus_per_node} GPUs of "
-                  f"{g(gpu_memory)} ({g(memory.usable(gpu_memory))} usable), micro-batch {micro_batch} × "
-                  f"{recipe.data.max_length} tokens, activation checkpointing {ckpt}")
+    print(f"memory per GPU: {recipe.model.path} ({trainable})\n{num_nodes} × {gpus_per_node} GPUs of {g(gpu_memory)} "
+          f"({g(memory.usable(gpu_memory))} usable), micro-batch {micro_batch} × {recipe.data.max_length} tokens, "
+          f"activation checkpointing {ckpt}")
+    table = Table()
     for name in ("strategy", "parameters", "gradients", "optimizer", "activations", "per GPU", "host RAM/node", "fits"):
         table.add_column(name, justify="left" if name in ("strategy", "fits") else "right")
     for est, problems in memory.estimates(recipe, shape, num_nodes=num_nodes, gpus_per_node=gpus_per_node,

@@ -265,10 +265,15 @@ def test_launch_plan_prints_every_choice_and_the_auto_choice():
     assert seconds < 120, f"a 70B plan took {seconds:.0f} s"  # about 20 s under load here; it reads no weights
 
 
-def test_launch_plan_needs_the_gpu_memory_and_count():
+def test_launch_plan_takes_the_gpu_memory_from_the_cluster_profile_or_refuses_without_it(tmp_path):
     run = launch("plan", RECIPES / "llama70b-zero3-offload.yaml")
     assert run.returncode == 2 and "Traceback" not in run.output
     assert "--gpus-per-node" in run.stderr and "--gpu-memory: give the memory per GPU" in run.stderr
+    profile = tmp_path / "local.yaml"
+    profile.write_text("backend: local\ngpu_memory: 40GiB\n")
+    run = launch("plan", RECIPES / "llama70b-zero3-offload.yaml", "--cluster", profile, "--gpus-per-node", "8")
+    assert run.returncode == 0, run.output
+    assert "8 GPUs of 40.0 GiB (36.0 GiB usable)" in run.stdout and "auto: zero3 + cpu optimizer (" in run.stdout
 
 
 def test_dry_run_of_the_70b_recipe_shows_its_estimate_and_training_is_refused_without_weights(tmp_path):
@@ -284,3 +289,12 @@ def test_dry_run_of_the_70b_recipe_shows_its_estimate_and_training_is_refused_wi
     assert run.returncode == 2 and "has a config but no weights" in run.stderr
     assert "'zero3 + cpu optimizer' is not supported by this version" in run.stderr  # until the training side lands
     assert not (tmp_path / "run").exists()
+
+
+def test_offload_settings_beside_auto_are_warned_as_ignored(tmp_path):
+    from launcher.checks import ignored_settings
+
+    r = recipe(llama_folder(tmp_path, **SMALL), distributed={"strategy": "auto", "offload": "cpu"})
+    assert "distributed.offload/offload_parameters are ignored with strategy: auto, which chooses the offload" in \
+        ignored_settings(r)
+    assert ignored_settings(recipe(llama_folder(tmp_path, **SMALL), distributed={"strategy": "auto"})) == []
