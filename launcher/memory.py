@@ -25,10 +25,13 @@ base counts its packed bytes and quantization constants.
 Activations per layer use Korthikanti et al. 2022, "Reducing Activation
 Recomputation in Large Transformer Models" (eq. 1: s·b·h·(34 + 5·a·s/h) bytes at
 16 bits), with the MLP term written for the model's real intermediate size I and
-gating, and without the a·s² attention-score term because transformers runs
-attention through SDPA (flash / memory-efficient kernels that store no scores):
+gating, without the a·s² attention-score term because transformers runs
+attention through SDPA (flash / memory-efficient kernels that store no scores),
+and with the two norms kept in fp32 (transformers' RMSNorm upcasts, autocast runs
+LayerNorm in fp32: 8·h more than the paper's 16-bit norms). Measured against the
+tensors autograd really saves for a bf16 Llama in tests/test_memory.py:
 
-    per layer: s·b·(18·h + k·I)      k = 8 for a gated MLP (gate, up, act, product), 4 otherwise
+    per layer: s·b·(26·h + k·I)      k = 8 for a gated MLP (gate, up, act, product), 4 otherwise
     checkpointed: 2·s·b·h per layer (its input) + one layer recomputed
     LM head: s·b·V·(2 + 4 + 4)       16-bit logits, their fp32 upcast for the loss, and its gradient
 
@@ -242,7 +245,7 @@ def activation_bytes(shape: ModelShape, recipe: Recipe, micro_batch: int) -> int
     s, b, h = recipe.data.max_length, micro_batch, shape.hidden_size
     half = recipe.train.precision != "fp32" or recipe.model.dtype != "fp32"
     scale = 1 if half else 2  # the formula counts 16-bit activations
-    per_layer = s * b * (18 * h + (8 if shape.gated_mlp else 4) * shape.intermediate_size) * scale
+    per_layer = s * b * (26 * h + (8 if shape.gated_mlp else 4) * shape.intermediate_size) * scale
     if recipe.distributed.activation_checkpointing:
         layers = shape.num_layers * 2 * s * b * h * scale + per_layer
     else:
