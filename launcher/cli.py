@@ -26,6 +26,7 @@ examples:
   launch recipes/x.yaml --nodes 4 --cluster cluster/slurm.yaml --follow   sbatch job; stream its log
   launch status runs/x        launch cancel runs/x              a submitted job's state; scancel it
   launch export runs/x --merge                         a LoRA run's adapter folded into full weights
+  launch plan recipes/x.yaml --nodes 2 --gpus-per-node 8 --gpu-memory 80GiB   memory per GPU of every strategy
 
 exit status: 0 done, 1 training failed (the failing rank is named), 2 invalid recipe or data,
              128+N stopped by signal N, 75 stopped on request (USR1) after a checkpoint (relaunch to resume).
@@ -70,9 +71,11 @@ def resume_point(recipe, plan) -> str:
     return f"step {state['step']} of {found}"
 
 
-def print_plan(recipe, plan, resume: str) -> None:
+def print_plan(recipe, plan, resume: str, gpu_memory: int | None) -> None:
     from rich.console import Console
     from rich.table import Table
+
+    from launcher.plan_table import estimate_line
 
     table = Table(title=f"plan: {recipe.task.type} on {recipe.model.path}", show_header=False)
     table.add_column("what", style="bold")
@@ -81,6 +84,7 @@ def print_plan(recipe, plan, resume: str) -> None:
         table.add_row(name, value)
     table.add_row("output", str(Path(recipe.output_dir).resolve()))
     table.add_row("start", resume)
+    table.add_row("memory per GPU (estimate)", estimate_line(recipe, plan, gpu_memory))
     Console().print(table)
 
 
@@ -94,6 +98,7 @@ SUBCOMMANDS: dict[str, str] = {
     "status": "launcher.backends.slurm_jobs:status_command",
     "cancel": "launcher.backends.slurm_jobs:cancel_command",
     "export": "launcher.export:main",
+    "plan": "launcher.plan_table:main",
 }
 
 
@@ -104,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         module, function = SUBCOMMANDS[argv[0]].split(":")
         return getattr(importlib.import_module(module), function)(argv[1:])
     args = parser().parse_intermixed_args(argv)
-    from launcher.checks import check_recipe, ignored_settings
-    from launcher.cluster import load_profile
+    from launcher.checks import check_recipe, ignored_settings, missing_weights
+    from launcher.cluster import load_profile, parse_bytes
     from launcher.loading import RecipeError, load_recipe
     from launcher.plan import make_plan
 
@@ -123,9 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.recipe, args.overrides)
         splits = check_recipe(recipe)
         layout = backend.layout(profile, nodes=args.nodes, procs=args.procs)
+        gpu_memory = parse_bytes(profile.gpu_memory) if getattr(profile, "gpu_memory", None) else None
         plan = make_plan(recipe, num_train_samples=len(splits.train), num_validation_samples=len(splits.validation),
                          num_test_samples=len(splits.test), num_nodes=layout.num_nodes,
-                         procs_per_node=layout.procs_per_node, device=layout.device)
+                         procs_per_node=layout.procs_per_node, device=layout.device, gpu_memory=gpu_memory)
         resume = resume_point(recipe, plan)
     except RecipeError as exc:
         return fail(str(exc), EXIT_USAGE)
@@ -134,11 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     for split, count in splits.dropped.items():
         if count:
             print(f"warning: dropped {count} rows of {split} with an empty field (data.on_missing=drop)", file=sys.stderr)
-    print_plan(recipe, plan, resume)
+    print_plan(recipe, plan, resume, gpu_memory)
     if args.dry_run:
         if hasattr(backend, "preview"):  # what a cluster backend would submit
             backend.preview(recipe, plan, profile)
         return 0
+    refused = missing_weights(recipe)
+    if refused:
+        return fail(str(RecipeError("launch", refused)), EXIT_USAGE)
     if args.submit:
         try:
             return backend.submit_job(args, profile)
