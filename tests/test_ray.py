@@ -112,6 +112,23 @@ def test_killed_worker_is_restarted_and_resumes_exactly(clean_run, tiny, ray_pro
     assert s["train_loss"] == pytest.approx(summary(clean_out)["train_loss"], abs=1e-6)
 
 
+def test_zero2_in_ray_workers_shards_and_matches_ddp(clean_run, tiny, ray_profile, tmp_path):
+    """DeepSpeed ZeRO-2 inside Ray Train workers: the same engine as the local backend, optimizer states split
+    between the two nodes' workers, and the same weights as the DDP run of the same recipe."""
+    clean_out, clean = clean_run
+    assert clean.returncode == 0, clean.output[-4000:]
+    out = tmp_path / "run"
+    run = ray_run(tiny["bert_dropout"], out, ray_profile, "distributed.strategy=zero2")
+    assert run.returncode == 0, run.output[-4000:]
+    s = summary(out)
+    assert s["world_size"] == 2 and s["strategy"] == "zero2" and s["sharded"] == "optimizer states"
+    nodes = s["ray"]["node_id_per_rank"]
+    assert nodes[0] != nodes[1]
+    (local0, whole0), (local1, whole1) = s["held_per_rank"]
+    assert whole0 == whole1 and 0.45 * whole0 <= local0 <= 0.55 * whole0 and 0.45 * whole1 <= local1 <= 0.55 * whole1
+    assert_same_weights(final_weights(clean_out), final_weights(out), atol=1e-4)
+
+
 def test_failing_run_exits_nonzero_with_the_cause(ray_env, tiny, tmp_path):
     """A failing worker ends the launch with exit 1 naming the rank and its error (restarts are shown by the
     test above). This run uses `address: local`: a private one-node Ray started and stopped by the launch."""
@@ -139,7 +156,7 @@ def test_submit_as_ray_job_and_follow(tiny, ray_profile, tmp_path):
 
 def test_ray_profile_dry_run_and_errors(tmp_path):
     """No cluster needed: the shipped profile plans 4 × 8 GPU workers; bad profiles exit 2 naming the field."""
-    ok = launch(RECIPES / "quickstart.yaml", "train.batch_size=64", "--nodes", "4", "--cluster",
+    ok = launch(RECIPES / "quickstart.yaml", "train.batch_size=64", f"output_dir={tmp_path / 'run'}", "--nodes", "4", "--cluster",
                 REPO / "cluster" / "ray.yaml", "--dry-run")
     assert ok.returncode == 0, ok.output
     assert "4 × 8" in ok.stdout and "cuda / nccl" in ok.stdout
