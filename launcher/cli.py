@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 from pathlib import Path
 
 EXIT_USAGE = 2
+PLANNED_ENV = "LAUNCHER_T_PLANNED"  # when recipe, checks and plan were done
 
 EPILOG = """\
 examples:
@@ -121,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     print_plan(recipe, plan, resume)
     if args.dry_run:
         return 0
+    os.environ[PLANNED_ENV] = str(time.time())  # ranks split their time to first step at this point
     return backend.launch(recipe, plan, profile, t0)
 
 

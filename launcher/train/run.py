@@ -85,6 +85,7 @@ def _param_checksum(model) -> float:
 
 def run(recipe: Recipe, plan: Plan) -> dict:
     t_launch = float(os.environ.get("LAUNCHER_T0", time.time()))
+    t_planned = float(os.environ.get("LAUNCHER_T_PLANNED", t_launch))
     t0 = time.time()
     accelerator = make_accelerator(recipe, plan)
     t_pg = time.time()
@@ -103,6 +104,7 @@ def run(recipe: Recipe, plan: Plan) -> dict:
     splits = load_splits(recipe)
     data = prepare(recipe, splits, tokenizer)
     t_data = time.time()
+    memory_before_model = _peak_memory_bytes()
     model = build(recipe, tokenizer)
     t_model = time.time()
     task = recipe.task.type
@@ -186,6 +188,7 @@ def run(recipe: Recipe, plan: Plan) -> dict:
         if recipe.train.save_every and done % recipe.train.save_every == 0 and done != plan.total_steps:
             save(done)
     t_train_end = time.time()
+    memory_peak = _peak_memory_bytes()
     steps_run = plan.total_steps - start_step
     if steps_run:
         save(plan.total_steps)
@@ -221,11 +224,18 @@ def run(recipe: Recipe, plan: Plan) -> dict:
         "final_model": str(final_dir.resolve()),
         "param_checksum_per_rank": checksums,
         "plan": plan.model_dump(),
+        # Peak bytes per rank (CUDA: allocated by torch; CPU: resident set), before the model and after training.
+        "memory": {name: [int(x) for x in accelerator.gather(torch.tensor([value], device=accelerator.device)).tolist()]
+                   for name, value in (("before_model_bytes_per_rank", memory_before_model),
+                                       ("peak_bytes_per_rank", memory_peak))},
         "timings": {
             "time_to_first_step_s": (t_first_step - t_launch) if t_first_step else None,
+            "recipe_and_plan_s": t_planned - t_launch,
+            "rank_start_s": t0 - t_planned,
             "process_group_s": t_pg - t0,
             "data_prep_s": t_data - t_pg,
             "model_load_s": t_model - t_data,
+            "first_step_s": (t_first_step - t_train) if t_first_step else None,
             "training_wall_s": train_wall,
             "samples_per_s": steps_run * plan.global_batch_size / train_wall if steps_run and train_wall > 0 else None,
         },
@@ -237,6 +247,14 @@ def run(recipe: Recipe, plan: Plan) -> dict:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return summary
+
+
+def _peak_memory_bytes() -> int:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _quiet_libraries(is_main: bool) -> None:
