@@ -36,6 +36,15 @@ def arguments(description: str, **defaults) -> argparse.ArgumentParser:
     return p
 
 
+def sizes(args: argparse.Namespace, full: dict, smoke: dict) -> dict:
+    """The benchmark's sizes: full or smoke, then whatever was given on the command line."""
+    return {**(smoke if args.smoke else full), **{k: v for k, v in vars(args).items() if k in full and v is not None}}
+
+
+def work_dir(args: argparse.Namespace, name: str) -> Path:
+    return args.out or OUT / (f"{name}-smoke" if args.smoke else name)
+
+
 def machine() -> dict:
     """What RESULTS.md needs to make a figure reproducible, and how loaded the machine was."""
     import torch
@@ -150,6 +159,18 @@ def save_llama(folder: Path, size: LlamaSize, max_positions: int, dtype: str = "
     model.save_pretrained(folder)
     word_tokenizer(words(size.vocab)).save_pretrained(folder)
     return folder
+
+
+def llama_folder(work: Path, size: LlamaSize, max_positions: int) -> Path:
+    return save_llama(work / f"llama-{size.hidden}x{size.layers}", size, max_positions)
+
+
+def ranks(cpu_procs: int) -> tuple[int, int]:
+    """(ranks to start, GPUs): one rank per visible GPU, else `cpu_procs` CPU ranks."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    return gpus or cpu_procs, gpus
 
 
 def fixed_length_lm_data(folder: Path, num_rows: int, seq_len: int, vocab_size: int) -> Path:

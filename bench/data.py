@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.common import OUT, arguments, median, print_table, ratio, save_result, write_jsonl
+from bench.common import arguments, median, print_table, ratio, save_result, sizes, work_dir, write_jsonl
 
 REPO_DATA = Path(__file__).resolve().parent.parent / "recipes" / "data" / "sms_spam" / "train.jsonl"
 FULL = {"rounds": 2, "rows": 100_000}
@@ -34,8 +34,8 @@ MAX_LENGTH = 64
 def make_data(path: Path, num_rows: int) -> Path:
     vocab = sorted({w for line in REPO_DATA.read_text().splitlines() for w in json.loads(line)["text"].split()})
     rng = random.Random(0)
-    write_jsonl(path, [{"text": " ".join(rng.choices(vocab, k=rng.randint(5, 30))), "label": rng.choice(["ham", "spam"])}
-                       for _ in range(num_rows)])
+    write_jsonl(path, [{"text": " ".join(rng.choices(vocab, k=rng.randint(5, 30))),
+                        "label": rng.choice(["ham", "spam"])} for _ in range(num_rows)])
     return path
 
 
@@ -86,8 +86,8 @@ def batched_tokenizer(data: Path, tokenizer_path: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = arguments(__doc__.splitlines()[0], **FULL).parse_args(argv)
-    size = {**(SMOKE if args.smoke else FULL), **{k: v for k, v in vars(args).items() if k in FULL and v is not None}}
-    work = args.out or OUT / ("data-smoke" if args.smoke else "data")
+    size = sizes(args, FULL, SMOKE)
+    work = work_dir(args, "data")
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -26,7 +26,6 @@ import sys
 import time
 
 from bench.common import (
-    OUT,
     LlamaSize,
     arguments,
     bench_env,
@@ -38,9 +37,11 @@ from bench.common import (
     run,
     save_llama,
     save_result,
+    sizes,
     torchrun_cmd,
+    work_dir,
 )
-from bench.memory import planner_estimate, plan_for, reference_model_states
+from bench.memory import plan_for, planner_estimate, reference_model_states
 
 # Datasheet bf16 dense tensor-core peaks, FLOP/s (sparsity figures halved).
 # NVIDIA H100/H200 SXM datasheets: "BF16 Tensor Core 1,979 TFLOPS" with sparsity → 989.5 dense.
@@ -94,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     if not cuda and not args.smoke:
         print("bench.gpu needs a CUDA device (use --smoke to check it on CPU)", file=sys.stderr)
         return 2
-    size = {**(SMOKE if args.smoke else FULL), **{k: v for k, v in vars(args).items() if k in FULL and v is not None}}
+    size = sizes(args, FULL, SMOKE)
     model_size = TINY if args.smoke else TINYLLAMA
-    work = args.out or OUT / ("gpu-smoke" if args.smoke else "gpu")
+    work = work_dir(args, "gpu")
     t_start = time.time()
     device_name = torch.cuda.get_device_name(0) if cuda else "cpu"
     peak_sheet = datasheet_peak(device_name, args.peak_tflops)
@@ -143,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                          f"{results['launch']['samples_per_s'] / results['HF Trainer']['samples_per_s']:.3f}")
         raw[mode] = {"results": results, "planner_estimate_bytes": estimate}
 
-    print_table(f"GPU: {num_params / 1e9:.2f}B Llama, seq {size['seq_len']}, batch {size['batch']}, {size['steps']} steps, "
+    print_table(f"GPU: {num_params / 1e9:.2f}B Llama, seq {size['seq_len']}, batch {size['batch']}, "
+                f"{size['steps']} steps, "
                 f"{precision}, on {device_name}",
                 ["run", "tokens/s/GPU", "MFU (datasheet)", "MFU (measured matmul)", "peak GiB", "planner GiB",
                  "peak ÷ planner", "model states GiB (16 B/param)", "command s"], rows,

@@ -23,19 +23,21 @@ import shutil
 import sys
 
 from bench.common import (
-    OUT,
     LlamaSize,
     arguments,
     bench_env,
     causal_lm_recipe,
     fixed_length_lm_data,
     launch_cmd,
+    llama_folder,
     print_table,
+    ranks,
     ratio,
     run,
-    save_llama,
     save_result,
+    sizes,
     threads_per_rank,
+    work_dir,
 )
 
 STRATEGIES = ("ddp", "zero2", "zero3", "fsdp")
@@ -78,27 +80,21 @@ def plan_for(recipe_path, procs: int):
         recipe = load_recipe(recipe_path)
         splits = check_recipe(recipe)
         return recipe, make_plan(recipe, num_train_samples=len(splits.train), procs_per_node=procs,
-                                 device="cuda" if _gpus() else "cpu")
+                                 device="cuda" if ranks(1)[1] else "cpu")
     except RecipeError as exc:
         return None, str(exc).splitlines()[-1].strip()
 
 
-def _gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = arguments(__doc__.splitlines()[0], **FULL).parse_args(argv)
-    size = {**(SMOKE if args.smoke else FULL), **{k: v for k, v in vars(args).items() if k in FULL and v is not None}}
+    size = sizes(args, FULL, SMOKE)
     model_size = MODEL_SMOKE if args.smoke else MODEL_FULL
-    work = args.out or OUT / ("memory-smoke" if args.smoke else "memory")
-    procs = _gpus() or size["procs"]
-    model = save_llama(work / f"llama-{model_size.hidden}x{model_size.layers}", model_size, SEQ_LEN)
+    work = work_dir(args, "memory")
+    procs, gpus = ranks(size["procs"])
+    model = llama_folder(work, model_size, SEQ_LEN)
     num_params = model_size.num_params()
     data = fixed_length_lm_data(work, size["steps"] * BATCH, SEQ_LEN, model_size.vocab)
-    env = bench_env(None if _gpus() else threads_per_rank(procs))
+    env = bench_env(None if gpus else threads_per_rank(procs))
     rows, raw, refusals = [], {}, []
     for strategy in STRATEGIES:
         out_dir = work / f"out-{strategy}"
@@ -121,12 +117,13 @@ def main(argv: list[str] | None = None) -> int:
                      None if estimate is None else estimate / MIB, ratio(worst, estimate), ratio(worst, reference)])
         raw[strategy] = {"memory": memory, "growth_bytes_per_rank": grown, "planner_estimate_bytes": estimate,
                          "reference_bytes": reference}
-    device = "CUDA bytes allocated" if _gpus() else "resident set (RSS)"
+    device = "CUDA bytes allocated" if gpus else "resident set (RSS)"
     print_table(f"memory per rank (MiB): {num_params / 1e6:.1f}M-parameter Llama, {procs} ranks, fp32 AdamW",
                 ["strategy", "status", "measured growth (max rank)", "peak rank 0", "model states (formula)",
                  "planner estimate", "measured ÷ planner", "measured ÷ formula"], rows,
                 [f"measured = {device} peak after training − before model load; "
-                 "formula = 16 B/param (fp32 weights 4 + grads 4 + Adam 8) divided by the ranks each stage shards over.",
+                 "formula = 16 B/param (fp32 weights 4 + grads 4 + Adam 8) divided by the ranks each stage "
+                 "shards over.",
                  "planner estimate: " + ("launcher.memory" if importlib.util.find_spec("launcher.memory")
                                          else "– (launcher/memory.py from issue 3 is not on this branch)"),
                  *refusals])

@@ -19,22 +19,24 @@ import sys
 import time
 
 from bench.common import (
-    OUT,
     LlamaSize,
     arguments,
     bench_env,
     causal_lm_recipe,
     launch_cmd,
+    llama_folder,
     median,
     print_table,
+    ranks,
     ratio,
     run,
-    save_llama,
     save_result,
+    sizes,
     texts,
     threads_per_rank,
     torchrun_cmd,
     words,
+    work_dir,
     write_jsonl,
 )
 
@@ -62,14 +64,11 @@ def torchrun_parts(result: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = arguments(__doc__.splitlines()[0], **FULL).parse_args(argv)
-    size = {**(SMOKE if args.smoke else FULL), **{k: v for k, v in vars(args).items() if k in FULL and v is not None}}
+    size = sizes(args, FULL, SMOKE)
     model_size = MODEL_SMOKE if args.smoke else MODEL_FULL
-    work = args.out or OUT / ("startup-smoke" if args.smoke else "startup")
-    import torch
-
-    gpus = torch.cuda.device_count()
-    procs = gpus or size["procs"]
-    model = save_llama(work / f"llama-{model_size.hidden}x{model_size.layers}", model_size, size["seq_len"])
+    work = work_dir(args, "startup")
+    procs, gpus = ranks(size["procs"])
+    model = llama_folder(work, model_size, size["seq_len"])
     data = work / f"short-{size['rows']}.jsonl"
     if not data.exists():
         write_jsonl(data, [{"text": t} for t in texts(size["rows"], 8, 40, words(model_size.vocab), seed=1)])

@@ -19,20 +19,23 @@ import sys
 from pathlib import Path
 
 from bench.common import (
-    OUT,
     LlamaSize,
+    arguments,
     bench_env,
     causal_lm_recipe,
     fixed_length_lm_data,
     launch_cmd,
+    llama_folder,
     median,
     print_table,
+    ranks,
     ratio,
     run,
     save_result,
-    save_llama,
+    sizes,
     threads_per_rank,
     torchrun_cmd,
+    work_dir,
 )
 
 FULL = {"rounds": 3, "steps": 40, "batch": 16, "seq_len": 128, "procs": 2}
@@ -54,18 +57,13 @@ def one_run(trainer: str, recipe: Path, procs: int, result: Path, env: dict, tim
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.common import arguments
-
     args = arguments(__doc__.splitlines()[0], **FULL).parse_args(argv)
-    size = {**(SMOKE if args.smoke else FULL), **{k: v for k, v in vars(args).items() if k in FULL and v is not None}}
+    size = sizes(args, FULL, SMOKE)
     model_size = MODEL_SMOKE if args.smoke else MODEL_FULL
-    work = args.out or OUT / ("step_overhead-smoke" if args.smoke else "step_overhead")
-    import torch
-
-    gpus = torch.cuda.device_count()
-    procs = gpus or size["procs"]
+    work = work_dir(args, "step_overhead")
+    procs, gpus = ranks(size["procs"])
     precision = "bf16" if gpus else "fp32"
-    model = save_llama(work / f"llama-{model_size.hidden}x{model_size.layers}", model_size, size["seq_len"])
+    model = llama_folder(work, model_size, size["seq_len"])
     data = fixed_length_lm_data(work, size["steps"] * size["batch"], size["seq_len"], model_size.vocab)
     env = bench_env(None if gpus else threads_per_rank(procs))
     recipes = {}

@@ -2,7 +2,8 @@
 
 Import torch and transformers, join the process group, load the model, take one AdamW step on a fixed
 batch. Times are measured from BENCH_T0 (set just before torchrun was started) like launch's from its start.
-Run: BENCH_T0=$(date +%s.%N) python -m torch.distributed.run --nproc-per-node N -m bench.baselines.minimal_torchrun MODEL SEQ RESULT.json
+Run: BENCH_T0=$(date +%s.%N) python -m torch.distributed.run --nproc-per-node N \
+       -m bench.baselines.minimal_torchrun MODEL SEQ RESULT.json
 """
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ def main(model_path: str, seq_len: str, result_path: str) -> None:
     t_step = time.time()
     if dist.get_rank() == 0:
         with open(result_path, "w") as f:
-            json.dump({"rank_start_s": t_main - t0, "imports_s": t_imports - t_main, "process_group_s": t_pg - t_imports,
+            json.dump({"rank_start_s": t_main - t0, "imports_s": t_imports - t_main,
+                       "process_group_s": t_pg - t_imports,
                        "model_load_s": t_model - t_pg, "first_step_s": t_step - t_model,
                        "time_to_first_step_s": t_step - t0}, f)
     dist.destroy_process_group()
