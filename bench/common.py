@@ -211,7 +211,7 @@ def bench_env(threads: int | None = None, **extra: str) -> dict[str, str]:
     """Same environment for launch and the baselines: threads per rank fixed, offline, this checkout first."""
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}".rstrip(os.pathsep),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore", "DS_ACCELERATOR": "cpu"}
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     env.update(extra)

@@ -34,7 +34,7 @@ def main(recipe_path: str, result_path: str) -> None:
     # Each rank takes its own slice of every global batch, like launch's sampler; no DataLoader machinery.
     order = torch.randperm(len(setup.input_ids), generator=torch.Generator().manual_seed(0))
     model.train()
-    t_start = time.time()
+    t_start, cpu_start = time.time(), time.process_time()
     t_first = None
     for step in range(setup.max_steps):
         rows = order[step * setup.global_batch:(step + 1) * setup.global_batch][acc.process_index * micro:][:micro]
@@ -49,10 +49,10 @@ def main(recipe_path: str, result_path: str) -> None:
         if t_first is None:
             t_first = time.time()
     final_loss = loss.item()  # also waits for the device
-    train_wall = time.time() - t_start
+    train_wall, train_cpu = time.time() - t_start, time.process_time() - cpu_start
     report(Path(result_path), rank=acc.process_index, steps=setup.max_steps,
-           samples=setup.max_steps * setup.global_batch, train_wall=train_wall, final_loss=final_loss,
-           t_first_step=t_first, world_size=acc.num_processes)
+           samples=setup.max_steps * setup.global_batch, train_wall=train_wall, train_cpu=train_cpu,
+           final_loss=final_loss, t_first_step=t_first, world_size=acc.num_processes)
     acc.end_training()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

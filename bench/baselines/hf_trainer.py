@@ -6,6 +6,7 @@ Run: python -m torch.distributed.run --nproc-per-node N -m bench.baselines.hf_tr
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,16 +36,16 @@ def main(recipe_path: str, result_path: str, lora: str = "") -> None:
 
     class Clock(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            times["start"] = time.time()
+            times["start"], times["cpu_start"] = time.time(), time.process_time()
 
         def on_step_end(self, args, state, control, **kwargs):
             times.setdefault("first", time.time())
             if state.global_step == args.max_steps:
                 if cuda:
                     torch.cuda.synchronize()
-                times["end"] = time.time()
+                times["end"], times["cpu_end"] = time.time(), time.process_time()
 
-    world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
     args = TrainingArguments(
         output_dir=str(setup.output_dir), per_device_train_batch_size=setup.global_batch // world,
         max_steps=setup.max_steps, learning_rate=setup.lr, weight_decay=setup.weight_decay,
@@ -64,6 +65,7 @@ def main(recipe_path: str, result_path: str, lora: str = "") -> None:
     result = trainer.train()
     report(Path(result_path), rank=args.process_index, steps=setup.max_steps,
            samples=setup.max_steps * setup.global_batch, train_wall=times["end"] - times["start"],
+           train_cpu=times["cpu_end"] - times["cpu_start"],
            final_loss=result.training_loss, t_first_step=times["first"], world_size=args.world_size)
 
 

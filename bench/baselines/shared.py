@@ -56,14 +56,15 @@ def peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def report(path: Path, *, rank: int, steps: int, samples: int, train_wall: float, final_loss: float,
-           t_first_step: float, **extra) -> None:
+def report(path: Path, *, rank: int, steps: int, samples: int, train_wall: float, train_cpu: float,
+           final_loss: float, t_first_step: float, **extra) -> None:
     """Rank 0 writes what `launch` writes to summary.json's timings, measured the same way."""
     if rank != 0:
         return
     t0 = float(os.environ["BENCH_T0"]) if "BENCH_T0" in os.environ else None
     path.write_text(json.dumps({
-        "steps": steps, "training_wall_s": train_wall, "samples_per_s": samples / train_wall,
+        "steps": steps, "training_wall_s": train_wall, "training_cpu_s": train_cpu,
+        "samples_per_s": samples / train_wall,
         "final_loss": final_loss, "time_to_first_step_s": (t_first_step - t0) if t0 else None,
         "peak_memory_bytes": peak_memory_bytes(), **extra, "time": time.time(),
     }))

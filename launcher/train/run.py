@@ -145,6 +145,7 @@ def run(recipe: Recipe, plan: Plan) -> dict:
     model.train()
     losses = StepLosses(accelerator, reporter, plan, first_loss, last_loss)
     t_first_step, t_train = None, time.time()
+    cpu_train = time.process_time()
 
     def state_at(step: int) -> dict:
         return {"step": step, "epoch": step / plan.steps_per_epoch, "samples_seen": step * plan.global_batch_size,
@@ -188,6 +189,7 @@ def run(recipe: Recipe, plan: Plan) -> dict:
         if recipe.train.save_every and done % recipe.train.save_every == 0 and done != plan.total_steps:
             save(done)
     t_train_end = time.time()
+    cpu_train_end = time.process_time()
     memory_peak = _peak_memory_bytes()
     steps_run = plan.total_steps - start_step
     if steps_run:
@@ -237,6 +239,7 @@ def run(recipe: Recipe, plan: Plan) -> dict:
             "model_load_s": t_model - t_data,
             "first_step_s": (t_first_step - t_train) if t_first_step else None,
             "training_wall_s": train_wall,
+            "training_cpu_s": cpu_train_end - cpu_train,  # this rank's CPU time: robust to a busy machine
             "samples_per_s": steps_run * plan.global_batch_size / train_wall if steps_run and train_wall > 0 else None,
         },
     }
