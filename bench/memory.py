@@ -67,7 +67,10 @@ def planner_estimate(recipe, plan) -> int | None:
         return None
     from launcher import memory
 
-    return int(memory.estimate(recipe, plan).per_device_bytes)
+    dist = recipe.distributed
+    choice = memory.Choice(dist.strategy, dist.offload, dist.offload_parameters)
+    return memory.estimate(memory.model_shape(recipe), recipe, choice, num_nodes=plan.num_nodes,
+                           gpus_per_node=plan.procs_per_node, micro_batch=plan.micro_batch_size).per_gpu
 
 
 def plan_for(recipe_path, procs: int):
