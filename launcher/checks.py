@@ -68,6 +68,19 @@ def check_model(recipe: Recipe) -> list[Problem]:
     return []
 
 
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
+
+
+def missing_weights(recipe: Recipe) -> list[Problem]:
+    """A local model folder with a config but no weights plans fine (the planner reads the config only);
+    training it is refused here, before any rank starts loading."""
+    path = resolve_model_path(recipe.model.path)
+    if not is_local(path) or any(next(Path(path).glob(pattern), None) for pattern in WEIGHT_FILES):
+        return []
+    return [Problem("model.path", f"{path} has a config but no weights ({', '.join(WEIGHT_FILES)}); `launch plan` "
+                    "and --dry-run work without them, training does not: point model.path at the full model folder")]
+
+
 def check_paths(recipe: Recipe) -> list[Problem]:
     problems = []
     out = Path(recipe.output_dir)
@@ -93,6 +106,9 @@ def ignored_settings(recipe: Recipe) -> list[str]:
         notes.append(f"data.prompt_field/response_field are ignored for {task.type}")
     if recipe.train.max_steps is not None and "epochs" in recipe.train.model_fields_set:
         notes.append("train.epochs is ignored: train.max_steps sets the length of the run")
+    dist = recipe.distributed
+    if dist.strategy == "auto" and (dist.offload != "none" or dist.offload_parameters):
+        notes.append("distributed.offload/offload_parameters are ignored with strategy: auto, which chooses the offload")
     if recipe.train.eval_every is not None and data.validation is None and data.split.validation == 0:
         notes.append("train.eval_every is ignored: there is no validation split")
     return notes

@@ -1,7 +1,8 @@
 """The `launch` command: parse, load, check, plan, dispatch. Small and stable.
 
 Exit status: 0 success, 1 the training failed, 2 the recipe (or its data) is wrong,
-128 + N when `launch` was stopped by signal N (130 for Ctrl-C, 143 for SIGTERM).
+128 + N when `launch` was stopped by signal N (130 for Ctrl-C, 143 for SIGTERM), 75 when the ranks
+were asked to stop (USR1: launcher.train.stop) and wrote a checkpoint.
 Nothing on the --help path imports torch.
 """
 from __future__ import annotations
@@ -22,9 +23,15 @@ examples:
   launch recipes/quickstart.yaml --procs 2             2 CPU processes (gloo)
   launch recipes/quickstart.yaml --dry-run             validate and print the plan; start nothing
   launch recipes/x.yaml train.optimizer.lr=1e-5 data.max_length=256   overrides, validated like the file
+  launch recipes/x.yaml --nodes 4 --cluster cluster/ray.yaml            Ray Train workers on a Ray cluster
+  launch recipes/x.yaml --nodes 4 --cluster cluster/ray.yaml --submit --follow   as a Ray job, logs streamed
+  launch recipes/x.yaml --nodes 4 --cluster cluster/slurm.yaml --follow   sbatch job; stream its log
+  launch status runs/x        launch cancel runs/x              a submitted job's state; scancel it
+  launch export runs/x --merge                         a LoRA run's adapter folded into full weights
+  launch plan recipes/x.yaml --nodes 2 --gpus-per-node 8 --gpu-memory 80GiB   memory per GPU of every strategy
 
 exit status: 0 done, 1 training failed (the failing rank is named), 2 invalid recipe or data,
-             128+N stopped by signal N (relaunch to resume).
+             128+N stopped by signal N, 75 stopped on request (USR1) after a checkpoint (relaunch to resume).
 """
 
 
@@ -41,7 +48,9 @@ def parser() -> argparse.ArgumentParser:
                    help="processes on this machine (default: one per visible GPU, else 1 CPU process)")
     p.add_argument("--nodes", type=int, default=1, metavar="N", help="nodes (needs a Slurm or Ray cluster profile)")
     p.add_argument("--cluster", type=Path, default=None, metavar="PROFILE", help="cluster profile YAML")
-    p.add_argument("--dry-run", action="store_true", help="validate, print the plan, start nothing")
+    p.add_argument("--dry-run", action="store_true", help="validate, print the plan (and job script), start nothing")
+    p.add_argument("--submit", action="store_true", help="submit as a Ray job (Ray profile) and print its id")
+    p.add_argument("--follow", action="store_true", help="cluster jobs: stream the log, exit with the job's status")
     return p
 
 
@@ -64,9 +73,11 @@ def resume_point(recipe, plan) -> str:
     return f"step {state['step']} of {found}"
 
 
-def print_plan(recipe, plan, resume: str) -> None:
+def print_plan(recipe, plan, resume: str, gpu_memory: int | None) -> None:
     from rich.console import Console
     from rich.table import Table
+
+    from launcher.plan_table import estimate_line
 
     table = Table(title=f"plan: {recipe.task.type} on {recipe.model.path}", show_header=False)
     table.add_column("what", style="bold")
@@ -75,6 +86,7 @@ def print_plan(recipe, plan, resume: str) -> None:
         table.add_row(name, value)
     table.add_row("output", str(Path(recipe.output_dir).resolve()))
     table.add_row("start", resume)
+    table.add_row("memory per GPU (estimate)", estimate_line(recipe, plan, gpu_memory))
     Console().print(table)
 
 
@@ -84,7 +96,12 @@ def fail(message: str, code: int) -> int:
 
 
 # `launch NAME ...` runs a subcommand instead of a recipe: name → "module:function(argv) -> int"
-SUBCOMMANDS: dict[str, str] = {}
+SUBCOMMANDS: dict[str, str] = {
+    "status": "launcher.backends.slurm_jobs:status_command",
+    "cancel": "launcher.backends.slurm_jobs:cancel_command",
+    "export": "launcher.export:main",
+    "plan": "launcher.plan_table:main",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         module, function = SUBCOMMANDS[argv[0]].split(":")
         return getattr(importlib.import_module(module), function)(argv[1:])
     args = parser().parse_intermixed_args(argv)
-    from launcher.checks import check_recipe, ignored_settings
-    from launcher.cluster import load_profile
+    from launcher.checks import check_recipe, ignored_settings, missing_weights
+    from launcher.cluster import load_profile, parse_bytes
     from launcher.loading import RecipeError, load_recipe
     from launcher.plan import make_plan
 
@@ -106,25 +123,40 @@ def main(argv: list[str] | None = None) -> int:
     try:
         profile = load_profile(args.cluster)
         backend = importlib.import_module(f"launcher.backends.{profile.backend}")
+        if args.submit and not hasattr(backend, "submit_job"):
+            return fail(f"--submit needs a Ray cluster profile; the {profile.backend} backend runs here", EXIT_USAGE)
+        if args.follow and not args.submit and profile.backend == "ray":
+            return fail("--follow streams a submitted Ray job's logs; add --submit", EXIT_USAGE)
         recipe = load_recipe(args.recipe, args.overrides)
         splits = check_recipe(recipe)
         layout = backend.layout(profile, nodes=args.nodes, procs=args.procs)
+        gpu_memory = parse_bytes(profile.gpu_memory) if getattr(profile, "gpu_memory", None) else None
         plan = make_plan(recipe, num_train_samples=len(splits.train), num_validation_samples=len(splits.validation),
                          num_test_samples=len(splits.test), num_nodes=layout.num_nodes,
-                         procs_per_node=layout.procs_per_node, device=layout.device)
+                         procs_per_node=layout.procs_per_node, device=layout.device, gpu_memory=gpu_memory)
         resume = resume_point(recipe, plan)
     except RecipeError as exc:
         return fail(str(exc), EXIT_USAGE)
-    for note in ignored_settings(recipe):
+    for note in [*ignored_settings(recipe), *plan.warnings]:
         print(f"warning: {note}", file=sys.stderr)
     for split, count in splits.dropped.items():
         if count:
             print(f"warning: dropped {count} rows of {split} with an empty field (data.on_missing=drop)", file=sys.stderr)
-    print_plan(recipe, plan, resume)
+    print_plan(recipe, plan, resume, gpu_memory)
     if args.dry_run:
+        if hasattr(backend, "preview"):  # what a cluster backend would submit
+            backend.preview(recipe, plan, profile)
         return 0
+    refused = missing_weights(recipe)
+    if refused:
+        return fail(str(RecipeError("launch", refused)), EXIT_USAGE)
+    if args.submit:
+        try:
+            return backend.submit_job(args, profile)
+        except RecipeError as exc:
+            return fail(str(exc), EXIT_USAGE)
     os.environ[PLANNED_ENV] = str(time.time())  # ranks split their time to first step at this point
-    return backend.launch(recipe, plan, profile, t0)
+    return backend.launch(recipe, plan, profile, t0, follow=args.follow)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from launcher import compat, dsconfig
 from launcher.loading import Problem, RecipeError
 from launcher.recipe import Recipe
 
@@ -25,6 +26,13 @@ class Plan(BaseModel):
     device: Literal["cpu", "cuda"]
     backend: Literal["gloo", "nccl"]
     strategy: str
+    offload: Literal["none", "cpu", "nvme"] = "none"
+    offload_parameters: bool = False
+    # the DeepSpeed config every rank uses (ZeRO strategies): generated, or the user's checked against the plan
+    deepspeed_config: dict | None = None
+    # rewrites of the recipe's settings to working equivalents (launcher.compat), shown before launch
+    warnings: list[str] = []
+    strategy_reason: str | None = None  # why `strategy: auto` chose it
     global_batch_size: int
     micro_batch_size: int
     grad_accum: int
@@ -37,12 +45,22 @@ class Plan(BaseModel):
     total_steps: int
     warmup_steps: int
 
+    @property
+    def choice(self):
+        from launcher.memory import Choice
+
+        return Choice(self.strategy, self.offload, self.offload_parameters)
+
+    @property
+    def strategy_label(self) -> str:
+        return self.choice.label
+
     def rows(self) -> list[tuple[str, str]]:
         return [
             ("nodes × processes per node", f"{self.num_nodes} × {self.procs_per_node}"),
             ("world size", str(self.world_size)),
             ("device / backend", f"{self.device} / {self.backend}"),
-            ("strategy", self.strategy),
+            ("strategy", self.strategy_label + (f" (auto: {self.strategy_reason})" if self.strategy_reason else "")),
             ("global batch", str(self.global_batch_size)),
             ("micro-batch per device", str(self.micro_batch_size)),
             ("gradient accumulation", str(self.grad_accum)),
@@ -60,17 +78,21 @@ def _near_multiples(value: int, unit: int) -> str:
     return ", ".join(str(v) for v in sorted({low, low + unit}))
 
 
-def _not_yet_supported(recipe: Recipe) -> list[Problem]:
-    """Schema fields whose training code has not landed: refused, never silently run as plain DDP."""
-    dist, model = recipe.distributed, recipe.model
-    problems = []
-    if dist.strategy != "ddp":
-        problems.append(Problem("distributed.strategy", f"{dist.strategy!r} is not supported by this version; use ddp"))
-    if model.lora is not None:
-        problems.append(Problem("model.lora", "LoRA is not supported by this version; remove the section"))
-    if model.quantization is not None:
-        problems.append(Problem("model.quantization", "quantization is not supported by this version; remove the section"))
-    return problems
+def micro_batch_size(recipe: Recipe, world: int) -> int:
+    """The recipe's micro-batch, or the global batch split over the world (no accumulation)."""
+    return recipe.train.micro_batch_size or max(1, recipe.train.batch_size // world)
+
+
+def _auto(recipe: Recipe, num_nodes: int, procs_per_node: int, micro: int, device: str, gpu_memory: int | None):
+    if device == "cpu":
+        return ("ddp", "none", False), "CPU processes: there is no GPU memory to fit, so plain ddp"
+    if gpu_memory is None:
+        raise RecipeError("plan", [Problem("distributed.strategy", "auto needs the memory per GPU: set gpu_memory "
+                                           "in the cluster profile (e.g. 80GiB), or choose a strategy")])
+    from launcher import memory
+
+    return memory.choose(recipe, memory.model_shape(recipe), num_nodes=num_nodes, gpus_per_node=procs_per_node,
+                         micro_batch=micro, gpu_memory=gpu_memory)
 
 
 def make_plan(
@@ -82,19 +104,17 @@ def make_plan(
     procs_per_node: int,
     num_nodes: int = 1,
     device: Literal["cpu", "cuda"] = "cpu",
+    gpu_memory: int | None = None,
 ) -> Plan:
     train = recipe.train
     world = procs_per_node * num_nodes
     problems: list[Problem] = []
     if device == "cpu" and train.precision == "fp16":
         problems.append(Problem("train.precision", "fp16 needs a GPU; use bf16 or fp32 on CPU"))
-    problems += _not_yet_supported(recipe)
-    micro = train.micro_batch_size
-    if micro is None:
-        if train.batch_size % world:
-            problems.append(Problem("train.batch_size", f"{train.batch_size} is not divisible by the world size {world}; "
-                                    f"use {_near_multiples(train.batch_size, world)}, or set train.micro_batch_size"))
-        micro = max(1, train.batch_size // world)
+    micro = micro_batch_size(recipe, world)
+    if train.micro_batch_size is None and train.batch_size % world:
+        problems.append(Problem("train.batch_size", f"{train.batch_size} is not divisible by the world size {world}; "
+                                f"use {_near_multiples(train.batch_size, world)}, or set train.micro_batch_size"))
     per_pass = micro * world
     if train.batch_size % per_pass:
         problems.append(Problem("train.batch_size", f"{train.batch_size} is not a multiple of micro_batch_size {micro} × "
@@ -104,6 +124,20 @@ def make_plan(
     if steps_per_epoch == 0:
         problems.append(Problem("train.batch_size", f"{train.batch_size} is larger than the {num_train_samples} "
                                 "training rows; one epoch would have no full batch"))
+    decision, reason = None, None
+    if recipe.distributed.strategy == "auto" and not problems:
+        try:
+            (strategy, offload, offload_parameters), reason = _auto(recipe, num_nodes, procs_per_node, micro, device,
+                                                                    gpu_memory)
+            recipe = recipe.model_copy(update={"distributed": recipe.distributed.model_copy(update={
+                "strategy": strategy, "offload": offload, "offload_parameters": offload_parameters})})
+        except RecipeError as exc:
+            problems += exc.problems
+    if recipe.distributed.strategy != "auto":
+        try:
+            decision = compat.decide(recipe, device)
+        except RecipeError as exc:
+            problems += exc.problems
     if problems:
         raise RecipeError("plan", problems)
     if train.max_steps is not None:
@@ -114,13 +148,17 @@ def make_plan(
         total = epochs * steps_per_epoch
     sched = train.scheduler
     warmup = sched.warmup_steps if sched.warmup_steps is not None else int(sched.warmup_ratio * total)
-    return Plan(
+    plan = Plan(
         num_nodes=num_nodes,
         procs_per_node=procs_per_node,
         world_size=world,
         device=device,
         backend="nccl" if device == "cuda" else "gloo",
-        strategy=recipe.distributed.strategy,
+        strategy=decision.strategy,
+        offload=decision.offload,
+        offload_parameters=decision.offload_parameters,
+        warnings=decision.warnings,
+        strategy_reason=reason,
         global_batch_size=train.batch_size,
         micro_batch_size=micro,
         grad_accum=accum,
@@ -133,3 +171,7 @@ def make_plan(
         total_steps=total,
         warmup_steps=min(warmup, total),
     )
+    ds_config, ds_problems = dsconfig.resolve(recipe, plan)
+    if ds_problems:
+        raise RecipeError("plan", ds_problems)
+    return plan.model_copy(update={"deepspeed_config": ds_config})

@@ -19,10 +19,15 @@ from launcher.cluster import LocalProfile
 from launcher.loading import Problem, RecipeError
 from launcher.plan import Plan
 from launcher.recipe import Recipe
+from launcher.train.stop import EXIT_STOPPED
 
 
 class LaunchFailed(Exception):
     """One or more ranks failed; the message names them and the cause."""
+
+
+class RanksStopped(Exception):
+    """Every rank was asked to stop (launcher.train.stop), agreed on a step and wrote its checkpoint."""
 
 
 class LaunchStopped(Exception):
@@ -79,6 +84,13 @@ def describe_failures(exc) -> str:
     return "\n".join(lines)
 
 
+def _stopped_on_request(failures) -> bool:
+    """Ranks exit EXIT_STOPPED only after the checkpoint every rank agreed on is in place; torchrun
+    SIGTERMs the ranks still exiting when it sees the first one go, which loses nothing."""
+    codes = [failure.exitcode for failure in failures]
+    return EXIT_STOPPED in codes and all(code in (EXIT_STOPPED, -signal.SIGTERM) for code in codes)
+
+
 class Layout(NamedTuple):
     """How many ranks a backend will start, and where."""
 
@@ -93,13 +105,17 @@ def layout(profile: LocalProfile, *, nodes: int, procs: int | None) -> Layout:
         raise RecipeError("command line", [Problem("--nodes", f"{nodes} nodes need a cluster profile "
                                                    "(--cluster cluster/slurm.yaml or cluster/ray.yaml); "
                                                    "the local backend runs on this machine only")])
+    if "SLURM_STEP_ID" in os.environ and int(os.environ.get("SLURM_JOB_NUM_NODES", "1")) > 1:
+        # one standalone run per node would train each node alone, silently
+        raise RecipeError("cluster profile", [Problem("backend", "local runs on one machine, but this is a step of "
+                                                      "a multi-node Slurm job; drop --cluster (or use a slurm profile)")])
     if gpus and procs is not None and procs > gpus:
         raise RecipeError("command line", [Problem("--procs", f"{procs} processes but {gpus} GPUs visible")])
     return Layout(1, procs or gpus or 1, "cuda" if gpus else "cpu")
 
 
-def launch(recipe: Recipe, plan: Plan, profile: LocalProfile, t0: float) -> int:
-    """Run every rank here; the exit status of `launch` (see launcher.cli)."""
+def launch(recipe: Recipe, plan: Plan, profile: LocalProfile, t0: float, *, follow: bool = True) -> int:
+    """Run every rank here; the exit status of `launch` (see launcher.cli). A local run always follows."""
     from launcher.train.worker import write_spec
 
     spec = write_spec(Path(recipe.output_dir), recipe, plan)
@@ -112,12 +128,19 @@ def launch(recipe: Recipe, plan: Plan, profile: LocalProfile, t0: float) -> int:
     except LaunchStopped as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 128 + exc.signum
+    except RanksStopped as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return EXIT_STOPPED
     print(f"done: {Path(recipe.output_dir).resolve() / 'summary.json'}")
     return 0
 
 
-def run(plan: Plan, spec_dir: Path, t0: float) -> None:
-    """t0: when `launch` started, so ranks can report the time to their first step."""
+STANDALONE = ["--standalone", "--nnodes", "1"]
+
+
+def run(plan: Plan, spec_dir: Path, t0: float, rendezvous: list[str] = STANDALONE) -> None:
+    """t0: when `launch` started, so ranks can report the time to their first step.
+    rendezvous: torchrun's node arguments; this machine alone by default (the Slurm agent passes c10d's)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser
@@ -125,8 +148,7 @@ def run(plan: Plan, spec_dir: Path, t0: float) -> None:
 
     os.environ.update(worker_env(plan, t0))
     args = get_args_parser().parse_args([
-        "--standalone",
-        "--nnodes", "1",
+        *rendezvous,
         "--nproc-per-node", str(plan.procs_per_node),
         "--max-restarts", "0",
         "--monitor-interval", "0.5",
@@ -135,6 +157,9 @@ def run(plan: Plan, spec_dir: Path, t0: float) -> None:
     try:
         torchrun(args)
     except ChildFailedError as exc:
+        if _stopped_on_request(exc.failures.values()):
+            raise RanksStopped(f"all {len(exc.failures)} ranks here stopped on request at a step boundary after "
+                               "writing a checkpoint; launch again to resume") from None
         raise LaunchFailed(describe_failures(exc)) from None
     except SignalException as exc:
         raise LaunchStopped(int(exc.sigval)) from None

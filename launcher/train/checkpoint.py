@@ -21,8 +21,10 @@ class CheckpointMismatch(Exception):
 
 
 def fingerprint(recipe) -> dict:
+    # strategy and LoRA decide the checkpoint's layout (DeepSpeed / FSDP shards, adapter-only states)
     return {"model": recipe.model.path, "task": recipe.task.type, "num_labels": recipe.task.resolved_num_labels,
-            "global_batch_size": recipe.train.batch_size}
+            "global_batch_size": recipe.train.batch_size, "strategy": recipe.distributed.strategy,
+            "lora": recipe.model.lora is not None}
 
 
 def complete(run_dir: Path) -> list[Path]:
@@ -65,8 +67,9 @@ def check_compatible(folder: Path, recipe, world_size: int) -> dict:
     return state
 
 
-def save(accelerator, run_dir: Path, step: int, state: dict, keep_last: int) -> Path:
-    """Every rank calls this; it returns once the checkpoint is in place."""
+def save(accelerator, run_dir: Path, step: int, state: dict, keep_last: int, engine=None) -> Path:
+    """Every rank calls this; it returns once the checkpoint is in place. `engine` (train.strategy) adds the
+    sharded model and optimizer states that Accelerate does not hold."""
     final = run_dir / f"{PREFIX}{step:08d}"
     tmp = run_dir / f".tmp-{PREFIX}{step:08d}"
     if accelerator.is_main_process:
@@ -75,6 +78,8 @@ def save(accelerator, run_dir: Path, step: int, state: dict, keep_last: int) -> 
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    if engine is not None:
+        engine.save(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_json_atomic(tmp / STATE_FILE, state)
@@ -111,13 +116,27 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def export(model, tokenizer, final_dir: Path) -> None:
-    """The final model as a plain Hugging Face folder, renamed into place when complete."""
-    tmp = final_dir.with_name(".tmp-final")
+def export(model, tokenizer, final_dir: Path, state_dict: dict | None = None) -> None:
+    """The final model as a plain Hugging Face folder (a LoRA model: its adapter), renamed into place when
+    complete. `state_dict`: full weights gathered from a sharded model, written instead of its own shards."""
+    if state_dict is not None:
+        state_dict = _without_aliases(model, state_dict)
+    tmp = final_dir.with_name(f".tmp-{final_dir.name}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    model.save_pretrained(str(tmp), state_dict=state_dict)
     tokenizer.save_pretrained(str(tmp))
     if final_dir.exists():
         shutil.rmtree(final_dir)
     os.replace(tmp, final_dir)
+
+
+def _without_aliases(model, state_dict: dict) -> dict:
+    """A gathered state dict holds tied weights (embeddings / LM head) once per name; keep the first name,
+    as save_pretrained does for a model's own weights."""
+    seen, aliases = set(), set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            aliases.add(name)
+        seen.add(id(param))
+    return {k: v for k, v in state_dict.items() if k not in aliases}

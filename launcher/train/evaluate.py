@@ -28,11 +28,16 @@ class Evaluator:
         self.model.eval()
         mine = rows[self.acc.process_index::self.acc.num_processes]
         loss_sum, count, probs, labels = 0.0, 0.0, [], []
-        for start in range(0, len(mine), self.batch):
+        # Under zero3/fsdp a forward is a collective, so every rank runs as many batches as the largest share
+        # (a rank with fewer rows runs a discarded filler batch).
+        largest_share = -(-len(rows) // self.acc.num_processes)
+        for start in range(0, largest_share, self.batch):
             chunk = mine[start:start + self.batch]
-            batch = to_device(self.collate(chunk), self.acc.device)
+            batch = to_device(self.collate(chunk or rows[:1]), self.acc.device)
             with self.acc.autocast():
                 logits = forward_logits(self.model, batch, self.task).float()
+            if not chunk:
+                continue
             loss_sum += float(self.loss_fn(logits, batch["labels"]))
             count += float(sum(r["weight"] for r in chunk))
             p, y = self._outputs(logits, batch["labels"])

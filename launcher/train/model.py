@@ -1,7 +1,8 @@
-"""Model and tokenizer: load pretrained weights with the task's head.
+"""Model and tokenizer: load pretrained weights with the task's head, quantize, add LoRA.
 
-The seam for later stages (quantization, LoRA) is `build`: each stage takes
-the model the previous one returned.
+`build` runs the stages in order, each taking the model the previous one
+returned: load (bitsandbytes quantizes while loading) → k-bit preparation or
+activation checkpointing → LoRA adapters (the task head trained in full).
 """
 from __future__ import annotations
 
@@ -37,7 +38,44 @@ def load_tokenizer(recipe: Recipe):
     return tokenizer
 
 
-def build(recipe: Recipe, tokenizer) -> torch.nn.Module:
+def bnb_config(recipe: Recipe):
+    from transformers import BitsAndBytesConfig
+
+    quant = recipe.model.quantization
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type,
+                              bnb_4bit_use_double_quant=quant.double_quant,
+                              bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype])
+
+
+HEAD_NAMES = ("classifier", "score")  # the freshly initialised heads of Auto*ForSequence/TokenClassification
+
+
+def head_modules(model: torch.nn.Module, task: str) -> list[str]:
+    """The task head, which LoRA must train in full: it starts random. Causal-LM/seq2seq heads are pretrained."""
+    if task in ("causal_lm", "seq2seq"):
+        return []
+    return [name for name, _ in model.named_children() if name in HEAD_NAMES]
+
+
+PEFT_TASKS = {"sequence_classification": "SEQ_CLS", "multi_label_classification": "SEQ_CLS", "regression": "SEQ_CLS",
+              "token_classification": "TOKEN_CLS", "causal_lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
+
+
+def add_lora(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    cfg = recipe.model.lora
+    to_save = head_modules(model, recipe.task.type) if cfg.modules_to_save == "auto" else list(cfg.modules_to_save)
+    config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_dora=cfg.use_dora,
+                        target_modules=cfg.target_modules, modules_to_save=to_save or None,
+                        task_type=PEFT_TASKS[recipe.task.type])
+    return get_peft_model(model, config)
+
+
+def build(recipe: Recipe, tokenizer, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The model to train on `device` (where a quantized model is loaded: bitsandbytes cannot move it later)."""
     task = recipe.task
     kwargs: dict = {"revision": recipe.model.revision, "trust_remote_code": recipe.model.trust_remote_code,
                     "dtype": DTYPES[recipe.model.dtype]}
@@ -48,9 +86,22 @@ def build(recipe: Recipe, tokenizer) -> torch.nn.Module:
         if task.labels:
             kwargs["id2label"] = dict(enumerate(task.labels))
             kwargs["label2id"] = {name: i for i, name in enumerate(task.labels)}
+    if recipe.model.quantization is not None:
+        kwargs["quantization_config"] = bnb_config(recipe)
+        kwargs["device_map"] = {"": device}
     model = _auto_class(task.type).from_pretrained(resolve_model_path(recipe.model.path), **kwargs)
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    checkpointing = {"use_reentrant": False}  # the reentrant variant needs inputs that require grad
+    if recipe.model.quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        # fp32 norms and head, input grads for the frozen base; checkpointing only if the recipe asks
+        model = prepare_model_for_kbit_training(model, recipe.distributed.activation_checkpointing, checkpointing)
+    elif recipe.distributed.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    if recipe.model.lora is not None:
+        model = add_lora(model, recipe)
     return model
 
 

@@ -5,10 +5,10 @@ Order: accelerator → tokenizer and data → model → loss → optimizer/sched
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +23,12 @@ from launcher.train.evaluate import Evaluator
 from launcher.train.losses import build_loss, class_weights_from_counts
 from launcher.train.model import build, forward_logits, load_tokenizer
 from launcher.train.report import Reporter, StepLosses, rank_logger, truncate_metrics
+from launcher.train.stop import EXIT_STOPPED, StopRequest
+from launcher.train.strategy import make_engine
 
-# Failure drills: "rank=R,step=S,phase=step|eval|save[,kind=kill|raise]" makes that rank die there
-# (SIGKILL, or an exception). Used by the tests; also handy to rehearse recovery on a real cluster.
+# Failure drills: "rank=R,step=S,phase=step|eval|save[,kind=kill|raise][,once=PATH]" makes that rank die there
+# (SIGKILL, or an exception); with once=PATH only the first time (PATH marks it done), so a backend that
+# restarts the ranks by itself (Ray) gets past it. Used by the tests; also handy to rehearse recovery.
 FAULT_ENV = "LAUNCHER_FAULT"
 
 
@@ -38,6 +41,8 @@ def make_accelerator(recipe: Recipe, plan: Plan):
     from accelerate.utils import InitProcessGroupKwargs
 
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[recipe.train.precision]
+    if plan.deepspeed_config is not None:
+        mixed = "no"  # DeepSpeed runs the model in bf16/fp16 itself, from its config
     accelerator = Accelerator(
         cpu=plan.device == "cpu",
         mixed_precision=mixed,
@@ -56,6 +61,10 @@ def _fault(rank: int, step: int, phase: str) -> None:
         return
     want = dict(part.split("=", 1) for part in spec.split(","))
     if int(want.get("rank", -1)) == rank and int(want.get("step", -1)) == step and want.get("phase", "step") == phase:
+        if "once" in want:
+            if os.path.exists(want["once"]):
+                return
+            Path(want["once"]).touch()
         if want.get("kind", "kill") == "raise":
             raise RuntimeError(f"injected failure at step {step} ({FAULT_ENV})")
         os.kill(os.getpid(), signal.SIGKILL)
@@ -79,20 +88,24 @@ def _scheduler(optimizer, recipe: Recipe, plan: Plan):
     return get_scheduler(name, optimizer, num_warmup_steps=plan.warmup_steps, num_training_steps=plan.total_steps)
 
 
-def _param_checksum(model) -> float:
-    return float(sum(p.detach().double().sum().item() for p in model.parameters()))
+def _param_checksum(tensors) -> float:
+    return float(sum(t.double().sum().item() for t in tensors))
 
 
-def run(recipe: Recipe, plan: Plan) -> dict:
+def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] | None = None) -> dict:
+    """on_checkpoint(folder, state) is called on every rank once a checkpoint is complete (Ray reports it)."""
     t_launch = float(os.environ.get("LAUNCHER_T0", time.time()))
     t_planned = float(os.environ.get("LAUNCHER_T_PLANNED", t_launch))
     t0 = time.time()
+    stop = StopRequest()
     accelerator = make_accelerator(recipe, plan)
     t_pg = time.time()
     rank, world = accelerator.process_index, accelerator.num_processes
     log = rank_logger(rank)
     _quiet_libraries(accelerator.is_main_process)
-    log.info(f"world size {world} ({accelerator.distributed_type.value}, backend {plan.backend}), device {accelerator.device}")
+    hosts = sorted(set(_gather_hosts(accelerator)))  # the peers, checked before anything heavy is loaded
+    log.info(f"world size {world} ({accelerator.distributed_type.value}, backend {plan.backend}), device "
+             f"{accelerator.device}, strategy {plan.strategy_label}, hosts {', '.join(hosts)}")
     run_dir = Path(recipe.output_dir)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -105,7 +118,8 @@ def run(recipe: Recipe, plan: Plan) -> dict:
     data = prepare(recipe, splits, tokenizer)
     t_data = time.time()
     memory_before_model = _peak_memory_bytes()
-    model = build(recipe, tokenizer)
+    engine = make_engine(accelerator, recipe, plan)
+    model = build(recipe, tokenizer, accelerator.device)
     t_model = time.time()
     task = recipe.task.type
     loss_cfg = recipe.task.resolved_loss
@@ -115,9 +129,8 @@ def run(recipe: Recipe, plan: Plan) -> dict:
                          if loss_cfg.class_weights == "auto" else list(loss_cfg.class_weights))
         log.info(f"class weights: {[round(w, 4) for w in class_weights]}")
     loss_fn = build_loss(task, loss_cfg, class_weights)
-    optimizer = _optimizer(model, recipe)
-    scheduler = _scheduler(optimizer, recipe, plan)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model = engine.prepare(model, lambda m: _optimizer(m, recipe))
+    scheduler = _scheduler(engine.base_optimizer, recipe, plan)
     accelerator.register_for_checkpointing(scheduler)
     collate = Collate(tokenizer, task)
     evaluator = Evaluator(accelerator, model, loss_fn, collate, recipe, plan)
@@ -127,6 +140,7 @@ def run(recipe: Recipe, plan: Plan) -> dict:
     if found is not None:
         state = checkpoint.check_compatible(found, recipe, world)
         accelerator.load_state(str(found))
+        engine.load(found)
         start_step, resumed_from = state["step"], str(found)
         first_loss, last_loss = state.get("first_loss"), state.get("last_loss")
         log.info(f"resumed from {found} at step {start_step}")
@@ -141,7 +155,6 @@ def run(recipe: Recipe, plan: Plan) -> dict:
     reporter = Reporter(run_dir, accelerator.is_main_process, plan.total_steps, start_step,
                         recipe.train.log_every, recipe.train.tensorboard, log)
     eval_every = plan.steps_per_epoch if recipe.train.eval_every == "epoch" else recipe.train.eval_every
-    params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     losses = StepLosses(accelerator, reporter, plan, first_loss, last_loss)
     t_first_step, t_train = None, time.time()
@@ -155,7 +168,10 @@ def run(recipe: Recipe, plan: Plan) -> dict:
     def save(step: int) -> None:
         losses.flush()
         _fault(rank, step, "save")
-        checkpoint.save(accelerator, run_dir, step, state_at(step), recipe.train.keep_last)
+        state = state_at(step)
+        folder = checkpoint.save(accelerator, run_dir, step, state, recipe.train.keep_last, engine=engine)
+        if on_checkpoint is not None:
+            on_checkpoint(folder, state)
 
     for step in range(start_step, plan.total_steps):
         _fault(rank, step + 1, "step")
@@ -164,17 +180,13 @@ def run(recipe: Recipe, plan: Plan) -> dict:
         for a, indices in enumerate(batch_plan.micro_batches):
             batch = to_device(collate([train_rows[i] for i in indices]), accelerator.device)
             sync = a == len(batch_plan.micro_batches) - 1
-            with (contextlib.nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
+            with engine.accumulating(sync), accelerator.autocast():
                 micro_sum = loss_fn(forward_logits(model, batch, task), batch["labels"])
-            # DDP averages gradients over ranks, so scale by world / global terms to get the global mean.
-            accelerator.backward(micro_sum * world / batch_plan.global_weight)
+            # Every strategy averages gradients over ranks, so scale by world / global terms to get the global mean.
+            engine.backward(micro_sum * world / batch_plan.global_weight, sync)
             loss_sum += micro_sum.detach().float()
-        grad_norm = None
-        if recipe.train.grad_clip is not None:
-            grad_norm = accelerator.clip_grad_norm_(params, recipe.train.grad_clip)
-        optimizer.step()
+        grad_norm = engine.step()
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         done = step + 1
         if t_first_step is None:
             t_first_step = time.time()
@@ -186,8 +198,16 @@ def run(recipe: Recipe, plan: Plan) -> dict:
             losses.flush()
             _fault(rank, done, "eval")
             reporter.evaluation(done, "validation", evaluator(data["validation"]))
-        if recipe.train.save_every and done % recipe.train.save_every == 0 and done != plan.total_steps:
+        saved = recipe.train.save_every and done % recipe.train.save_every == 0 and done != plan.total_steps
+        if saved:
             save(done)
+        if done != plan.total_steps and stop.agreed(accelerator.device):
+            if not saved:
+                save(done)
+            reporter.close()  # save() returned on every rank only once the checkpoint was in place
+            log.info(f"stop requested by signal: checkpoint of step {done} written, exiting with {EXIT_STOPPED}")
+            _shutdown(accelerator)
+            raise SystemExit(EXIT_STOPPED)
     t_train_end = time.time()
     cpu_train_end = time.process_time()
     memory_peak = _peak_memory_bytes()
@@ -203,11 +223,14 @@ def run(recipe: Recipe, plan: Plan) -> dict:
             reporter.evaluation(plan.total_steps, split, results[split])
     reporter.close()
 
-    checksums = [float(x) for x in accelerator.gather(
-        torch.tensor([_param_checksum(model)], dtype=torch.float64, device=accelerator.device)).tolist()]
+    checksums = [float(x) for x in accelerator.gather(torch.tensor(
+        [_param_checksum(engine.local_tensors())], dtype=torch.float64, device=accelerator.device)).tolist()]
+    held = accelerator.gather(torch.tensor([engine.held()], dtype=torch.int64, device=accelerator.device)).tolist()
+    adapter_norms = engine.trainable_norms() if recipe.model.lora is not None else None
     final_dir = run_dir / "final"
+    full_state = engine.full_state_dict()  # a collective under zero3/fsdp
     if accelerator.is_main_process:
-        checkpoint.export(accelerator.unwrap_model(model), tokenizer, final_dir)
+        checkpoint.export(engine.unwrapped(), tokenizer, final_dir, full_state)
     accelerator.wait_for_everyone()
     train_wall = t_train_end - t_train
     summary = {
@@ -215,7 +238,7 @@ def run(recipe: Recipe, plan: Plan) -> dict:
         "world_size": world,
         "distributed_type": accelerator.distributed_type.value,
         "backend": plan.backend,
-        "hosts": sorted(set(_gather_hosts(accelerator))),
+        "hosts": hosts,
         "steps": plan.total_steps,
         "steps_this_launch": steps_run,
         "epochs": plan.total_steps / plan.steps_per_epoch,
@@ -225,6 +248,11 @@ def run(recipe: Recipe, plan: Plan) -> dict:
         "metrics": results,
         "final_model": str(final_dir.resolve()),
         "param_checksum_per_rank": checksums,
+        "strategy": plan.strategy_label,
+        # what the strategy shards (ddp: nothing), and how much of it each rank holds: [local, whole]
+        "sharded": engine.sharded,
+        "held_per_rank": held,
+        "adapter_norms": adapter_norms,  # LoRA: the trained values, to check the saved adapter against
         "plan": plan.model_dump(),
         # Peak bytes per rank (CUDA: allocated by torch; CPU: resident set), before the model and after training.
         "memory": {name: [int(x) for x in accelerator.gather(torch.tensor([value], device=accelerator.device)).tolist()]
@@ -246,10 +274,14 @@ def run(recipe: Recipe, plan: Plan) -> dict:
     if accelerator.is_main_process:
         checkpoint.write_json_atomic(run_dir / "summary.json", summary)
         log.info(f"done: {plan.total_steps} steps, loss {losses.first} → {losses.last}; model in {final_dir}")
+    _shutdown(accelerator)
+    return summary
+
+
+def _shutdown(accelerator) -> None:
     accelerator.end_training()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    return summary
 
 
 def _peak_memory_bytes() -> int:

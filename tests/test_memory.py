@@ -1,0 +1,327 @@
+"""The memory planner: model states against DeepSpeed's own estimators, LoRA and 4/8-bit against hand-computed
+bytes and against peft, `strategy: auto` on a 70B and a 100M model, and `launch plan` through the real command."""
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+
+from conftest import RECIPES, launch
+from launcher import memory
+from launcher.loading import RecipeError, load_recipe
+from launcher.memory import Choice
+from launcher.plan import make_plan
+from launcher.recipe import Recipe
+
+GiB = 2**30
+LLAMA_70B = RECIPES / "models" / "llama-2-70b-config"
+# hidden 64, 2 layers, 4 heads, 2 KV heads (k/v project to 32), SwiGLU 128, vocab 1000, untied head
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=1000, tie_word_embeddings=False)
+# about 100M parameters: hidden 768, 10 layers, SwiGLU 2048, vocab 32000, tied embeddings
+LLAMA_100M = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=10, num_attention_heads=12,
+                  num_key_value_heads=12, vocab_size=32000, tie_word_embeddings=True)
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False)
+
+
+def llama_folder(tmp_path, **fields) -> str:
+    """A config-only Llama folder: all the planner reads."""
+    folder = tmp_path / "model"
+    folder.mkdir(exist_ok=True)
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "max_position_embeddings": 4096, **fields}
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+def recipe(path: str, *, model=None, distributed=None, max_length=512, micro=1, precision="bf16") -> Recipe:
+    return Recipe.model_validate({
+        "model": {"path": path, "dtype": "bf16", **(model or {})},
+        "task": {"type": "causal_lm"},
+        "data": {"train": "train.jsonl", "max_length": max_length},
+        "train": {"batch_size": 64, "micro_batch_size": micro, "precision": precision},
+        "distributed": distributed or {},
+        "output_dir": "out",
+    })
+
+
+def model_states(est: memory.Estimate) -> int:
+    return est.parameters + est.gradients + est.optimizer
+
+
+def deepspeed_tables(capsys, total: int, largest: int, gpus: int, nodes: int) -> dict[str, tuple[float, float]]:
+    """What DeepSpeed's all_cold estimators print: options → (per CPU GiB, per GPU GiB)."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs_all_cold
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs_all_cold
+
+    capsys.readouterr()
+    estimate_zero2_model_states_mem_needs_all_cold(total, num_gpus_per_node=gpus, num_nodes=nodes)
+    zero2 = capsys.readouterr().out
+    estimate_zero3_model_states_mem_needs_all_cold(total, largest, num_gpus_per_node=gpus, num_nodes=nodes)
+    zero3 = capsys.readouterr().out
+    rows = {}
+    for stage, text in (("zero2", zero2), ("zero3", zero3)):
+        for cpu, gpu, options in re.findall(r"([\d.]+)GB \|\s+([\d.]+)GB \| (.+)", text):
+            rows[f"{stage}: {options.replace('OffloadDeviceEnum.', '').strip()}"] = (float(cpu), float(gpu))
+    return rows
+
+
+@pytest.mark.parametrize("config", ["llama_100m", "llama_1b", "llama_70b"])
+@pytest.mark.parametrize("nodes,gpus", [(1, 1), (1, 4), (2, 8), (4, 8)])
+def test_model_states_match_deepspeed_estimators(config, nodes, gpus, tmp_path, capsys):
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    path = str(LLAMA_70B) if config == "llama_70b" else llama_folder(
+        tmp_path, **{"llama_100m": LLAMA_100M, "llama_1b": LLAMA_1B}[config])
+    r = recipe(path)
+    shape = memory.model_shape(r)
+    total, largest = shape.num_params, shape.largest_layer_params
+    if config == "llama_70b":
+        assert total == 68_976_648_192 and largest == 32000 * 8192  # Llama-2-70B; its largest layer is the embedding
+
+    def ours(choice):
+        return memory.estimate(shape, r, choice, num_nodes=nodes, gpus_per_node=gpus, micro_batch=1)
+
+    # exact bytes against the functions the estimators print from
+    for offload, choice in ((False, Choice("zero2")), (True, Choice("zero2", "cpu"))):
+        _, gpu = estimate_zero2_model_states_mem_needs(total, gpus, nodes, cpu_offload=offload)
+        assert abs(model_states(ours(choice)) - gpu) <= 4
+    for offload, params, choice in ((False, False, Choice("zero3")), (True, False, Choice("zero3", "cpu")),
+                                    (True, True, Choice("zero3", "cpu", True))):
+        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(total, largest, gpus, nodes, cpu_offload=offload,
+                                                            cpu_offload_params=params, zero_init=True)
+        assert abs(model_states(ours(choice)) - gpu) <= 4
+        if offload:  # host RAM per node for the offloaded states, DeepSpeed's zero.Init figure
+            assert ours(choice).host_offload == pytest.approx(cpu, rel=1e-6)
+    # and the tables the all_cold estimators print (GiB, 2 decimals)
+    printed = deepspeed_tables(capsys, total, largest, gpus, nodes)
+    for key, choice in (("zero2: offload_optimizer=none", Choice("zero2")),
+                        ("zero2: offload_optimizer=cpu", Choice("zero2", "cpu")),
+                        ("zero3: offload_param=none, offload_optimizer=none, zero_init=1", Choice("zero3")),
+                        ("zero3: offload_param=none, offload_optimizer=cpu, zero_init=1", Choice("zero3", "cpu")),
+                        ("zero3: offload_param=cpu, offload_optimizer=cpu, zero_init=1", Choice("zero3", "cpu", True))):
+        assert model_states(ours(choice)) / GiB == pytest.approx(printed[key][1], abs=0.006), key
+
+
+def test_ddp_and_zero1_follow_the_same_accounting(tmp_path):
+    """ddp is zero2 on one GPU (20 bytes per parameter); zero1 shards only the fp32 side."""
+    r = recipe(llama_folder(tmp_path, **SMALL))
+    shape = memory.model_shape(r)
+    n = shape.num_params
+    ddp = memory.estimate(shape, r, Choice("ddp"), num_nodes=2, gpus_per_node=4, micro_batch=1)
+    zero1 = memory.estimate(shape, r, Choice("zero1"), num_nodes=2, gpus_per_node=4, micro_batch=1)
+    assert (ddp.parameters, ddp.gradients, ddp.optimizer) == (2 * n, 6 * n, 12 * n)
+    assert (zero1.parameters, zero1.gradients, zero1.optimizer) == (2 * n, 2 * n + 4 * n // 8, 12 * n // 8)
+    fp32 = recipe(llama_folder(tmp_path, **SMALL), model={"dtype": "fp32"}, precision="fp32")
+    plain = memory.estimate(memory.model_shape(fp32), fp32, Choice("ddp"), num_nodes=1, gpus_per_node=1, micro_batch=1)
+    assert (plain.parameters, plain.gradients, plain.optimizer) == (4 * n, 4 * n, 8 * n)
+
+
+def test_parameter_count_of_a_small_llama_by_hand(tmp_path):
+    shape = memory.model_shape(recipe(llama_folder(tmp_path, **SMALL)))
+    layer = 64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128 + 2 * 64  # q, o; k, v; gate, up, down; two norms
+    assert shape.num_params == shape.num_trainable == 1000 * 64 * 2 + 2 * layer + 64  # embed + head, final norm
+    assert shape.largest_layer_params == 64000 and shape.gated_mlp and shape.num_layers == 2
+
+
+LORA_QV = {"r": 8, "target_modules": ["q_proj", "v_proj"]}
+BASE_PARAMS = 1000 * 64 * 2 + 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128 + 2 * 64) + 64
+
+
+def test_lora_memory_by_hand(tmp_path):
+    """Only the adapters carry gradients and optimizer states; the bf16 base is 2 bytes a parameter."""
+    r = recipe(llama_folder(tmp_path, **SMALL), model={"lora": LORA_QV})
+    shape = memory.model_shape(r)
+    adapters = 2 * (8 * (64 + 64) + 8 * (64 + 32))  # two layers of q (64→64) and v (64→32)
+    assert adapters == 3584
+    assert shape.num_trainable == adapters and shape.num_params == BASE_PARAMS + adapters
+    assert shape.frozen_bytes == 2 * BASE_PARAMS
+    est = memory.estimate(shape, r, Choice("ddp"), num_nodes=1, gpus_per_node=2, micro_batch=1)
+    assert (est.parameters, est.gradients, est.optimizer) == (2 * adapters + 2 * BASE_PARAMS, 6 * adapters, 12 * adapters)
+    zero3 = memory.estimate(shape, r, Choice("zero3"), num_nodes=1, gpus_per_node=2, micro_batch=1)
+    assert zero3.parameters == (2 * adapters + 2 * BASE_PARAMS) // 2 + 2 * 64000  # the frozen base is sharded too
+
+
+def test_4bit_and_8bit_base_by_hand(tmp_path):
+    """bitsandbytes packs every Linear but the head: nf4 = half a byte + one 8-bit absmax per 64 weights
+    + one fp32 per 256 absmax (double quant); LLM.int8 = a byte + one fp32 scale per output row."""
+    path = llama_folder(tmp_path, **SMALL)
+    linears = [(64 * 64, 64), (64 * 32, 32), (64 * 32, 32), (64 * 64, 64), (64 * 128, 128), (64 * 128, 128),
+               (128 * 64, 64)]  # q, k, v, o, gate, up, down: (weights, output rows)
+    unquantized = 2 * (1000 * 64 * 2 + 2 * 2 * 64 + 64)  # bf16 embed, head and norms
+    adapters = 3584
+
+    def nf4(n):
+        blocks = -(-n // 64)
+        return n // 2 + blocks + 4 * -(-blocks // 256)
+
+    four = recipe(path, model={"lora": LORA_QV, "quantization": {"bits": 4}})
+    eight = recipe(path, model={"lora": LORA_QV, "quantization": {"bits": 8}})
+    assert memory.model_shape(four).frozen_bytes == unquantized + 2 * sum(nf4(n) for n, _ in linears)
+    assert memory.model_shape(four).frozen_bytes == 128000 * 2 + 4 * 128 + 128 + 2 * (2116 + 1060 + 1060 + 2116 + 3 * 4228)
+    assert memory.model_shape(eight).frozen_bytes == unquantized + 2 * sum(n + 4 * rows for n, rows in linears)
+    est = memory.estimate(memory.model_shape(four), four, Choice("ddp"), num_nodes=1, gpus_per_node=1, micro_batch=1)
+    assert model_states(est) == memory.model_shape(four).frozen_bytes + 20 * adapters
+
+
+def test_lora_trainable_count_matches_peft(tmp_path):
+    """The same adapters peft really builds, for a target list, all-linear, and DoRA."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = llama_folder(tmp_path, **SMALL)
+    for lora in (LORA_QV, {"r": 4, "target_modules": "all-linear"}, {"r": 4, "target_modules": "all-linear",
+                                                                      "use_dora": True}):
+        shape = memory.model_shape(recipe(path, model={"lora": lora}))
+        with torch.device("meta"):
+            model = LlamaForCausalLM(LlamaConfig(**SMALL))
+        peft_model = get_peft_model(model, LoraConfig(r=lora["r"], target_modules=lora["target_modules"],
+                                                      use_dora=lora.get("use_dora", False)))
+        trainable, total = peft_model.get_nb_trainable_parameters()
+        assert (shape.num_trainable, shape.num_params) == (trainable, total), lora
+
+
+def test_activations_by_formula_and_checkpointing(tmp_path):
+    """Korthikanti et al. 2022 with SDPA attention and fp32 norms: s·b·(26h + 8I) per gated layer at 16 bits,
+    + LM head logits."""
+    r = recipe(llama_folder(tmp_path, **SMALL), max_length=256, micro=2)
+    shape = memory.model_shape(r)
+    per_layer = 256 * 2 * (26 * 64 + 8 * 128)
+    head = 256 * 2 * 1000 * 10
+    assert memory.activation_bytes(shape, r, 2) == 2 * per_layer + head
+    ckpt = recipe(llama_folder(tmp_path, **SMALL), max_length=256, micro=2,
+                  distributed={"activation_checkpointing": True})
+    assert memory.activation_bytes(shape, ckpt, 2) == 2 * (2 * 256 * 2 * 64) + per_layer + head
+
+
+@pytest.mark.parametrize("config,seq", [(SMALL, 256), ({**SMALL, "hidden_size": 128, "intermediate_size": 352,
+                                                           "num_hidden_layers": 3}, 128)])
+def test_layer_activations_match_what_autograd_saves(config, seq, tmp_path):
+    """The per-layer formula against the bytes of the tensors autograd keeps for backward in a real bf16 Llama
+    (weights excluded), within 5%: the formula is a plan, not a guess."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    r = recipe(llama_folder(tmp_path, **config), max_length=seq, micro=2)
+    expected = memory.activation_bytes(memory.model_shape(r), r, 2) - seq * 2 * 1000 * 10  # without the LM head
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**config)).to(torch.bfloat16).train()
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def keep(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        model.model(input_ids=torch.randint(0, 1000, (2, seq)), use_cache=False)
+    assert sum(saved.values()) == pytest.approx(expected, rel=0.05)
+
+
+def plan_for(r: Recipe, *, nodes: int, gpus: int, gpu_memory: str = "80GiB"):
+    from launcher.cluster import parse_bytes
+
+    return make_plan(r, num_train_samples=1024, procs_per_node=gpus, num_nodes=nodes, device="cuda",
+                     gpu_memory=parse_bytes(gpu_memory))
+
+
+def test_auto_picks_zero3_with_offload_for_70b_on_four_80gib_gpus():
+    r = recipe(str(LLAMA_70B), max_length=4096, distributed={"strategy": "auto", "activation_checkpointing": True})
+    plan = plan_for(r, nodes=1, gpus=4)
+    assert (plan.strategy, plan.offload, plan.offload_parameters) == ("zero3", "cpu", False)
+    assert "faster choices do not fit: ddp" in plan.strategy_reason and "zero3 298.0 GiB" in plan.strategy_reason
+    # with 32 GPUs the shards are small enough without offload
+    assert (plan_for(r, nodes=4, gpus=8).strategy, plan_for(r, nodes=4, gpus=8).offload) == ("zero3", "none")
+
+
+def test_auto_picks_ddp_for_a_100m_model(tmp_path):
+    r = recipe(llama_folder(tmp_path, **LLAMA_100M), distributed={"strategy": "auto"})
+    assert 90e6 < memory.model_shape(r).num_params < 110e6
+    plan = plan_for(r, nodes=1, gpus=8, gpu_memory="24GiB")
+    assert (plan.strategy, plan.offload) == ("ddp", "none") and plan.strategy_reason.startswith("fastest that fits")
+
+
+def test_auto_never_picks_a_refused_combination(tmp_path):
+    """A 4-bit 70B base is 37 GiB: ddp/zero2 do not fit in 40 GiB, and zero3 (which would) cannot shard it."""
+    r = recipe(str(LLAMA_70B), max_length=4096, model={"lora": LORA_QV, "quantization": {"bits": 4}},
+               distributed={"strategy": "auto", "activation_checkpointing": True})
+    with pytest.raises(RecipeError, match="auto: nothing fits in 36.0 GiB usable per GPU") as info:
+        plan_for(r, nodes=1, gpus=4, gpu_memory="40GiB")
+    assert "zero3" not in str(info.value) and "more GPUs or nodes" in str(info.value)
+    assert plan_for(r, nodes=1, gpus=4, gpu_memory="80GiB").strategy == "ddp"
+
+
+def test_auto_on_cpu_is_ddp_and_on_gpu_needs_the_gpu_memory(tmp_path):
+    r = recipe(llama_folder(tmp_path, **SMALL), distributed={"strategy": "auto"})
+    assert make_plan(r, num_train_samples=128, procs_per_node=2).strategy == "ddp"
+    with pytest.raises(RecipeError, match="auto needs the memory per GPU: set gpu_memory"):
+        make_plan(r, num_train_samples=128, procs_per_node=2, device="cuda")
+
+
+def test_compatibility_rules_refuse_at_plan_time(tmp_path):
+    path = llama_folder(tmp_path, **SMALL)
+    bad = {"quantized zero3": recipe(path, model={"lora": LORA_QV, "quantization": {"bits": 8}},
+                                     distributed={"strategy": "zero3"}),
+           "offload without zero": recipe(path, distributed={"strategy": "ddp", "offload": "cpu"})}
+    for name, r in bad.items():
+        with pytest.raises(RecipeError) as info:
+            make_plan(r, num_train_samples=128, procs_per_node=2)
+        assert ("use strategy ddp" if name == "quantized zero3" else "use zero2 or zero3 with offload") in \
+            str(info.value), name
+
+
+def test_launch_plan_prints_every_choice_and_the_auto_choice():
+    start = time.time()
+    run = launch("plan", RECIPES / "llama70b-zero3-offload.yaml", "--gpus-per-node", "4", "--gpu-memory", "80GiB")
+    seconds = time.time() - start
+    assert run.returncode == 0, run.output
+    r = load_recipe(RECIPES / "llama70b-zero3-offload.yaml", [])
+    shape = memory.model_shape(r)
+    est = memory.estimate(shape, r, Choice("zero3", "cpu"), num_nodes=1, gpus_per_node=4, micro_batch=1)
+    row = next(line for line in run.stdout.splitlines() if "zero3 + cpu optimizer " in line)
+    assert memory.gib(est.per_gpu) in row and memory.gib(est.host_per_node) in row and "yes" in row
+    assert "auto: zero3 + cpu optimizer (fastest that fits" in run.stdout
+    for label in ("ddp", "zero1", "zero2", "fsdp", "zero3 + cpu optimizer+parameters", "zero3 + nvme"):
+        assert f"│ {label} " in run.stdout
+    assert "refused: offload: nvme needs nvme_path" in run.stdout
+    assert seconds < 120, f"a 70B plan took {seconds:.0f} s"  # about 20 s under load here; it reads no weights
+
+
+def test_launch_plan_takes_the_gpu_memory_from_the_cluster_profile_or_refuses_without_it(tmp_path):
+    run = launch("plan", RECIPES / "llama70b-zero3-offload.yaml")
+    assert run.returncode == 2 and "Traceback" not in run.output
+    assert "--gpus-per-node" in run.stderr and "--gpu-memory: give the memory per GPU" in run.stderr
+    profile = tmp_path / "local.yaml"
+    profile.write_text("backend: local\ngpu_memory: 40GiB\n")
+    run = launch("plan", RECIPES / "llama70b-zero3-offload.yaml", "--cluster", profile, "--gpus-per-node", "8")
+    assert run.returncode == 0, run.output
+    assert "8 GPUs of 40.0 GiB (36.0 GiB usable)" in run.stdout and "auto: zero3 + cpu optimizer (" in run.stdout
+
+
+def test_dry_run_of_the_70b_recipe_shows_its_estimate_and_training_is_refused_without_weights(tmp_path):
+    run = launch(RECIPES / "llama70b-zero3-offload.yaml", "--dry-run", f"output_dir={tmp_path / 'run'}")
+    assert run.returncode == 0, run.output
+    table = " ".join(run.stdout.replace("│", " ").split())  # the table wraps long values
+    r = load_recipe(RECIPES / "llama70b-zero3-offload.yaml", [])
+    est = memory.estimate(memory.model_shape(r), r, Choice("zero3", "cpu"), num_nodes=1, gpus_per_node=1, micro_batch=1)
+    assert "strategy zero3 + cpu optimizer" in table
+    assert f"memory per GPU (estimate) {memory.gib(est.per_gpu)} = parameters {memory.gib(est.parameters)}" in table
+    assert f"host RAM per node {memory.gib(est.host_per_node)}" in table
+    run = launch(RECIPES / "llama70b-zero3-offload.yaml", f"output_dir={tmp_path / 'run'}")
+    assert run.returncode == 2 and "has a config but no weights" in run.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_offload_settings_beside_auto_are_warned_as_ignored(tmp_path):
+    from launcher.checks import ignored_settings
+
+    r = recipe(llama_folder(tmp_path, **SMALL), distributed={"strategy": "auto", "offload": "cpu"})
+    assert "distributed.offload/offload_parameters are ignored with strategy: auto, which chooses the offload" in \
+        ignored_settings(r)
+    assert ignored_settings(recipe(llama_folder(tmp_path, **SMALL), distributed={"strategy": "auto"})) == []

@@ -1,0 +1,203 @@
+"""Real Slurm jobs through the `launch` command: 2 nodes (n1, n2) of the session's testbed, gloo ranks.
+
+The testbed (tests/slurm/start-slurm.sh: munge, slurmctld, one slurmd per node in its own UTS
+namespace) starts once per session; it installs Debian's slurm-wlm when missing and needs root.
+Without root or apt-get these tests are skipped with that reason.
+
+Covers: a 2-node run to completion, 2 ranks per node, preemption (checkpoint → requeue → resume,
+every step exactly once), a killed rank failing the job fast with node and rank named, secrets
+passed through the environment and absent from every written file.
+"""
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, RECIPES, launch, metric_lines, summary
+
+TESTBED = REPO / "tests" / "slurm"
+
+
+def _why_not() -> str | None:
+    if os.geteuid() != 0:
+        return "the Slurm testbed needs root (it starts munged, slurmctld and slurmd)"
+    if not shutil.which("sbatch") and not shutil.which("apt-get"):
+        return "Slurm is not installed and there is no apt-get to install slurm-wlm"
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    reason = _why_not()
+    if reason:
+        pytest.skip(reason)
+    env = {**os.environ, "SLURM_CI_NODES": "2", "SLURM_CI_CPUS": "4"}
+    started = subprocess.run([str(TESTBED / "start-slurm.sh")], capture_output=True, text=True, timeout=600, env=env)
+    if started.returncode:
+        subprocess.run([str(TESTBED / "stop-slurm.sh"), "--quiet"], timeout=120)
+        pytest.fail(f"the Slurm testbed did not start:\n{started.stderr[-3000:]}")
+    yield ["n1", "n2"]
+    subprocess.run([str(TESTBED / "stop-slurm.sh"), "--quiet"], timeout=120)
+
+
+SECRET = "s3cr3t-" + secrets.token_hex(8)
+HF_SECRET = "hf_" + secrets.token_hex(8)
+ENV = {"LAUNCHER_TEST_SECRET": SECRET, "HF_TOKEN": HF_SECRET}
+
+
+def cpu_profile(folder: Path, **fields) -> Path:
+    data = {"backend": "slurm", "time": "00:15:00", "procs_per_node": 1, "env": {"OMP_NUM_THREADS": "1"},
+            "secret_env": ["LAUNCHER_TEST_SECRET"],
+            # proves the secret reached the job without printing it
+            "setup": ['[ -n "${LAUNCHER_TEST_SECRET:-}" ] || { echo "LAUNCHER_TEST_SECRET missing" >&2; exit 3; }'],
+            **fields}
+    path = folder / "slurm-cpu.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def tiny_run(model: str, out: Path, *extra: str) -> list:
+    return [RECIPES / "quickstart.yaml", f"model.path={model}", f"output_dir={out}", "data.max_length=32",
+            "train.batch_size=8", "train.micro_batch_size=2", "train.max_steps=8", "train.optimizer.lr=1e-3",
+            "train.log_every=1", "train.eval_every=null", "data.test=null", *extra]
+
+
+def assert_no_secret_written(*roots: Path) -> None:
+    for root in roots:
+        for path in [root] if root.is_file() else root.rglob("*"):
+            if path.is_file():
+                data = path.read_bytes()
+                assert SECRET.encode() not in data and HF_SECRET.encode() not in data, f"secret in {path}"
+
+
+def test_two_nodes_train_one_world(slurm_cluster, tiny, tmp_path):
+    out = tmp_path / "run"
+    run = launch(*tiny_run(tiny["bert"], out), "--nodes", "2", "--cluster", cpu_profile(tmp_path), "--follow",
+                 env=ENV, timeout=300)
+    assert run.returncode == 0, run.output[-4000:]
+    assert re.search(r"submitted job \d+", run.stdout) and "COMPLETED" in run.stdout
+    s = summary(out)
+    assert s["world_size"] == 2 and s["hosts"] == ["n1", "n2"] and s["backend"] == "gloo"
+    assert s["steps"] == 8 and s["train_loss"]["last"] < s["train_loss"]["first"]
+    checksums = s["param_checksum_per_rank"]
+    assert checksums[0] == checksums[1], "the two nodes hold the same weights"
+    assert (out / "job.sbatch").exists() and (out / "slurm.log").exists()
+    assert SECRET not in run.output and HF_SECRET not in run.output
+    assert_no_secret_written(out, tmp_path / "slurm-cpu.yaml")
+    status = launch("status", out)
+    assert status.returncode == 0 and "COMPLETED" in status.stdout and "step 8 of 8" in status.stdout, status.output
+
+
+def test_cancel_a_submitted_job(slurm_cluster, tiny, tmp_path):
+    out = tmp_path / "run"
+    run = launch(*tiny_run(tiny["bert"], out), "--nodes", "2", "--cluster", cpu_profile(tmp_path), env=ENV)
+    assert run.returncode == 0, run.output[-3000:]
+    job_id = re.search(r"submitted job (\d+)", run.stdout).group(1)
+    cancel = launch("cancel", out)
+    assert cancel.returncode == 0 and f"scancel {job_id}: done" in cancel.stdout, cancel.output
+    deadline = time.time() + 60
+    while "CANCELLED" not in (status := launch("status", job_id)).stdout:
+        assert time.time() < deadline, status.output
+        time.sleep(1)
+
+
+def _in_allocation(nodelist: str, **more: str) -> dict:
+    return {"SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": nodelist, **more}
+
+
+def test_agent_fails_at_once_when_the_first_node_does_not_resolve(slurm_cluster, tmp_path):
+    env = _in_allocation("nosuchnode[1-2]", SLURM_STEP_ID="0", SLURM_NODEID="1")
+    run = launch(RECIPES / "quickstart.yaml", f"output_dir={tmp_path / 'run'}", env=env, timeout=120)
+    assert run.returncode == 1, run.output[-3000:]
+    assert "the first node 'nosuchnode1' of 'nosuchnode[1-2]' does not resolve" in run.stderr
+
+
+def test_launch_outside_a_step_of_a_multinode_allocation_says_how_to_srun_it(slurm_cluster, tmp_path):
+    run = launch(RECIPES / "quickstart.yaml", f"output_dir={tmp_path / 'run'}", env=_in_allocation("n[1-2]"))
+    assert run.returncode == 2, run.output[-3000:]
+    assert "start one agent per node with\n  srun --ntasks-per-node=1 --kill-on-bad-exit=1 launch" in run.stderr
+
+
+def test_plain_sbatch_example_runs_launch_as_the_per_node_agent(slurm_cluster, tiny, tmp_path):
+    """slurm/launch.sbatch: the user's own job script calls `launch`, which trains instead of submitting
+    (2 nodes x 2 ranks: world size 4)."""
+    out = tmp_path / "run"
+    args = [str(a) for a in tiny_run(tiny["bert"], out)]
+    env = {**os.environ, "LAUNCH": f"{sys.executable} -m launcher.cli", "OMP_NUM_THREADS": "1"}
+    job_id = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path / 'job.log'}", "--wait",
+                             str(REPO / "slurm" / "launch.sbatch"), *args, "--procs", "2"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert job_id.returncode == 0, (tmp_path / "job.log").read_text()[-3000:]
+    s = summary(out)
+    assert s["world_size"] == 4 and s["hosts"] == ["n1", "n2"] and s["steps"] == 8
+
+
+def _start(args: list, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "launcher.cli", *map(str, args)], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore", **env})
+
+
+def _wait_for_step(proc: subprocess.Popen, out: Path, step: int, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while True:
+        steps = [r["step"] for r in metric_lines(out)] if (out / "metrics.jsonl").exists() else []
+        if steps and max(steps) >= step:
+            return
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        assert time.time() < deadline, f"training did not reach step {step}"
+        time.sleep(0.2)
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tiny, tmp_path):
+    """2 nodes x 2 ranks (world size 4). The time-limit warning (USR1 to the batch shell, as
+    --signal=B:USR1@grace sends it) mid-training: every rank stops at one step after a checkpoint,
+    the job requeues itself and finishes the plan."""
+    out = tmp_path / "run"
+    proc = _start([*tiny_run(tiny["bert"], out, "train.max_steps=40", "train.save_every=1000"), "--nodes", "2",
+                   "--cluster", cpu_profile(tmp_path, procs_per_node=2), "--follow"], ENV)
+    try:
+        _wait_for_step(proc, out, 3)
+        job_id = (out / "launch" / "jobs").read_text().split()[-1]
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output[-4000:]
+    s = summary(out)
+    assert s["world_size"] == 4 and s["hosts"] == ["n1", "n2"] and len(set(s["param_checksum_per_rank"])) == 1
+    assert s["steps"] == 40 and s["resumed_from"] is not None
+    stopped_at = int(Path(s["resumed_from"]).name.split("-")[-1])
+    assert 3 <= stopped_at < 40 and s["steps_this_launch"] == 40 - stopped_at
+    steps = [r["step"] for r in metric_lines(out) if "split" not in r]
+    assert steps == list(range(1, 41)), "every step trained and logged exactly once"
+    log = (out / "slurm.log").read_text()
+    assert "(restart 0)" in log and "(restart 1)" in log, "both runs of the job log into one file"
+    assert "requeued" in log and re.search(r"restarts 1\b", output)
+
+
+def test_killed_rank_fails_the_job_fast_naming_node_and_rank(slurm_cluster, tiny, tmp_path):
+    out = tmp_path / "run"
+    proc = _start([*tiny_run(tiny["bert"], out, "train.max_steps=100000"), "--nodes", "2",
+                   "--cluster", cpu_profile(tmp_path), "--follow"], {**ENV, "LAUNCHER_FAULT": "rank=1,step=5"})
+    try:
+        _wait_for_step(proc, out, 1)
+        started = time.time()
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert time.time() - started < 60, "a dead rank ends the job within a minute"
+    assert proc.returncode == 1, output[-4000:]
+    assert "FAILED" in output
+    assert re.search(r"training failed on node n[12] .*\n.*rank 1 \(local rank 0 on n[12].*SIGKILL", output), \
+        output[-4000:]
+    assert not (out / "summary.json").exists()
