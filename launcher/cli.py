@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 from pathlib import Path
 
 EXIT_USAGE = 2
+PLANNED_ENV = "LAUNCHER_T_PLANNED"  # when recipe, checks and plan were done
 
 EPILOG = """\
 examples:
@@ -153,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             return backend.submit_job(args, profile)
         except RecipeError as exc:
             return fail(str(exc), EXIT_USAGE)
+    os.environ[PLANNED_ENV] = str(time.time())  # ranks split their time to first step at this point
     return backend.launch(recipe, plan, profile, t0, follow=args.follow)
 
 

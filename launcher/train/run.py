@@ -95,6 +95,7 @@ def _param_checksum(tensors) -> float:
 def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] | None = None) -> dict:
     """on_checkpoint(folder, state) is called on every rank once a checkpoint is complete (Ray reports it)."""
     t_launch = float(os.environ.get("LAUNCHER_T0", time.time()))
+    t_planned = float(os.environ.get("LAUNCHER_T_PLANNED", t_launch))
     t0 = time.time()
     stop = StopRequest()
     accelerator = make_accelerator(recipe, plan)
@@ -116,6 +117,7 @@ def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] 
     splits = load_splits(recipe)
     data = prepare(recipe, splits, tokenizer)
     t_data = time.time()
+    memory_before_model = _peak_memory_bytes()
     engine = make_engine(accelerator, recipe, plan)
     model = build(recipe, tokenizer, accelerator.device)
     t_model = time.time()
@@ -156,6 +158,7 @@ def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] 
     model.train()
     losses = StepLosses(accelerator, reporter, plan, first_loss, last_loss)
     t_first_step, t_train = None, time.time()
+    cpu_train = time.process_time()
 
     def state_at(step: int) -> dict:
         return {"step": step, "epoch": step / plan.steps_per_epoch, "samples_seen": step * plan.global_batch_size,
@@ -206,6 +209,8 @@ def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] 
             _shutdown(accelerator)
             raise SystemExit(EXIT_STOPPED)
     t_train_end = time.time()
+    cpu_train_end = time.process_time()
+    memory_peak = _peak_memory_bytes()
     steps_run = plan.total_steps - start_step
     if steps_run:
         save(plan.total_steps)
@@ -249,12 +254,20 @@ def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] 
         "held_per_rank": held,
         "adapter_norms": adapter_norms,  # LoRA: the trained values, to check the saved adapter against
         "plan": plan.model_dump(),
+        # Peak bytes per rank (CUDA: allocated by torch; CPU: resident set), before the model and after training.
+        "memory": {name: [int(x) for x in accelerator.gather(torch.tensor([value], device=accelerator.device)).tolist()]
+                   for name, value in (("before_model_bytes_per_rank", memory_before_model),
+                                       ("peak_bytes_per_rank", memory_peak))},
         "timings": {
             "time_to_first_step_s": (t_first_step - t_launch) if t_first_step else None,
+            "recipe_and_plan_s": t_planned - t_launch,
+            "rank_start_s": t0 - t_planned,
             "process_group_s": t_pg - t0,
             "data_prep_s": t_data - t_pg,
             "model_load_s": t_model - t_data,
+            "first_step_s": (t_first_step - t_train) if t_first_step else None,
             "training_wall_s": train_wall,
+            "training_cpu_s": cpu_train_end - cpu_train,  # this rank's CPU time: robust to a busy machine
             "samples_per_s": steps_run * plan.global_batch_size / train_wall if steps_run and train_wall > 0 else None,
         },
     }
@@ -269,6 +282,14 @@ def _shutdown(accelerator) -> None:
     accelerator.end_training()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def _peak_memory_bytes() -> int:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _quiet_libraries(is_main: bool) -> None:

@@ -1,0 +1,79 @@
+"""Every benchmark runs end to end at its smoke size and prints its table (CI). Benchmarks are not tests:
+no timing is asserted, only that each table was printed and its measured quantities came out positive.
+
+The five smoke runs start together (they mostly wait on process start-up), each test waits for its own.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+TITLES = {
+    "step_overhead": "step overhead: samples/s",
+    "startup": "start-up: seconds to the first optimizer step",
+    "data": "short texts → tokenized rows",
+    "memory": "memory per rank (MiB)",
+    "gpu": "GPU: ",
+}
+
+
+@pytest.fixture(scope="module")
+def started(tmp_path_factory) -> dict[str, tuple[subprocess.Popen, Path]]:
+    runs = {}
+    for name in TITLES:
+        out = tmp_path_factory.mktemp(f"bench-{name}")
+        runs[name] = (subprocess.Popen([sys.executable, "-m", f"bench.{name}", "--smoke", "--out", str(out)], cwd=REPO,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), out)
+    yield runs
+    for proc, _ in runs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def finished(started, name: str) -> tuple[str, dict]:
+    proc, out = started[name]
+    stdout, stderr = proc.communicate(timeout=900)
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert TITLES[name] in stdout, stdout
+    return stdout, json.loads((out / "result.json").read_text())
+
+
+def test_step_overhead(started):
+    out, result = finished(started, "step_overhead")
+    assert "launch ÷ this" in out
+    assert all(v > 0 for speeds in result["samples_per_s"].values() for v in speeds)
+    assert result["ratio_launch_to_loop"] > 0 and result["ratio_launch_to_trainer"] > 0
+
+
+def test_startup(started):
+    out, result = finished(started, "startup")
+    assert "launch --dry-run" in out
+    for name, parts in result["median"].items():
+        assert parts["time_to_first_step_s"] > 0, name
+    cold = result["median"]["launch, cold data"]
+    assert cold["recipe_and_plan_s"] > 0 and cold["rank_start_s"] > 0 and cold["first_step_s"] > 0
+
+
+def test_data(started):
+    out, result = finished(started, "data")
+    assert all(m["total_s"] > 0 for m in result["median"].values())
+
+
+def test_memory(started):
+    out, result = finished(started, "memory")
+    ddp = result["strategies"]["ddp"]
+    assert all(g > 0 for g in ddp["growth_bytes_per_rank"])
+    assert ddp["reference_bytes"] == 16 * result["num_params"]
+
+
+def test_gpu_script_smoke(started):
+    out, result = finished(started, "gpu")
+    assert result["peak_measured"] > 0 and result["flops_per_token"] > 0
+    assert result["runs"]["full"]["results"]["HF Trainer"]["samples_per_s"] > 0
