@@ -6,7 +6,7 @@ PY    := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install quickstart test
+.PHONY: install quickstart test test-all
 
 install: $(VENV)/.installed
 
@@ -25,5 +25,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 quickstart: install
 	$(VENV)/bin/launch recipes/quickstart.yaml
 
+# CI's suite: everything but `slow` (the SmolLM2-135M LoRA SFT, about 3.5 minutes with its one-time conversion).
 test: install
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: install
 	$(PY) -m pytest $(PYTEST_ARGS)
