@@ -113,3 +113,34 @@ def test_timeouts_have_sane_defaults_and_zero_turns_the_watchdog_off(tmp_path):
     off = load_recipe(RECIPES / "quickstart.yaml", [f"output_dir={tmp_path}", "distributed.hang_timeout=0",
                                                      "distributed.collective_timeout=30"])
     assert off.distributed.hang_timeout == 0
+
+
+GROUP_TIMEOUTS = """
+import os, sys, torch, torch.distributed as dist
+from launcher.loading import load_recipe
+from launcher.train.run import collective_timeout
+recipe = load_recipe(sys.argv[1], ["output_dir=" + sys.argv[2], "distributed.hang_timeout=0",
+                                   "distributed.collective_timeout=7"])
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[3], RANK="0", WORLD_SIZE="1")
+dist.init_process_group("gloo", timeout=collective_timeout(recipe))  # what make_accelerator hands Accelerate
+later = dist.new_group([0])  # as DeepSpeed makes its groups: no timeout given
+print([g._get_backend(torch.device("cpu")).options._timeout.total_seconds() for g in (dist.group.WORLD, later)])
+dist.destroy_process_group()
+"""
+
+
+def test_groups_made_later_get_the_collective_timeout_too(tmp_path):
+    """torch gives a group made without a timeout its module default (30 min), not the world group's."""
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import RECIPES, REPO
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run([sys.executable, "-c", GROUP_TIMEOUTS, str(RECIPES / "quickstart.yaml"), str(tmp_path),
+                           str(port)], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[7.0, 7.0]"
