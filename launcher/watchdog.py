@@ -90,6 +90,9 @@ def describe(beats: list[dict], dumps: dict[int, Path], now: float, limit_s: flo
         if beat not in stuck:
             lines.append(f"rank {beat['rank']} waits in {beat['phase']} at step {beat['step']} ({where(beat)}), "
                          f"{now - beat['time']:.1f} s without progress")
+            frames = top_frames(dumps.get(beat["rank"]))
+            if frames:
+                lines.append(f"  innermost frame (the collective it waits in, if any): {frames[0]}")
     dumped = [str(path) for _, path in sorted(dumps.items()) if _size(path)]
     lines.append(f"stack dumps of every thread: {', '.join(dumped) or 'none written'}")
     lines.append("every rank here was stopped. If a phase legitimately takes that long (a slow checkpoint write, a "

@@ -49,6 +49,7 @@ def test_hung_rank_is_named_with_its_stack_and_every_rank_is_stopped(tiny, tmp_p
     # rank 0 went on into step 5's forward pass, where DDP's buffer broadcast waits for rank 1
     assert f"rank 0 waits in forward at step {HANG_AT_STEP} (host {beats[0]['host']}, pid {beats[0]['pid']})" in err
     assert "rank 0 hung" not in err
+    assert "innermost frame (the collective it waits in, if any): File " in err
     dumps = {rank: stack_path(out, rank).read_text() for rank in (0, 1)}
     assert "in _hang" in dumps[1] and "launcher/train/run.py" in dumps[1]
     assert "_broadcast_coalesced" in dumps[0] or "distributed.py" in dumps[0]

@@ -65,6 +65,11 @@ class Heartbeat:
             if phase == "done":
                 self._write()  # the rank is about to exit, and its daemon thread with it
 
+    def advance(self) -> None:
+        """Progress inside a phase that may legitimately run long (evaluation: once per batch)."""
+        if self.enabled and self._note is not None:
+            self._note = (*self._note[:2], time.time())
+
     def _flush_forever(self) -> None:
         while True:
             time.sleep(FLUSH_S)

@@ -230,7 +230,7 @@ def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] 
             losses.flush()
             beat(done, "eval")
             _fault(rank, done, "eval")
-            reporter.evaluation(done, "validation", evaluator(data["validation"]))
+            reporter.evaluation(done, "validation", evaluator(data["validation"], beat.advance))
         saved = recipe.train.save_every and done % recipe.train.save_every == 0 and done != plan.total_steps
         if saved:
             save(done)
@@ -255,7 +255,7 @@ def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] 
         if getattr(splits, split):
             beat(plan.total_steps, "final-eval")
             _fault(rank, plan.total_steps, "eval")
-            results[split] = evaluator(data[split])
+            results[split] = evaluator(data[split], beat.advance)
             reporter.evaluation(plan.total_steps, split, results[split])
     reporter.close()
     beat(plan.total_steps, "export")
