@@ -296,6 +296,24 @@ class DistributedConfig(Strict):
     deepspeed_config: str | None = Field(
         None, description="A DeepSpeed JSON to use instead of the generated one; validated against the plan."
     )
+    hang_timeout: float | None = Field(
+        300, ge=0, description="Seconds a rank may go without progress (a phase change: data, forward, backward, "
+        "optimizer, eval, save) before the watchdog dumps every rank's stack, stops the run and names the stuck "
+        "rank; 0 or null turns it off. Must exceed the longest single phase (a checkpoint write, an evaluation)."
+    )
+    collective_timeout: float = Field(
+        600, gt=0, description="Seconds a collective (all-reduce, broadcast, barrier) may wait for its peers before it "
+        "fails (the process group's timeout; NCCL's own default is 30 minutes). Must exceed the longest work one "
+        "rank does alone between two collectives, such as rank 0 writing a checkpoint or exporting the model."
+    )
+
+    @model_validator(mode="after")
+    def _watchdog_first(self) -> "DistributedConfig":
+        if self.hang_timeout and self.hang_timeout >= self.collective_timeout:
+            raise ValueError(f"hang_timeout ({self.hang_timeout:g} s) must be below collective_timeout "
+                             f"({self.collective_timeout:g} s), or the collective fails first and the watchdog never "
+                             "dumps the stacks or names the stuck rank; lower hang_timeout (0 turns it off)")
+        return self
 
 
 class Recipe(Strict):

@@ -66,6 +66,10 @@ def worker_env(plan: Plan, t0: float) -> dict[str, str]:
     return env
 
 
+COLLECTIVE_TIMEOUT_HINT = (" (a collective waited longer than distributed.collective_timeout: a peer rank hung, died or "
+                           "was far behind; distributed.hang_timeout makes the watchdog name it)")
+
+
 def describe_failures(exc) -> str:
     """One line per failed rank: where it ran, how it ended, and the last line of its error."""
     host = socket.gethostname()
@@ -80,6 +84,8 @@ def describe_failures(exc) -> str:
             message = message.get("message", "")
         last = [line.strip() for line in (message or "").splitlines() if line.strip()]
         detail = f": {last[-1]}" if last and not last[-1].startswith("To enable traceback") else ""
+        if "Timed out waiting" in detail or "collective operation timeout" in detail:  # gloo's, NCCL's
+            detail += COLLECTIVE_TIMEOUT_HINT
         lines.append(f"rank {rank} (local rank {failure.local_rank} on {host}, pid {failure.pid}) {cause}{detail}")
     return "\n".join(lines)
 
@@ -154,12 +160,31 @@ def run(plan: Plan, spec_dir: Path, t0: float, rendezvous: list[str] = STANDALON
         "--monitor-interval", "0.5",
         "-m", "launcher.train.worker", str(spec_dir),
     ])
+    watchdog = start_watchdog(spec_dir)
     try:
         torchrun(args)
     except ChildFailedError as exc:
+        if watchdog is not None and watchdog.report is not None:
+            raise LaunchFailed(watchdog.report) from None
         if _stopped_on_request(exc.failures.values()):
             raise RanksStopped(f"all {len(exc.failures)} ranks here stopped on request at a step boundary after "
                                "writing a checkpoint; launch again to resume") from None
         raise LaunchFailed(describe_failures(exc)) from None
     except SignalException as exc:
         raise LaunchStopped(int(exc.sigval)) from None
+    finally:
+        if watchdog is not None:
+            watchdog.stop()
+
+
+def start_watchdog(spec_dir: Path):
+    """The hang watchdog over the ranks this process starts (launcher.watchdog); None when the recipe turns it off."""
+    from launcher.train.worker import read_spec
+    from launcher.watchdog import Watchdog
+
+    recipe, _ = read_spec(spec_dir)
+    if not recipe.distributed.hang_timeout:
+        return None
+    watchdog = Watchdog(Path(recipe.output_dir), recipe.distributed.hang_timeout)
+    watchdog.start()
+    return watchdog

@@ -106,7 +106,8 @@ def launch(recipe: Recipe, plan: Plan, profile: RayProfile, t0: float, *, follow
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={"recipe": dump_recipe(recipe), "plan": plan.model_dump_json()},
-            torch_config=TorchConfig(backend=plan.backend),
+            # Ray Train makes the process group; give it the recipe's collective timeout (Ray's default: 30 min)
+            torch_config=TorchConfig(backend=plan.backend, timeout_s=int(recipe.distributed.collective_timeout)),
             scaling_config=ScalingConfig(num_workers=plan.world_size, use_gpu=bool(profile.gpus_per_node),
                                          resources_per_worker=resources,
                                          placement_strategy=profile.placement_strategy),

@@ -1,6 +1,8 @@
 """Evaluation: each rank scores a strided share of a split; outputs are gathered and scored once."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -22,7 +24,8 @@ class Evaluator:
         self.batch = plan.micro_batch_size * 2
 
     @torch.no_grad()
-    def __call__(self, rows: list[dict]) -> dict:
+    def __call__(self, rows: list[dict], progress: Callable[[], None] = lambda: None) -> dict:
+        """progress() after each batch: the hang watchdog's heartbeat (a long evaluation is not a hang)."""
         from accelerate.utils import gather_object
 
         self.model.eval()
@@ -36,6 +39,7 @@ class Evaluator:
             batch = to_device(self.collate(chunk or rows[:1]), self.acc.device)
             with self.acc.autocast():
                 logits = forward_logits(self.model, batch, self.task).float()
+            progress()
             if not chunk:
                 continue
             loss_sum += float(self.loss_fn(logits, batch["labels"]))

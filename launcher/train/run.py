@@ -20,15 +20,17 @@ from launcher.recipe import CrossEntropy, Recipe
 from launcher.train import checkpoint
 from launcher.train.data import Collate, Sampler, balanced_row_probs, prepare, to_device
 from launcher.train.evaluate import Evaluator
+from launcher.train.heartbeat import Heartbeat
 from launcher.train.losses import build_loss, class_weights_from_counts
 from launcher.train.model import build, forward_logits, load_tokenizer
 from launcher.train.report import Reporter, StepLosses, rank_logger, truncate_metrics
 from launcher.train.stop import EXIT_STOPPED, StopRequest
 from launcher.train.strategy import make_engine
 
-# Failure drills: "rank=R,step=S,phase=step|eval|save[,kind=kill|raise][,once=PATH]" makes that rank die there
-# (SIGKILL, or an exception); with once=PATH only the first time (PATH marks it done), so a backend that
-# restarts the ranks by itself (Ray) gets past it. Used by the tests; also handy to rehearse recovery.
+# Failure drills: "rank=R,step=S,phase=step|eval|save[,kind=kill|raise|hang][,once=PATH]" makes that rank die
+# there (SIGKILL, or an exception) or hang for ever (for the watchdog); with once=PATH only the first time (PATH
+# marks it done), so a backend that restarts the ranks by itself (Ray) gets past it. Used by the tests; also
+# handy to rehearse recovery.
 FAULT_ENV = "LAUNCHER_FAULT"
 
 
@@ -46,13 +48,35 @@ def make_accelerator(recipe: Recipe, plan: Plan):
     accelerator = Accelerator(
         cpu=plan.device == "cpu",
         mixed_precision=mixed,
-        kwargs_handlers=[InitProcessGroupKwargs(backend=plan.backend)],
+        kwargs_handlers=[InitProcessGroupKwargs(backend=plan.backend, timeout=collective_timeout(recipe))],
     )
     # The silent trap of CPU launches: N processes that each believe they are alone.
     if accelerator.num_processes != plan.world_size:
         raise WorldMismatch(f"planned world size {plan.world_size} but this process sees {accelerator.num_processes} "
                             f"(distributed type {accelerator.distributed_type}); were the ranks started by torchrun?")
     return accelerator
+
+
+def collective_timeout(recipe: Recipe):
+    """distributed.collective_timeout, for the world group and for every group created later.
+
+    DeepSpeed and FSDP reuse the world group Accelerate made, but a group made by `new_group` without a
+    timeout (DeepSpeed's, a device mesh's) takes torch's module default (30 minutes), so that default is
+    set too.
+    """
+    from datetime import timedelta
+
+    import torch.distributed.distributed_c10d as c10d
+
+    timeout = timedelta(seconds=recipe.distributed.collective_timeout)
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+    return timeout
+
+
+def _hang() -> None:
+    """The hang drill: a plain Python loop, so that the rank's stack dump shows this frame."""
+    while True:
+        time.sleep(0.05)
 
 
 def _fault(rank: int, step: int, phase: str) -> None:
@@ -67,6 +91,8 @@ def _fault(rank: int, step: int, phase: str) -> None:
             Path(want["once"]).touch()
         if want.get("kind", "kill") == "raise":
             raise RuntimeError(f"injected failure at step {step} ({FAULT_ENV})")
+        if want.get("kind") == "hang":
+            _hang()
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -109,6 +135,7 @@ def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] 
     run_dir = Path(recipe.output_dir)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
+    beat = Heartbeat(run_dir, rank, accelerator.local_process_index, bool(recipe.distributed.hang_timeout))
 
     from accelerate.utils import set_seed
 
@@ -165,7 +192,8 @@ def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] 
                 "world_size": world, "first_loss": losses.first, "last_loss": losses.last,
                 "fingerprint": checkpoint.fingerprint(recipe), "plan": plan.model_dump()}
 
-    def save(step: int) -> None:
+    def save(step: int, phase: str = "save") -> None:
+        beat(step, phase)
         losses.flush()
         _fault(rank, step, "save")
         state = state_at(step)
@@ -174,17 +202,21 @@ def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] 
             on_checkpoint(folder, state)
 
     for step in range(start_step, plan.total_steps):
+        beat(step + 1, "data")
         _fault(rank, step + 1, "step")
         batch_plan = sampler.batch(step, rank)
         loss_sum = torch.zeros((), dtype=torch.float32, device=accelerator.device)
         for a, indices in enumerate(batch_plan.micro_batches):
             batch = to_device(collate([train_rows[i] for i in indices]), accelerator.device)
             sync = a == len(batch_plan.micro_batches) - 1
+            beat(step + 1, "forward")
             with engine.accumulating(sync), accelerator.autocast():
                 micro_sum = loss_fn(forward_logits(model, batch, task), batch["labels"])
+            beat(step + 1, "backward")
             # Every strategy averages gradients over ranks, so scale by world / global terms to get the global mean.
             engine.backward(micro_sum * world / batch_plan.global_weight, sync)
             loss_sum += micro_sum.detach().float()
+        beat(step + 1, "optimizer")
         grad_norm = engine.step()
         scheduler.step()
         done = step + 1
@@ -196,32 +228,37 @@ def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] 
             losses.flush()
         if eval_every and done % eval_every == 0 and done != plan.total_steps and splits.validation:
             losses.flush()
+            beat(done, "eval")
             _fault(rank, done, "eval")
-            reporter.evaluation(done, "validation", evaluator(data["validation"]))
+            reporter.evaluation(done, "validation", evaluator(data["validation"], beat.advance))
         saved = recipe.train.save_every and done % recipe.train.save_every == 0 and done != plan.total_steps
         if saved:
             save(done)
+        beat(done, "stop-sync")
         if done != plan.total_steps and stop.agreed(accelerator.device):
             if not saved:
                 save(done)
             reporter.close()  # save() returned on every rank only once the checkpoint was in place
             log.info(f"stop requested by signal: checkpoint of step {done} written, exiting with {EXIT_STOPPED}")
             _shutdown(accelerator)
+            beat(done, "done")
             raise SystemExit(EXIT_STOPPED)
     t_train_end = time.time()
     cpu_train_end = time.process_time()
     memory_peak = _peak_memory_bytes()
     steps_run = plan.total_steps - start_step
     if steps_run:
-        save(plan.total_steps)
+        save(plan.total_steps, "final-save")
 
     results = {}
     for split in ("validation", "test"):
         if getattr(splits, split):
+            beat(plan.total_steps, "final-eval")
             _fault(rank, plan.total_steps, "eval")
-            results[split] = evaluator(data[split])
+            results[split] = evaluator(data[split], beat.advance)
             reporter.evaluation(plan.total_steps, split, results[split])
     reporter.close()
+    beat(plan.total_steps, "export")
 
     checksums = [float(x) for x in accelerator.gather(torch.tensor(
         [_param_checksum(engine.local_tensors())], dtype=torch.float64, device=accelerator.device)).tolist()]
@@ -275,6 +312,7 @@ def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] 
         checkpoint.write_json_atomic(run_dir / "summary.json", summary)
         log.info(f"done: {plan.total_steps} steps, loss {losses.first} → {losses.last}; model in {final_dir}")
     _shutdown(accelerator)
+    beat(plan.total_steps, "done")
     return summary
 
 
