@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, RECIPES, launch
+from conftest import RECIPES, REPO, launch
 
 from launcher.preflight import PROBE, REPORT, evaluate, rounds
 

@@ -105,6 +105,7 @@ def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] 
     log = rank_logger(rank)
     _quiet_libraries(accelerator.is_main_process)
     # the peers, checked before anything heavy is loaded; PreflightFailed on every rank when a check fails
+    t_checks = time.time()
     hosts = preflight.check(recipe, plan, rank, world, accelerator.device)
     t_preflight = time.time()
     if recipe.preflight.run == "only":
@@ -269,8 +270,8 @@ def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] 
             "recipe_and_plan_s": t_planned - t_launch,
             "rank_start_s": t0 - t_planned,
             "process_group_s": t_pg - t0,
-            "preflight_s": t_preflight - t_pg,
-            "data_prep_s": t_data - t_preflight,
+            "preflight_s": t_preflight - t_checks,
+            "data_prep_s": t_data - t_pg - (t_preflight - t_checks),  # library set-up, tokenizer, data
             "model_load_s": t_model - t_data,
             "first_step_s": (t_first_step - t_train) if t_first_step else None,
             "training_wall_s": train_wall,
