@@ -73,8 +73,8 @@ def check(recipe, plan, rank: int, world: int, device) -> list[str]:
     t_pairs = time.time()
     every = _all_gather(facts, world)
     t_facts = time.time()
-    if rank == 0:
-        (out / PROBE).unlink(missing_ok=True)
+    if rank == 0 and written["ok"]:
+        (out / PROBE).unlink()  # every rank has read it: the gather above returned
     need = needs(recipe, plan)
     report = evaluate(every, everyone, size, need, recipe.preflight.slow_node_factor, token)
     now = time.time()

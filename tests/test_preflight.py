@@ -101,20 +101,22 @@ def test_training_stops_before_loading_when_output_dir_has_too_little_disk(tiny,
     assert not (tiny_tmpfs / "metrics.jsonl").exists() and not list(tiny_tmpfs.glob("checkpoint-*"))
 
 
-def slurm_profile(folder: Path, python: str | None = None) -> Path:
+def slurm_profile(folder: Path, python: str | None = None, procs_per_node: int = 1) -> Path:
     path = folder / "slurm-cpu.yaml"
-    path.write_text(yaml.safe_dump({"backend": "slurm", "time": "00:10:00", "procs_per_node": 1,
+    path.write_text(yaml.safe_dump({"backend": "slurm", "time": "00:10:00", "procs_per_node": procs_per_node,
                                     "env": {"OMP_NUM_THREADS": "1"}, **({"python": python} if python else {})}))
     return path
 
 
 def test_slurm_two_nodes_measure_their_pair_and_share_output_dir(slurm_cluster, tiny, tmp_path):
+    """2 nodes x 2 ranks: the first rank of each node measures the pair, the others stay out of it."""
     out = tmp_path / "run"
-    run = launch("preflight", *tiny_recipe(tiny["bert"], out), "--nodes", "2", "--cluster", slurm_profile(tmp_path),
-                 timeout=300)
+    run = launch("preflight", *tiny_recipe(tiny["bert"], out), "--nodes", "2",
+                 "--cluster", slurm_profile(tmp_path, procs_per_node=2), timeout=300)
     assert run.returncode == 0, run.output[-4000:]
     r = report(out)
-    assert r["status"] == "passed" and [n["node"] for n in r["nodes"]] == ["n1", "n2"]
+    assert r["status"] == "passed" and r["allreduce"]["ranks"] == 4 and r["allreduce"]["bus_bandwidth_GBps"] > 0
+    assert [(n["node"], sorted(n["ranks"])) for n in r["nodes"]] == [("n1", [0, 1]), ("n2", [2, 3])]
     (pair,) = r["node_pairs"]
     assert pair["nodes"] == ["n1", "n2"] and pair["bus_bandwidth_GBps"] > 0 and r["slowest_pair"] == ["n1", "n2"]
     assert all(n["shared_fs_ok"] and n["versions_ok"] and n["ok"] for n in r["nodes"])
