@@ -60,15 +60,24 @@ def test_a_node_far_below_the_median_pair_is_named_with_what_to_do():
     assert verdict["nodes"][3]["bus_bandwidth_GBps"] == 1.0  # its median pair
 
 
+def test_bad_preflight_settings_are_refused_before_any_rank_starts(tmp_path):
+    run = launch("preflight", RECIPES / "quickstart.yaml", f"output_dir={tmp_path}", "preflight.allreduce_size=lots",
+                 "preflight.slow_node_factor=2")
+    assert run.returncode == 2, run.output[-3000:]
+    assert "preflight.allreduce_size" in run.stderr and "preflight.slow_node_factor" in run.stderr
+    assert not (tmp_path / "launch").exists()
+
+
 def test_local_preflight_two_ranks_reports_bandwidth_and_leaves_nothing_behind(tiny, tmp_path):
     out = tmp_path / "run"
-    run = launch("preflight", *tiny_recipe(tiny["bert"], out), "--procs", "2", timeout=300)
+    run = launch("preflight", *tiny_recipe(tiny["bert"], out, "preflight.allreduce_size=2MiB"), "--procs", "2",
+                 timeout=300)
     assert run.returncode == 0, run.output[-4000:]
     assert "pre-flight: 2 ranks" in run.stdout and "pre-flight passed" in run.stdout
     assert "no node pairs" in run.stdout
     r = report(out)
     assert r["status"] == "passed" and r["world_size"] == 2 and len(r["ranks"]) == 2
-    assert r["allreduce"]["bus_bandwidth_GBps"] > 0 and r["node_pairs"] == []
+    assert r["allreduce"]["bytes"] == 2 * 2**20 and r["allreduce"]["bus_bandwidth_GBps"] > 0 and r["node_pairs"] == []
     (node,) = r["nodes"]
     assert node["node"] == socket.gethostname() and node["ranks"] == [0, 1] and node["ok"]
     assert 0 < node["disk_needed"] < node["disk_free"] and 0 < node["ram_needed"] < node["ram_free"]
