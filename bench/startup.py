@@ -45,7 +45,8 @@ SMOKE = {"rounds": 1, "rows": 200, "seq_len": 16, "procs": 1}
 MODEL_FULL = LlamaSize(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=688, vocab=2000)
 MODEL_SMOKE = LlamaSize(hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64, vocab=200)
 PARTS = [("recipe + checks + plan", "recipe_and_plan_s"), ("process start + imports", "rank_start_s"),
-         ("process group (rendezvous)", "process_group_s"), ("data preparation", "data_prep_s"),
+         ("process group (rendezvous)", "process_group_s"), ("pre-flight checks", "preflight_s"),
+         ("data preparation", "data_prep_s"),
          ("model load", "model_load_s"), ("other set-up", "other_s"), ("first step", "first_step_s"),
          ("time to first step", "time_to_first_step_s")]
 
@@ -57,7 +58,7 @@ def launch_parts(timings: dict) -> dict:
 
 def torchrun_parts(result: dict) -> dict:
     return {"recipe_and_plan_s": 0.0, "rank_start_s": result["rank_start_s"] + result["imports_s"],
-            "process_group_s": result["process_group_s"], "data_prep_s": 0.0, "model_load_s": result["model_load_s"],
+            "process_group_s": result["process_group_s"], "preflight_s": 0.0, "data_prep_s": 0.0, "model_load_s": result["model_load_s"],
             "other_s": 0.0, "first_step_s": result["first_step_s"],
             "time_to_first_step_s": result["time_to_first_step_s"]}
 

@@ -29,6 +29,7 @@ examples:
   launch status runs/x        launch cancel runs/x              a submitted job's state; scancel it
   launch export runs/x --merge                         a LoRA run's adapter folded into full weights
   launch plan recipes/x.yaml --nodes 2 --gpus-per-node 8 --gpu-memory 80GiB   memory per GPU of every strategy
+  launch preflight recipes/x.yaml --nodes 4 --cluster cluster/slurm.yaml   versions, bandwidth, shared FS, RAM/disk
 
 exit status: 0 done, 1 training failed (the failing rank is named), 2 invalid recipe or data,
              128+N stopped by signal N, 75 stopped on request (USR1) after a checkpoint (relaunch to resume).
@@ -101,6 +102,7 @@ SUBCOMMANDS: dict[str, str] = {
     "cancel": "launcher.backends.slurm_jobs:cancel_command",
     "export": "launcher.export:main",
     "plan": "launcher.plan_table:main",
+    "preflight": "launcher.preflight:main",
 }
 
 

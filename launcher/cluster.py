@@ -10,12 +10,12 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from launcher.loading import Problem, RecipeError, Source, read_yaml, validate
-from launcher.recipe import Strict
+from launcher.recipe import MemorySize, Strict
 
 BYTES = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -27,9 +27,6 @@ def parse_bytes(text: str) -> int:
     if not match or match.group(2).lower() not in BYTES:
         raise ValueError(f"{text!r} is not a size; write e.g. 80GiB, 141GB or 512MiB")
     return int(float(match.group(1)) * BYTES[match.group(2).lower()])
-
-
-MemorySize = Annotated[str, Field(pattern=r"^\s*[0-9]*\.?[0-9]+\s*([KMGT]i?B|[kmgt]i?b|B|b)?\s*$")]
 
 
 class LocalProfile(Strict):

@@ -329,3 +329,16 @@ def choose(recipe: Recipe, shape: ModelShape, *, num_nodes: int, gpus_per_node: 
         hints.append("model.lora (with model.quantization for QLoRA)")
     raise RecipeError("plan", [Problem("distributed.strategy", f"auto: nothing fits in {gib(budget)} usable per GPU "
                                        f"({', '.join(over)}); try {', '.join(hints)}")])
+
+
+def disk_bytes(shape: ModelShape, recipe: Recipe) -> int:
+    """Disk at output_dir for a run: train.keep_last checkpoints, one more while the next is written (the
+    oldest goes only once it is complete), and the exported final model. A checkpoint holds the whole
+    model in its load dtype and the optimizer's fp32 moments (+ fp32 master weights under mixed precision)
+    of the trainable parameters, whatever the strategy: sharded states add up to the same bytes."""
+    from launcher.train.model import DTYPES
+
+    model = shape.frozen_bytes + shape.num_trainable * DTYPES[recipe.model.dtype].itemsize
+    half = recipe.train.precision != "fp32" or recipe.model.dtype != "fp32"
+    optimizer = shape.num_trainable * (8 + (4 if half else 0))
+    return (recipe.train.keep_last + 1) * (model + optimizer) + model

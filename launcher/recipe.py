@@ -316,12 +316,35 @@ class DistributedConfig(Strict):
         return self
 
 
+# "80GiB", "512MiB", "141GB" (launcher.cluster.parse_bytes reads it); also used by the cluster profiles
+MemorySize = Annotated[str, Field(pattern=r"^\s*[0-9]*\.?[0-9]+\s*([KMGT]i?B|[kmgt]i?b|B|b)?\s*$")]
+
+
+class PreflightConfig(Strict):
+    """Checks run on every rank after the process group is up and before the model or data is loaded
+    (launcher/preflight.py): versions agree, all-reduce bandwidth per node pair, output_dir shared by
+    every node, free host RAM and disk against the planner's needs. `launch preflight RECIPE` runs them alone."""
+
+    run: Literal["before_training", "only", "never"] = Field(
+        "before_training", description="'before_training' (default, about a second on CPU); 'only': the ranks "
+        "run the checks and exit (what `launch preflight` sets); 'never' skips them."
+    )
+    allreduce_size: MemorySize | None = Field(
+        None, description="Tensor all-reduced to measure bandwidth, e.g. 256MiB; default 64MiB on GPU, 4MiB on CPU."
+    )
+    slow_node_factor: float = Field(
+        0.25, gt=0.0, le=1.0, description="A node whose node-pair bandwidth is below this fraction of the median "
+        "over all pairs fails the check (it needs 3 or more nodes to have a median to compare with)."
+    )
+
+
 class Recipe(Strict):
     model: ModelConfig
     task: TaskConfig
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    preflight: PreflightConfig = Field(default_factory=PreflightConfig)
     output_dir: str = Field(description="Run directory: checkpoints, metrics.jsonl, final/, summary.json.")
 
     @model_validator(mode="after")

@@ -137,8 +137,13 @@ def launch(recipe: Recipe, plan: Plan, profile: LocalProfile, t0: float, *, foll
     except RanksStopped as exc:
         print(f"stopped: {exc}", file=sys.stderr)
         return EXIT_STOPPED
-    print(f"done: {Path(recipe.output_dir).resolve() / 'summary.json'}")
+    print(f"done: {Path(recipe.output_dir).resolve() / result_file(recipe)}")
     return 0
+
+
+def result_file(recipe: Recipe) -> str:
+    """What a finished launch leaves in output_dir: the pre-flight report when only that ran."""
+    return "preflight.json" if recipe.preflight.run == "only" else "summary.json"
 
 
 STANDALONE = ["--standalone", "--nnodes", "1"]

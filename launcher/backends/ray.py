@@ -20,7 +20,7 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-from launcher.backends.local import Layout, LaunchStopped, worker_env
+from launcher.backends.local import LaunchStopped, Layout, result_file, worker_env
 from launcher.cluster import RayProfile
 from launcher.loading import Problem, RecipeError
 from launcher.plan import Plan
@@ -132,7 +132,7 @@ def launch(recipe: Recipe, plan: Plan, profile: RayProfile, t0: float, *, follow
     finally:
         signal.signal(signal.SIGTERM, previous)
         ray.shutdown()
-    print(f"done: {Path(recipe.output_dir).resolve() / 'summary.json'}")
+    print(f"done: {Path(recipe.output_dir).resolve() / result_file(recipe)}")
     return 0
 
 
@@ -178,7 +178,7 @@ def train_worker(config: dict) -> None:
         if from_ray:
             recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"resume": folder})})
         summary = run(recipe, plan, on_checkpoint=report)
-    if rank == 0:
+    if rank == 0 and recipe.preflight.run != "only":
         summary["ray"] = {"node_id_per_rank": nodes, "resumed_from_ray_storage": from_ray,
                           "torch_threads": torch.get_num_threads()}
         write_json_atomic(Path(recipe.output_dir) / "summary.json", summary)

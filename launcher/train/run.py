@@ -1,6 +1,6 @@
 """train.run(recipe, plan): the one training entry point every backend ends in.
 
-Order: accelerator → tokenizer and data → model → loss → optimizer/scheduler
+Order: accelerator → pre-flight checks (launcher.preflight) → tokenizer and data → model → loss → optimizer/scheduler
 → resume → loop (train, evaluate, checkpoint, log) → export → summary.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from launcher import preflight
 from launcher.dataset import label_counts, load_splits
 from launcher.plan import Plan
 from launcher.recipe import CrossEntropy, Recipe
@@ -129,7 +130,13 @@ def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] 
     rank, world = accelerator.process_index, accelerator.num_processes
     log = rank_logger(rank)
     _quiet_libraries(accelerator.is_main_process)
-    hosts = sorted(set(_gather_hosts(accelerator)))  # the peers, checked before anything heavy is loaded
+    # the peers, checked before anything heavy is loaded; PreflightFailed on every rank when a check fails
+    t_checks = time.time()
+    hosts = preflight.check(recipe, plan, rank, world, accelerator.device)
+    t_preflight = time.time()
+    if recipe.preflight.run == "only":
+        _shutdown(accelerator)
+        return {"status": "preflight passed", "hosts": hosts}
     log.info(f"world size {world} ({accelerator.distributed_type.value}, backend {plan.backend}), device "
              f"{accelerator.device}, strategy {plan.strategy_label}, hosts {', '.join(hosts)}")
     run_dir = Path(recipe.output_dir)
@@ -300,7 +307,8 @@ def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] 
             "recipe_and_plan_s": t_planned - t_launch,
             "rank_start_s": t0 - t_planned,
             "process_group_s": t_pg - t0,
-            "data_prep_s": t_data - t_pg,
+            "preflight_s": t_preflight - t_checks,
+            "data_prep_s": t_data - t_pg - (t_preflight - t_checks),  # library set-up, tokenizer, data
             "model_load_s": t_model - t_data,
             "first_step_s": (t_first_step - t_train) if t_first_step else None,
             "training_wall_s": train_wall,
@@ -338,11 +346,3 @@ def _quiet_libraries(is_main: bool) -> None:
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_warning() if is_main else transformers.utils.logging.set_verbosity_error()
-
-
-def _gather_hosts(accelerator) -> list[str]:
-    import socket
-
-    from accelerate.utils import gather_object
-
-    return gather_object([socket.gethostname()])
