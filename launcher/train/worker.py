@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 
 import yaml
-from torch.distributed.elastic.multiprocessing.errors import record
+from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
 
 from launcher.loading import dump_recipe
 from launcher.plan import Plan
@@ -38,10 +38,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("spec", type=Path, help="folder holding recipe.yaml and plan.json")
     args = parser.parse_args(argv)
-    from launcher.train.run import run
+    from launcher.preflight import PreflightFailed
+    from launcher.train.checkpoint import CheckpointMismatch
+    from launcher.train.run import WorldMismatch, run
 
     recipe, plan = read_spec(args.spec)
-    run(recipe, plan)
+    try:
+        run(recipe, plan)
+    except (PreflightFailed, CheckpointMismatch, WorldMismatch) as exc:
+        # A verdict every rank reaches alike, whose message says it all: the launcher names it per rank from
+        # the error file; a traceback from every rank would only bury it.
+        get_error_handler().record_exception(exc)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":
