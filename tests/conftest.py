@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "recipes"
+TESTBED = REPO / "tests" / "slurm"
 CHAT_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} [SEP] {% endfor %}"
     "{% if add_generation_prompt %}<assistant> {% endif %}"
@@ -87,6 +89,29 @@ def tiny(tmp_path_factory) -> dict[str, str]:
         tokenizer.save_pretrained(folder)
         paths[name] = str(folder)
     return paths
+
+
+def _why_not() -> str | None:
+    if os.geteuid() != 0:
+        return "the Slurm testbed needs root (it starts munged, slurmctld and slurmd)"
+    if not shutil.which("sbatch") and not shutil.which("apt-get"):
+        return "Slurm is not installed and there is no apt-get to install slurm-wlm"
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """One Slurm testbed (nodes n1, n2) per test session, shared by every module that runs Slurm jobs."""
+    reason = _why_not()
+    if reason:
+        pytest.skip(reason)
+    env = {**os.environ, "SLURM_CI_NODES": "2", "SLURM_CI_CPUS": "4"}
+    started = subprocess.run([str(TESTBED / "start-slurm.sh")], capture_output=True, text=True, timeout=600, env=env)
+    if started.returncode:
+        subprocess.run([str(TESTBED / "stop-slurm.sh"), "--quiet"], timeout=120)
+        pytest.fail(f"the Slurm testbed did not start:\n{started.stderr[-3000:]}")
+    yield ["n1", "n2"]
+    subprocess.run([str(TESTBED / "stop-slurm.sh"), "--quiet"], timeout=120)
 
 
 @dataclass

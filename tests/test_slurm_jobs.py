@@ -13,40 +13,15 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 from conftest import REPO, RECIPES, launch, metric_lines, summary
 
-TESTBED = REPO / "tests" / "slurm"
-
-
-def _why_not() -> str | None:
-    if os.geteuid() != 0:
-        return "the Slurm testbed needs root (it starts munged, slurmctld and slurmd)"
-    if not shutil.which("sbatch") and not shutil.which("apt-get"):
-        return "Slurm is not installed and there is no apt-get to install slurm-wlm"
-    return None
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster():
-    reason = _why_not()
-    if reason:
-        pytest.skip(reason)
-    env = {**os.environ, "SLURM_CI_NODES": "2", "SLURM_CI_CPUS": "4"}
-    started = subprocess.run([str(TESTBED / "start-slurm.sh")], capture_output=True, text=True, timeout=600, env=env)
-    if started.returncode:
-        subprocess.run([str(TESTBED / "stop-slurm.sh"), "--quiet"], timeout=120)
-        pytest.fail(f"the Slurm testbed did not start:\n{started.stderr[-3000:]}")
-    yield ["n1", "n2"]
-    subprocess.run([str(TESTBED / "stop-slurm.sh"), "--quiet"], timeout=120)
 
 
 SECRET = "s3cr3t-" + secrets.token_hex(8)
