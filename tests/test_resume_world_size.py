@@ -3,14 +3,13 @@
 The recipe's batch is global and the sampler is stateless, so a run resumed on W' processes from a checkpoint
 written by W must end with the weights of the uninterrupted run (fp32, no dropout: equal up to float summation
 order). Default suite (kept small):
-- ZeRO-2, one chain: an uninterrupted 2-rank run (checkpoints at steps 2, 4, 6) is the reference; its step-2
-  checkpoint resumed on 1 rank (2→1: the optimizer partitions are resharded through DeepSpeed's universal
-  checkpoint), and that run's own step-4 checkpoint, written by 1 rank, resumed on 2 (1→2).
+- ZeRO-2 2→1: an uninterrupted 2-rank run (checkpoints at steps 2, 4, 6) is the reference; its step-2 checkpoint
+  resumed on 1 rank (the optimizer partitions are resharded through DeepSpeed's universal checkpoint).
 - Slurm, DDP: a 2-node job's step-4 checkpoint finished by a 1-node job.
 - The refusals that remain, at plan time.
-Slow: DDP 2→1 and 1→2 on local processes, LoRA, ZeRO-3 (also with LoRA) and FSDP 2→1, and
-a dropout run resumed 1→2 twice (the ranks the checkpoint had no random state for are seeded from
-(seed, step, rank): reproducible).
+Slow: ZeRO-2 1→2 (that 1-rank run's own step-4 checkpoint resumed on 2 ranks), DDP 2→1 and 1→2 on local
+processes, LoRA, ZeRO-3 (also with LoRA) and FSDP 2→1, and a dropout run resumed 1→2 twice (the ranks the
+checkpoint had no random state for are seeded from (seed, step, rank): reproducible).
 """
 from __future__ import annotations
 
@@ -60,46 +59,58 @@ def assert_resumed(run: Path, result, *, step: int, written_by: int, world_size:
     assert f"checkpoint written by {written_by} processes, resuming on {world_size}" in result.output
 
 
-def chain(model: str, root: Path, *extra: str) -> dict:
-    """The uninterrupted 2-rank run, its step-2 checkpoint resumed on 1 rank, and that run's step-4 checkpoint
-    (written by 1 rank) resumed on 2."""
-    out = {"root": root, "ref": launch(*sft_args(model, root / "ref", *extra), "--procs", "2", timeout=600)}
+def two_to_one(model: str, root: Path, *extra: str) -> dict:
+    """The uninterrupted 2-rank run (the reference) and its step-2 checkpoint resumed on 1 rank."""
+    out = {"root": root, "extra": extra, "ref": launch(*sft_args(model, root / "ref", *extra), "--procs", "2",
+                                                       timeout=600)}
     assert out["ref"].returncode == 0, out["ref"].output[-4000:]
-    one = truncated_copy(root / "ref", root / "2to1", 2)
-    out["2to1"] = launch(*sft_args(model, one, *extra), "--procs", "1", timeout=600)
-    if out["2to1"].returncode == 0:
-        two = truncated_copy(one, root / "1to2", 4)
-        out["1to2"] = launch(*sft_args(model, two, *extra), "--procs", "2", timeout=600)
+    out["2to1"] = launch(*sft_args(model, truncated_copy(root / "ref", root / "2to1", 2), *extra), "--procs", "1",
+                         timeout=600)
     return out
 
 
-def check_chain(runs: dict) -> None:
+def check_two_to_one(runs: dict) -> None:
     root = runs["root"]
     assert_resumed(root / "2to1", runs["2to1"], step=2, written_by=2, world_size=1)
     assert summary(root / "2to1")["plan"]["grad_accum"] == 4  # the same global batch in 4 micro-batches
     assert max_difference(root / "ref", root / "2to1") <= TOLERANCE
-    assert_resumed(root / "1to2", runs["1to2"], step=4, written_by=1, world_size=2)
-    assert "rank 1: seeded from (seed, step, rank)" in runs["1to2"].output  # rank 1 had no saved RNG state
-    assert max_difference(root / "ref", root / "1to2") <= TOLERANCE
+
+
+def check_one_to_two(model: str, runs: dict):
+    """The 1-rank run's own step-4 checkpoint resumed on 2 ranks ends with the reference's weights too."""
+    root = runs["root"]
+    two = truncated_copy(root / "2to1", root / "1to2", 4)
+    resumed = launch(*sft_args(model, two, *runs["extra"]), "--procs", "2", timeout=600)
+    assert_resumed(two, resumed, step=4, written_by=1, world_size=2)
+    assert "rank 1: seeded from (seed, step, rank)" in resumed.output  # rank 1 had no saved RNG state
+    assert max_difference(root / "ref", two) <= TOLERANCE
+    return resumed
 
 
 @pytest.fixture(scope="module")
 def zero2(tiny, tmp_path_factory) -> dict:
-    return chain(tiny["llama"], tmp_path_factory.mktemp("resume-zero2"), "distributed.strategy=zero2")
+    return two_to_one(tiny["llama"], tmp_path_factory.mktemp("resume-zero2"), "distributed.strategy=zero2")
 
 
-def test_zero2_resumes_two_ranks_on_one_and_one_on_two(zero2):
-    """ZeRO-2 shards the Adam states by rank: each resume reshards them and still ends with the reference."""
-    check_chain(zero2)
-    for name, world in (("2to1", 1), ("1to2", 2)):
-        assert f"resharding the ZeRO states of checkpoint-0000000{2 if world == 1 else 4} for {world} processes" \
-            in zero2[name].output
-        assert not list((zero2["root"] / name).glob(".universal-*")), "the converted states are removed once loaded"
+def test_zero2_two_ranks_resume_on_one(zero2):
+    """ZeRO-2 shards the Adam states by rank: resumed on 1 rank, they are resharded and the run still ends with
+    the reference's weights."""
+    check_two_to_one(zero2)
+    assert "resharding the ZeRO states of checkpoint-00000002 for 1 processes" in zero2["2to1"].output
+    assert not list((zero2["root"] / "2to1").glob(".universal-*")), "the converted states are removed once loaded"
+
+
+@pytest.mark.slow
+def test_zero2_one_rank_resumes_on_two(zero2, tiny):
+    resumed = check_one_to_two(tiny["llama"], zero2)
+    assert "resharding the ZeRO states of checkpoint-00000004 for 2 processes" in resumed.output
 
 
 @pytest.mark.slow
 def test_ddp_resumes_two_ranks_on_one_and_one_on_two(tiny, tmp_path):
-    check_chain(chain(tiny["llama"], tmp_path))
+    runs = two_to_one(tiny["llama"], tmp_path)
+    check_two_to_one(runs)
+    check_one_to_two(tiny["llama"], runs)
 
 
 def test_refusals_come_before_any_rank_starts(zero2, tiny, tmp_path):
