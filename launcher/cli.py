@@ -62,16 +62,18 @@ def resume_point(recipe, plan) -> str:
         CheckpointMismatch,
         check_compatible,
         find_resume,
+        world_size_note,
     )
 
     found = find_resume(Path(recipe.output_dir), recipe.train.resume)
     if found is None:
         return "from the pretrained weights"
     try:
-        state = check_compatible(found, recipe, plan.world_size)
+        state = check_compatible(found, recipe, plan)
     except CheckpointMismatch as exc:
         raise RecipeError("resume", [Problem("train.resume", str(exc))]) from None
-    return f"step {state['step']} of {found}"
+    note = world_size_note(state, plan.world_size)
+    return f"step {state['step']} of {found}" + (f" ({note})" if note else "")
 
 
 def print_plan(recipe, plan, resume: str, gpu_memory: int | None) -> None:

@@ -91,6 +91,29 @@ def tiny(tmp_path_factory) -> dict[str, str]:
     return paths
 
 
+def _why_not() -> str | None:
+    if os.geteuid() != 0:
+        return "the Slurm testbed needs root (it starts munged, slurmctld and slurmd)"
+    if not shutil.which("sbatch") and not shutil.which("apt-get"):
+        return "Slurm is not installed and there is no apt-get to install slurm-wlm"
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """One Slurm testbed (nodes n1, n2) per test session, shared by every module that runs Slurm jobs."""
+    reason = _why_not()
+    if reason:
+        pytest.skip(reason)
+    env = {**os.environ, "SLURM_CI_NODES": "2", "SLURM_CI_CPUS": "4"}
+    started = subprocess.run([str(TESTBED / "start-slurm.sh")], capture_output=True, text=True, timeout=600, env=env)
+    if started.returncode:
+        subprocess.run([str(TESTBED / "stop-slurm.sh"), "--quiet"], timeout=120)
+        pytest.fail(f"the Slurm testbed did not start:\n{started.stderr[-3000:]}")
+    yield ["n1", "n2"]
+    subprocess.run([str(TESTBED / "stop-slurm.sh"), "--quiet"], timeout=120)
+
+
 @dataclass
 class Launch:
     returncode: int
@@ -125,25 +148,6 @@ def final_weights(run_dir: Path) -> dict:
 def metric_lines(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
-
-def _why_not() -> str | None:
-    if os.geteuid() != 0:
-        return "the Slurm testbed needs root (it starts munged, slurmctld and slurmd)"
-    if not shutil.which("sbatch") and not shutil.which("apt-get"):
-        return "Slurm is not installed and there is no apt-get to install slurm-wlm"
-    return None
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster():
-    """The session's Slurm testbed (tests/slurm/start-slurm.sh): nodes n1 and n2 on this machine."""
-    reason = _why_not()
-    if reason:
-        pytest.skip(reason)
-    env = {**os.environ, "SLURM_CI_NODES": "2", "SLURM_CI_CPUS": "4"}
-    started = subprocess.run([str(TESTBED / "start-slurm.sh")], capture_output=True, text=True, timeout=600, env=env)
-    if started.returncode:
-        subprocess.run([str(TESTBED / "stop-slurm.sh"), "--quiet"], timeout=120)
         pytest.fail(f"the Slurm testbed did not start:\n{started.stderr[-3000:]}")
     yield ["n1", "n2"]
     subprocess.run([str(TESTBED / "stop-slurm.sh"), "--quiet"], timeout=120)

@@ -21,10 +21,10 @@ class CheckpointMismatch(Exception):
 
 
 def fingerprint(recipe) -> dict:
-    # strategy and LoRA decide the checkpoint's layout (DeepSpeed / FSDP shards, adapter-only states)
+    # LoRA decides the checkpoint's layout (adapter-only states); so does the strategy, which check_compatible
+    # compares as planned (`auto` resolved), not as written in the recipe
     return {"model": recipe.model.path, "task": recipe.task.type, "num_labels": recipe.task.resolved_num_labels,
-            "global_batch_size": recipe.train.batch_size, "strategy": recipe.distributed.strategy,
-            "lora": recipe.model.lora is not None}
+            "global_batch_size": recipe.train.batch_size, "lora": recipe.model.lora is not None}
 
 
 def complete(run_dir: Path) -> list[Path]:
@@ -48,7 +48,10 @@ def read_state(folder: Path) -> dict:
     return json.loads((folder / STATE_FILE).read_text())
 
 
-def check_compatible(folder: Path, recipe, world_size: int) -> dict:
+def check_compatible(folder: Path, recipe, plan) -> dict:
+    """The checkpoint's state if it can continue this recipe under this plan. The world size may differ: the
+    data position is in samples and the global batch is the recipe's, so only the split into micro-batches
+    changes (ZeRO states are resharded at load: train.strategy). The strategy may not: its states' layout."""
     try:
         state = read_state(folder)
         state["fingerprint"], state["world_size"], state["step"]
@@ -61,10 +64,39 @@ def check_compatible(folder: Path, recipe, world_size: int) -> dict:
         detail = "; ".join(f"{k}: checkpoint {a!r}, recipe {b!r}" for k, (a, b) in differ.items())
         raise CheckpointMismatch(f"{folder} was written by a different run ({detail}). Use another output_dir, "
                                  "or train.resume=never to start over in a fresh output_dir.")
-    if state["world_size"] != world_size:
-        raise CheckpointMismatch(f"{folder} was written with world size {state['world_size']}, this launch has "
-                                 f"{world_size}; resume with the same number of processes")
+    written = state.get("plan", {}).get("strategy", plan.strategy)
+    if written != plan.strategy:  # `strategy: auto` can choose differently on another number of GPUs
+        raise CheckpointMismatch(f"{folder} holds {written} states but this launch plans {plan.strategy} "
+                                 f"({plan.world_size} processes); set distributed.strategy={written} to resume "
+                                 f"it (any number of processes works), or train.resume=never in a fresh output_dir")
     return state
+
+
+def world_size_note(state: dict, world_size: int) -> str | None:
+    """What changes when a checkpoint resumes on another number of processes (None: the same)."""
+    if state["world_size"] == world_size:
+        return None
+    return (f"world size changed: checkpoint written by {state['world_size']} processes, resuming on {world_size}; "
+            f"same global batch, split into other micro-batches (summation order differs: float rounding only)")
+
+
+def rank_seed(seed: int, step: int, rank: int) -> int:
+    """The RNG seed of a rank that has no saved random state (a rank beyond the checkpoint's world size):
+    a function of (seed, step, rank) only, so such a resume is reproducible."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+def restore_missing_rng(folder: Path, rank: int, seed: int, step: int) -> bool:
+    """Accelerate's load_state restores random_states_{rank}.pkl when present and silently keeps the current
+    state when not; a rank the checkpoint had no file for is seeded with rank_seed instead. True if seeded."""
+    if (folder / f"random_states_{rank}.pkl").exists():
+        return False
+    from accelerate.utils import set_seed
+
+    set_seed(rank_seed(seed, step, rank))
+    return True
 
 
 def save(accelerator, run_dir: Path, step: int, state: dict, keep_last: int, engine=None) -> Path:

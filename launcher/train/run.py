@@ -169,15 +169,21 @@ def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] 
     collate = Collate(tokenizer, task)
     evaluator = Evaluator(accelerator, model, loss_fn, collate, recipe, plan)
 
-    start_step, first_loss, last_loss, resumed_from = 0, None, None, None
+    start_step, first_loss, last_loss, resumed_from, resumed_world_size = 0, None, None, None, None
     found = checkpoint.find_resume(run_dir, recipe.train.resume)
     if found is not None:
-        state = checkpoint.check_compatible(found, recipe, world)
+        state = checkpoint.check_compatible(found, recipe, plan)
         accelerator.load_state(str(found))
-        engine.load(found)
+        engine.load(found, state["world_size"])
         start_step, resumed_from = state["step"], str(found)
         first_loss, last_loss = state.get("first_loss"), state.get("last_loss")
+        resumed_world_size = state["world_size"]
         log.info(f"resumed from {found} at step {start_step}")
+        note = checkpoint.world_size_note(state, world)
+        if note:
+            log.info(note)
+        if checkpoint.restore_missing_rng(found, rank, recipe.train.seed, start_step):
+            log.info(f"no saved random state for rank {rank}: seeded from (seed, step, rank)")
         if accelerator.is_main_process:
             truncate_metrics(run_dir, start_step)
     accelerator.wait_for_everyone()
@@ -288,6 +294,7 @@ def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] 
         "epochs": plan.total_steps / plan.steps_per_epoch,
         "samples_seen": plan.total_steps * plan.global_batch_size,
         "resumed_from": resumed_from,
+        "resumed_world_size": resumed_world_size,  # the checkpoint's world size (may differ from world_size)
         "train_loss": {"first": losses.first, "last": losses.last},
         "metrics": results,
         "final_model": str(final_dir.resolve()),

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import io
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -70,8 +72,8 @@ class Engine:
     def save(self, folder: Path) -> None:
         """Model and optimizer states beyond what accelerator.save_state writes (nothing for DDP)."""
 
-    def load(self, folder: Path) -> None:
-        pass
+    def load(self, folder: Path, saved_world_size: int) -> None:
+        """Restore what save() wrote; `saved_world_size`: the checkpoint's, which may differ from this run's."""
 
     def unwrapped(self) -> torch.nn.Module:
         return self.acc.unwrap_model(self.model)
@@ -159,9 +161,45 @@ class DeepSpeedEngine(Engine):
         self.model.save_checkpoint(str(folder / "deepspeed"), tag="state",
                                    exclude_frozen_parameters=self.recipe.model.lora is not None)
 
-    def load(self, folder):
+    def load(self, folder, saved_world_size):
+        if saved_world_size != self.acc.num_processes:
+            return self._load_resharded(folder)
         path, _ = self.model.load_checkpoint(str(folder / "deepspeed"), tag="state", load_lr_scheduler_states=False,
                                              load_module_strict=self.recipe.model.lora is None)
+        if path is None:
+            raise RuntimeError(f"no DeepSpeed state in {folder}; was it written with another strategy?")
+
+    def _load_resharded(self, folder: Path) -> None:
+        """ZeRO partitions depend on the world size, so a checkpoint of another world size is converted to
+        DeepSpeed's universal checkpoint (one fp32 file per parameter and per Adam moment) by rank 0, into a
+        hidden folder beside the checkpoint (which stays as written), and loaded from there by every rank."""
+        from argparse import Namespace
+
+        from deepspeed.checkpoint import ds_to_universal
+
+        universal = folder.parent / f".universal-{folder.name}"
+        if self.acc.is_main_process:
+            print(f"resharding the ZeRO states of {folder.name} for {self.acc.num_processes} processes through "
+                  "DeepSpeed's universal checkpoint", flush=True)
+            shutil.rmtree(universal, ignore_errors=True)
+            # inject_missing_state: a plain (non-Megatron) model has no UNIVERSAL_CHECKPOINT_INFO; 1 worker: no
+            # process pool. Its progress prints would flood the rank's log.
+            with contextlib.redirect_stdout(io.StringIO()):
+                ds_to_universal.main(Namespace(input_folder=str(folder / "deepspeed" / "state"),
+                                               output_folder=str(universal / "state"), num_extract_workers=1,
+                                               num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                               inject_missing_state=True))
+        self.acc.wait_for_everyone()
+        config = self.model._config
+        config.load_universal_checkpoint = True
+        try:
+            path, _ = self.model.load_checkpoint(str(universal), tag="state", load_lr_scheduler_states=False,
+                                                 load_module_strict=self.recipe.model.lora is None)
+        finally:
+            config.load_universal_checkpoint = False
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            shutil.rmtree(universal, ignore_errors=True)
         if path is None:
             raise RuntimeError(f"no DeepSpeed state in {folder}; was it written with another strategy?")
 
@@ -234,7 +272,8 @@ class FSDPEngine(Engine):
 
         dcp.save(self._dcp_state(), checkpoint_id=str(folder / "fsdp"))
 
-    def load(self, folder):
+    def load(self, folder, saved_world_size):
+        # DCP records each shard's offsets and reshards on load, so any saved world size reads the same way
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
