@@ -114,6 +114,8 @@ def read_yaml(path: Path, what: str = "recipe") -> tuple[dict, dict[tuple, int]]
         raise RecipeError(name, [Problem("", f"not valid YAML: {problem}", where)]) from None
     except ValueError as exc:  # e.g. an integer of thousands of digits (Python's int() limit)
         raise RecipeError(name, [Problem("", f"value out of range: {str(exc).splitlines()[0]}")]) from None
+    except RecursionError:
+        raise RecipeError(name, [Problem("", "not valid YAML: nested too deeply")]) from None
     if data is None:
         raise RecipeError(name, [Problem("", f"{what} file is empty")])
     if not isinstance(data, dict):
@@ -163,7 +165,7 @@ def parse_override(text: str) -> tuple[tuple, Any]:
         raise RecipeError("command line", [Problem(key, f"malformed override key in {text!r}")])
     try:
         parsed = _safe_load(value)[1] if value != "" else ""
-    except (yaml.YAMLError, ValueError):
+    except (yaml.YAMLError, ValueError, RecursionError):
         parsed = value
     return tuple(key.split(".")), parsed
 
