@@ -145,8 +145,8 @@ def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] 
         start_step, resumed_from = state["step"], str(found)
         first_loss, last_loss = state.get("first_loss"), state.get("last_loss")
         log.info(f"resumed from {found} at step {start_step}")
-        if accelerator.is_main_process:
-            truncate_metrics(run_dir, start_step)
+    if accelerator.is_main_process:  # steps after the checkpoint (all, when a killed run had none) are run again
+        truncate_metrics(run_dir, start_step)
     accelerator.wait_for_everyone()
 
     train_rows = data["train"]
