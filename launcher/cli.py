@@ -67,7 +67,7 @@ def resume_point(recipe, plan) -> str:
     try:
         found, skipped = newest_intact(Path(recipe.output_dir), recipe.train.resume)
         for note in skipped:
-            print(f"warning: {note}", file=sys.stderr)
+            print(f"warning: {note}; resuming from an older checkpoint", file=sys.stderr)
         if found is None:
             return "from the pretrained weights"
         state = check_compatible(found, recipe, plan.world_size)

@@ -164,7 +164,7 @@ def newest_intact(run_dir: Path, resume: str) -> tuple[Path | None, list[str]]:
         problem = damage(folder)
         if problem is None:
             return folder, skipped
-        skipped.append(f"{folder} is damaged ({problem}); resuming from an older checkpoint")
+        skipped.append(f"{folder} is damaged ({problem})")
     if skipped:
         raise CheckpointDamaged(f"every checkpoint in {run_dir} is damaged: {'; '.join(skipped)}. Use another "
                                 "output_dir, or train.resume=never to start over in a fresh output_dir.")
