@@ -97,8 +97,15 @@ def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tiny, clean,
     assert not list(run.glob(".tmp-*")), "the next save removes the partial write"
 
 
+def steps_done(run: Path) -> int:
+    try:
+        return max((r["step"] for r in metric_lines(run) if "split" not in r), default=0)
+    except (OSError, ValueError):  # not there yet, or a line being written
+        return 0
+
+
 def kill_from_outside(model: str, run: Path, rng: random.Random) -> tuple[float, int]:
-    """SIGKILL one of the ranks (children of `launch`) at a random time after the first checkpoint."""
+    """SIGKILL one of the ranks (children of `launch`) at a random step after the first checkpoint."""
     import psutil
 
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -106,9 +113,9 @@ def kill_from_outside(model: str, run: Path, rng: random.Random) -> tuple[float,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
-        while not (run / f"checkpoint-{SAVE_EVERY:08d}").exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0, 1.5))
+        target = rng.randint(SAVE_EVERY + 1, STEPS - 1)
+        while steps_done(run) < target and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
         ranks = [p for p in psutil.Process(proc.pid).children() if "launcher.train.worker" in " ".join(p.cmdline())]
         assert proc.poll() is None and ranks, "the run ended before the kill; make it longer"
         victim = rng.choice(ranks)
@@ -126,7 +133,7 @@ def kill_from_outside(model: str, run: Path, rng: random.Random) -> tuple[float,
 
 @pytest.mark.slow
 def test_kill_at_random_points(tiny, clean, tmp_path):
-    """12 kill points: 10 drills at seeded random (rank, step, phase) and 2 kills from outside at random times."""
+    """12 kill points: 10 drills at seeded random (rank, step, phase) and 2 kills from outside at random steps."""
     seed = int(os.environ.get("KILL_SEED", "6"))
     rng = random.Random(seed)
     points = []
@@ -141,7 +148,7 @@ def test_kill_at_random_points(tiny, clean, tmp_path):
         run = tmp_path / f"kill-{i}" / "run"
         if rank == "outside":
             latency, saved = kill_from_outside(tiny["bert_dropout"], run, rng)
-            what = f"kill -9 of a rank from outside after checkpoint {SAVE_EVERY} (newest complete: {saved})"
+            what = f"kill -9 of a rank from outside after step {SAVE_EVERY + 1}..{STEPS - 1} (newest complete: {saved})"
         else:
             latency = drill(tiny["bert_dropout"], run, rank, step, phase)
             saved = newest_saved_before(step, phase)
