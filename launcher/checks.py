@@ -86,6 +86,9 @@ def check_paths(recipe: Recipe) -> list[Problem]:
     out = Path(recipe.output_dir)
     if out.exists() and not out.is_dir():
         problems.append(Problem("output_dir", f"{out} exists and is a file; give a folder"))
+    existing = next((p for p in out.absolute().parents if p.exists()), None)
+    if not out.exists() and existing is not None and not existing.is_dir():
+        problems.append(Problem("output_dir", f"{existing} is a file, so {out} cannot be created; give a folder"))
     resume = recipe.train.resume
     if resume not in ("auto", "never") and not Path(resume).is_dir():
         problems.append(Problem("train.resume", f"checkpoint folder {resume} not found; use 'auto', 'never' or a "

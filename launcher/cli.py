@@ -56,19 +56,22 @@ def parser() -> argparse.ArgumentParser:
 
 
 def resume_point(recipe, plan) -> str:
-    """Where training will start; a checkpoint that cannot continue this recipe is refused here, before launch."""
+    """Where training will start; a checkpoint that cannot continue this recipe, or whose files do not match its
+    manifest, is refused here, before launch (resume: auto passes over damaged ones with a warning)."""
     from launcher.loading import Problem, RecipeError
     from launcher.train.checkpoint import (
         CheckpointMismatch,
         check_compatible,
-        find_resume,
+        newest_intact,
         world_size_note,
     )
 
-    found = find_resume(Path(recipe.output_dir), recipe.train.resume)
-    if found is None:
-        return "from the pretrained weights"
     try:
+        found, skipped = newest_intact(Path(recipe.output_dir), recipe.train.resume)
+        for note in skipped:
+            print(f"warning: {note}; resuming from an older checkpoint", file=sys.stderr)
+        if found is None:
+            return "from the pretrained weights"
         state = check_compatible(found, recipe, plan)
     except CheckpointMismatch as exc:
         raise RecipeError("resume", [Problem("train.resume", str(exc))]) from None

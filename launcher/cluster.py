@@ -120,7 +120,7 @@ def load_profile(path: Path | None) -> Strict:
     data, lines = read_yaml(Path(path), what="cluster profile")
     source = Source(str(path), lines)
     backend = data.get("backend")
-    if backend not in PROFILES:
+    if not isinstance(backend, str) or backend not in PROFILES:
         close = difflib.get_close_matches(str(backend), PROFILES, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         valid = ", ".join(PROFILES)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,10 @@ def read_table(path: Path, recipe: Recipe) -> list[dict]:
         if isinstance(loaded, datasets.DatasetDict):
             raise ValueError(f"{path} holds several splits ({', '.join(loaded)}); point to one split's folder")
         return loaded.to_list()
+    if not path.is_file():  # a FIFO or a device would block the reader, or never end
+        raise ValueError(f"{path} is not a regular file (a pipe or device?); readers: {READERS}")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"{path} is not readable by this user (permissions)")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         return _read_json(path)

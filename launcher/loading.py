@@ -78,32 +78,83 @@ def _line_map(node: yaml.Node, prefix: tuple = ()) -> dict[tuple, int]:
 
 
 def read_yaml(path: Path, what: str = "recipe") -> tuple[dict, dict[tuple, int]]:
-    """Safe-load a YAML mapping with the line of every key."""
+    """Safe-load a YAML mapping with the line of every key.
+
+    Hostile input is refused before it can cost time or memory: only a regular file is opened (a FIFO
+    would block), at most MAX_YAML_BYTES are read, and anchors may not expand the document beyond
+    MAX_YAML_NODES nodes (a "billion laughs" file is a few hundred bytes that expands exponentially)."""
     name = str(path)
     if not path.exists():
         raise RecipeError(name, [Problem("", f"{what} file not found")])
     if path.is_dir():
         raise RecipeError(name, [Problem("", f"{what} path is a folder, not a YAML file")])
-    raw = path.read_bytes()
+    if not path.is_file():
+        raise RecipeError(name, [Problem("", f"{what} path is not a regular file (a pipe or device?); "
+                                          "give a YAML file")])
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_YAML_BYTES + 1)
+    except OSError as exc:
+        raise RecipeError(name, [Problem("", f"{what} file cannot be read: {exc.strerror}")]) from None
     if len(raw) > MAX_YAML_BYTES:
-        raise RecipeError(name, [Problem("", f"{what} file is {len(raw)} bytes; recipes are small text files")])
+        raise RecipeError(name, [Problem("", f"{what} file is over {MAX_YAML_BYTES} bytes; recipes are small "
+                                          "text files")])
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise RecipeError(name, [Problem("", f"{what} file is not UTF-8 text (binary file?)")]) from None
+    if "\x00" in text:
+        raise RecipeError(name, [Problem("", f"{what} file holds NUL bytes (binary file?)")])
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.load(text, Loader=yaml.SafeLoader)
+        node, data = _safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise RecipeError(name, [Problem("", f"not valid YAML: {problem}", where)]) from None
+    except ValueError as exc:  # e.g. an integer of thousands of digits (Python's int() limit)
+        raise RecipeError(name, [Problem("", f"value out of range: {str(exc).splitlines()[0]}")]) from None
+    except RecursionError:
+        raise RecipeError(name, [Problem("", "not valid YAML: nested too deeply")]) from None
     if data is None:
         raise RecipeError(name, [Problem("", f"{what} file is empty")])
     if not isinstance(data, dict):
         raise RecipeError(name, [Problem("", f"{what} must be a YAML mapping of sections, got {type(data).__name__}")])
     return data, _line_map(node)
+
+
+MAX_YAML_NODES = 100_000
+
+
+def _safe_load(text: str) -> tuple[yaml.Node | None, Any]:
+    """Compose once with the safe loader, bound the expanded size, then construct from the same nodes."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, None
+        size = _expanded_size(node, {})
+        if size > MAX_YAML_NODES:
+            raise yaml.YAMLError(f"anchors and aliases expand to over {MAX_YAML_NODES} nodes (a 'billion laughs' "
+                                 "document?); write the values out")
+        return node, loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """Nodes the document would have with every alias copied out; shared nodes are counted once per use."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = MAX_YAML_NODES + 1  # a recursive alias never ends
+    if isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(item, memo) for item in node.value)
+    else:
+        size = 1
+    memo[id(node)] = min(size, MAX_YAML_NODES + 1)
+    return memo[id(node)]
 
 
 def parse_override(text: str) -> tuple[tuple, Any]:
@@ -113,8 +164,8 @@ def parse_override(text: str) -> tuple[tuple, Any]:
     if not key or any(not part for part in key.split(".")):
         raise RecipeError("command line", [Problem(key, f"malformed override key in {text!r}")])
     try:
-        parsed = yaml.safe_load(value) if value != "" else ""
-    except yaml.YAMLError:
+        parsed = _safe_load(value)[1] if value != "" else ""
+    except (yaml.YAMLError, ValueError, RecursionError):
         parsed = value
     return tuple(key.split(".")), parsed
 
@@ -177,10 +228,7 @@ def _data_path(data: Any, loc: tuple) -> tuple:
     path: list = []
     node = data
     for i, part in enumerate(loc):
-        if isinstance(node, dict) and part in node:
-            path.append(part)
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+        if isinstance(node, dict) and part in node or isinstance(node, list) and isinstance(part, int) and part < len(node):
             path.append(part)
             node = node[part]
         elif i == len(loc) - 1 and isinstance(part, str):

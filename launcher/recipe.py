@@ -22,7 +22,33 @@ Precision = Literal["fp32", "bf16", "fp16"]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf/nan are never a meaningful setting (lr: 1e999 reads as inf)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, data):
+        """YAML reads yes/no/on/off as booleans, and pydantic would take True as the number 1; an integer of
+        40 digits would be taken as it is (a run of 10^40 steps) and overflow torch and numpy later."""
+        if isinstance(data, dict):
+            for key, value in data.items():
+                field = cls.model_fields.get(key) if isinstance(key, str) else None
+                if isinstance(value, bool) and field is not None and bool not in _types_in(field.annotation):
+                    raise ValueError(f"{key}: expected a number or text, got the boolean {value!r} (YAML reads "
+                                     "yes/no/on/off/true/false as booleans)")
+                if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
+                    raise ValueError(f"{key}: {value} is out of range (a setting here is a 64-bit integer)")
+        return data
+
+
+def _types_in(annotation) -> set:
+    """The plain types an annotation admits (unions, Optional and Annotated unwrapped)."""
+    if isinstance(annotation, type):
+        return {annotation}
+    found = set()
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found |= _types_in(arg)
+    return found
 
 
 # ----------------------------------------------------------------------------- model
@@ -267,6 +293,9 @@ class TrainConfig(Strict):
     )
     save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps (and always at the end).")
     keep_last: int = Field(2, ge=1, description="Checkpoints kept; the newest complete one is never removed.")
+    checkpoint_hash: bool = Field(True, description="Record each checkpoint file's SHA-256 in its manifest (sizes "
+                                  "always are) and verify it before resume; off for multi-GB shards, where reading "
+                                  "them back costs minutes.")
     log_every: int = Field(10, ge=1, description="Steps between metric lines in metrics.jsonl and the log.")
     seed: int = Field(42)
     resume: str = Field("auto", description="'auto' (newest checkpoint in output_dir), 'never', or a checkpoint path.")

@@ -3,17 +3,24 @@
 A checkpoint is written into a hidden temporary folder and renamed into
 place by rank 0 only after every rank has finished writing, so a folder named
 checkpoint-* is always complete; a crash mid-write leaves only a .tmp folder
-that the next save or resume removes.
+that the next save or resume removes. Before the rename rank 0 also writes a
+manifest (every file's size, and its SHA-256 unless train.checkpoint_hash is off),
+verified before resume, so a checkpoint damaged later (a truncated copy, a
+deleted shard, a file swapped in) is found at plan time rather than mid-load.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
+MANIFEST_FILE = "manifest.json"
 
 
 class CheckpointMismatch(Exception):
@@ -31,7 +38,8 @@ def complete(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     if not run_dir.is_dir():
         return []
-    found = [p for p in run_dir.glob(f"{PREFIX}*") if p.is_dir() and (p / STATE_FILE).exists()]
+    found = [p for p in run_dir.glob(f"{PREFIX}*")
+             if re.fullmatch(rf"{PREFIX}\d+", p.name) and p.is_dir() and (p / STATE_FILE).exists()]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
@@ -99,9 +107,11 @@ def restore_missing_rng(folder: Path, rank: int, seed: int, step: int) -> bool:
     return True
 
 
-def save(accelerator, run_dir: Path, step: int, state: dict, keep_last: int, engine=None) -> Path:
+def save(accelerator, run_dir: Path, step: int, state: dict, keep_last: int, engine=None, hash_files: bool = True,
+         written: Callable[[], None] | None = None) -> Path:
     """Every rank calls this; it returns once the checkpoint is in place. `engine` (train.strategy) adds the
-    sharded model and optimizer states that Accelerate does not hold."""
+    sharded model and optimizer states that Accelerate does not hold. `written()` runs on each rank once its
+    own files are written, before the rename (the failure drill's phase=write)."""
     final = run_dir / f"{PREFIX}{step:08d}"
     tmp = run_dir / f".tmp-{PREFIX}{step:08d}"
     if accelerator.is_main_process:
@@ -112,9 +122,12 @@ def save(accelerator, run_dir: Path, step: int, state: dict, keep_last: int, eng
     accelerator.save_state(str(tmp), safe_serialization=True)
     if engine is not None:
         engine.save(tmp)
+    if written is not None:
+        written()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_json_atomic(tmp / STATE_FILE, state)
+        write_manifest(tmp, hash_files)
         if final.exists():  # the same step saved again (e.g. end of run after a save_every hit)
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -122,6 +135,79 @@ def save(accelerator, run_dir: Path, step: int, state: dict, keep_last: int, eng
         prune(run_dir, keep_last)
     accelerator.wait_for_everyone()
     return final
+
+
+class CheckpointDamaged(CheckpointMismatch):
+    """A checkpoint whose files no longer match the manifest written with it."""
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_manifest(folder: Path, hash_files: bool) -> None:
+    """Every file of the checkpoint (all ranks' shards: called after the barrier) with its size and hash."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE):
+        entry = {"size": path.stat().st_size}
+        if hash_files:
+            entry["sha256"] = _sha256(path)
+        files[path.relative_to(folder).as_posix()] = entry
+    write_json_atomic(folder / MANIFEST_FILE, {"files": files})
+
+
+def damage(folder: Path) -> str | None:
+    """What is wrong with a checkpoint against its manifest, or None when it is intact. A checkpoint without
+    a manifest (written before manifests existed) cannot be checked and is taken as it is."""
+    manifest = folder / MANIFEST_FILE
+    if not manifest.exists():
+        return None
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        items = [(name, int(entry["size"]), entry.get("sha256")) for name, entry in files.items()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"its {MANIFEST_FILE} is unreadable"
+    for name, size, digest in items:
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {size} (truncated or replaced)"
+        if digest is not None and _sha256(path) != digest:
+            return f"{name} does not match its SHA-256 in the manifest (corrupted or replaced)"
+    return None
+
+
+def newest_intact(run_dir: Path, resume: str) -> tuple[Path | None, list[str]]:
+    """The checkpoint to resume from, and a note for each damaged one passed over.
+
+    resume 'auto' falls back from a damaged newest checkpoint to the newest intact one (the damaged folder
+    is left as it is, for inspection; the run overwrites it when it reaches that step again); when every
+    checkpoint is damaged, or an explicitly named one is, CheckpointDamaged refuses the resume."""
+    if resume != "auto":
+        found = find_resume(run_dir, resume)
+        problem = damage(found) if found is not None else None
+        if problem:
+            raise CheckpointDamaged(f"{found} is damaged: {problem}.{_older_hint(found.parent, found)}")
+        return found, []
+    skipped = []
+    for folder in reversed(complete(run_dir)):
+        problem = damage(folder)
+        if problem is None:
+            return folder, skipped
+        skipped.append(f"{folder} is damaged ({problem})")
+    if skipped:
+        raise CheckpointDamaged(f"every checkpoint in {run_dir} is damaged: {'; '.join(skipped)}. Use another "
+                                "output_dir, or train.resume=never to start over in a fresh output_dir.")
+    return None, []
+
+
+def _older_hint(run_dir: Path, damaged: Path) -> str:
+    older = [p for p in complete(run_dir) if p != damaged and damage(p) is None]
+    if older:
+        return f" Resume from an intact one with train.resume={older[-1]}, or remove the damaged folder."
+    return " Point train.resume at an intact checkpoint-* folder, or use train.resume=never in a fresh output_dir."
 
 
 def prune(run_dir: Path, keep_last: int) -> None:

@@ -28,10 +28,10 @@ from launcher.train.report import Reporter, StepLosses, rank_logger, truncate_me
 from launcher.train.stop import EXIT_STOPPED, StopRequest
 from launcher.train.strategy import make_engine
 
-# Failure drills: "rank=R,step=S,phase=step|eval|save[,kind=kill|raise|hang][,once=PATH]" makes that rank die
-# there (SIGKILL, or an exception) or hang for ever (for the watchdog); with once=PATH only the first time (PATH
-# marks it done), so a backend that restarts the ranks by itself (Ray) gets past it. Used by the tests; also
-# handy to rehearse recovery.
+# Failure drills: "rank=R,step=S,phase=step|eval|save|write[,kind=kill|raise|hang][,once=PATH]" makes that rank
+# die there (SIGKILL, or an exception) or hang for ever (for the watchdog); write: inside checkpoint.save, this
+# rank's files written, the folder not yet renamed. With once=PATH only the first time (PATH marks it done), so a
+# backend that restarts the ranks by itself (Ray) gets past it. Used by the tests; also handy to rehearse recovery.
 FAULT_ENV = "LAUNCHER_FAULT"
 
 
@@ -170,7 +170,7 @@ def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] 
     evaluator = Evaluator(accelerator, model, loss_fn, collate, recipe, plan)
 
     start_step, first_loss, last_loss, resumed_from, resumed_world_size = 0, None, None, None, None
-    found = checkpoint.find_resume(run_dir, recipe.train.resume)
+    found, _ = checkpoint.newest_intact(run_dir, recipe.train.resume)  # the launcher's choice, made again here
     if found is not None:
         state = checkpoint.check_compatible(found, recipe, plan)
         accelerator.load_state(str(found))
@@ -184,8 +184,8 @@ def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] 
             log.info(note)
         if checkpoint.restore_missing_rng(found, rank, recipe.train.seed, start_step):
             log.info(f"no saved random state for rank {rank}: seeded from (seed, step, rank)")
-        if accelerator.is_main_process:
-            truncate_metrics(run_dir, start_step)
+    if accelerator.is_main_process:  # steps after the checkpoint (all, when a killed run had none) are run again
+        truncate_metrics(run_dir, start_step)
     accelerator.wait_for_everyone()
 
     train_rows = data["train"]
@@ -210,7 +210,8 @@ def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] 
         losses.flush()
         _fault(rank, step, "save")
         state = state_at(step)
-        folder = checkpoint.save(accelerator, run_dir, step, state, recipe.train.keep_last, engine=engine)
+        folder = checkpoint.save(accelerator, run_dir, step, state, recipe.train.keep_last, engine=engine,
+                                 hash_files=recipe.train.checkpoint_hash, written=lambda: _fault(rank, step, "write"))
         if on_checkpoint is not None:
             on_checkpoint(folder, state)
 

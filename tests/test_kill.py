@@ -1,0 +1,162 @@
+"""kill -9 of a rank at chosen and at random points (a step, an evaluation, just before a checkpoint save, inside
+the checkpoint write before its rename, or from outside at a random time): `launch` exits non-zero promptly,
+the newest complete checkpoint verifies against its manifest and loads, and launching again ends with the
+weights of a run that was never interrupted (dropout on: the RNG state is resumed too).
+
+The drills are train.run's LAUNCHER_FAULT; its once=PATH marker is touched just before the SIGKILL, so its
+mtime is the moment of death and the exit latency is measured from it.
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import RECIPES, REPO, final_weights, launch, metric_lines, summary
+
+from launcher.train import checkpoint
+
+STEPS, SAVE_EVERY, EVAL_EVERY = 12, 4, 3
+EXIT_WITHIN_S = 30  # generous for a shared, busy machine; measured values are printed
+
+
+def small_run(model: str, out: Path) -> list:
+    """The quick start recipe shrunk: tiny BERT with dropout, 12 steps of 2 × 2 × 2, a checkpoint every 4 steps,
+    an evaluation every 3."""
+    return [RECIPES / "quickstart.yaml", f"model.path={model}", f"output_dir={out}", "data.max_length=32",
+            "train.batch_size=8", "train.micro_batch_size=2", f"train.max_steps={STEPS}", "train.optimizer.lr=1e-3",
+            f"train.save_every={SAVE_EVERY}", f"train.eval_every={EVAL_EVERY}", "train.log_every=1", "--procs", "2"]
+
+
+@pytest.fixture(scope="module")
+def clean(tiny, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("clean") / "run"
+    done = launch(*small_run(tiny["bert_dropout"], out))
+    assert done.returncode == 0, done.output
+    return out
+
+
+def newest_saved_before(step: int, phase: str) -> int:
+    """The checkpoint a kill at (step, phase) leaves as the newest complete one."""
+    saves = [s for s in range(SAVE_EVERY, STEPS + 1, SAVE_EVERY)] + [STEPS]
+    if phase in ("step", "save", "write"):  # step S dies before step S is done; save/write before S is in place
+        return max([s for s in saves if s < step], default=0)
+    return max([s for s in saves if s <= step], default=0)  # eval after step S: S's checkpoint (if any) is written
+
+
+def assert_recovers(model: str, run: Path, clean: Path, saved: int) -> dict:
+    """The state a killed launch left: the newest complete checkpoint is `saved` and intact; launching again
+    resumes from it and ends exactly where the uninterrupted run did."""
+    complete = checkpoint.complete(run)
+    assert [int(p.name.split("-")[1]) for p in complete][-1:] == ([saved] if saved else [])
+    for folder in complete:
+        assert checkpoint.damage(folder) is None, folder
+    assert not (run / "summary.json").exists()
+    again = launch(*small_run(model, run))
+    assert again.returncode == 0, again.output[-3000:]
+    s = summary(run)
+    if saved:
+        assert s["resumed_from"].endswith(f"checkpoint-{saved:08d}")
+    else:
+        assert s["resumed_from"] is None
+    assert s["steps_this_launch"] == STEPS - saved
+    assert [r["step"] for r in metric_lines(run) if "split" not in r] == list(range(1, STEPS + 1))
+    a, b = final_weights(clean), final_weights(run)
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert a.keys() == b.keys() and worst <= 1e-6, f"weights differ by up to {worst}"
+    assert s["train_loss"] == pytest.approx(summary(clean)["train_loss"], abs=1e-6)
+    return s
+
+
+def drill(model: str, run: Path, rank: int, step: int, phase: str) -> float:
+    """Kill `rank` at (step, phase); the seconds from its death to `launch` exiting."""
+    marker = run.parent / f"died-{rank}-{step}-{phase}"
+    killed = launch(*small_run(model, run), env={"LAUNCHER_FAULT": f"rank={rank},step={step},phase={phase},once={marker}"})
+    ended = time.time()
+    assert killed.returncode == 1, killed.output[-3000:]
+    assert marker.exists(), f"the drill never fired\n{killed.output[-3000:]}"
+    assert f"rank {rank}" in killed.stderr and "SIGKILL" in killed.stderr, killed.stderr[-2000:]
+    return ended - marker.stat().st_mtime
+
+
+def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tiny, clean, tmp_path):
+    """Rank 1 dies inside the save of step 8, its files written, the folder not renamed: the partial write stays
+    a .tmp folder, checkpoint 4 is the newest complete one and intact, and the relaunch ends as if nothing
+    happened."""
+    run = tmp_path / "run"
+    latency = drill(tiny["bert_dropout"], run, rank=1, step=8, phase="write")
+    print(f"kill -9 rank 1 in the checkpoint write of step 8: launch exited {latency:.1f} s after the kill")
+    assert latency < EXIT_WITHIN_S
+    assert (run / ".tmp-checkpoint-00000008").is_dir() and not (run / "checkpoint-00000008").exists()
+    assert_recovers(tiny["bert_dropout"], run, clean, saved=4)
+    assert not list(run.glob(".tmp-*")), "the next save removes the partial write"
+
+
+def steps_done(run: Path) -> int:
+    try:
+        return max((r["step"] for r in metric_lines(run) if "split" not in r), default=0)
+    except (OSError, ValueError):  # not there yet, or a line being written
+        return 0
+
+
+def kill_from_outside(model: str, run: Path, rng: random.Random) -> tuple[float, int]:
+    """SIGKILL one of the ranks (children of `launch`) at a random step after the first checkpoint."""
+    import psutil
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", *map(str, small_run(model, run))], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        target = rng.randint(SAVE_EVERY + 1, STEPS - 1)
+        while steps_done(run) < target and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        ranks = [p for p in psutil.Process(proc.pid).children() if "launcher.train.worker" in " ".join(p.cmdline())]
+        assert proc.poll() is None and ranks, "the run ended before the kill; make it longer"
+        victim = rng.choice(ranks)
+        victim.send_signal(signal.SIGKILL)
+        killed_at = time.time()
+        stderr = proc.communicate(timeout=300)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1 and "SIGKILL" in stderr, stderr[-3000:]
+    saved = max((int(p.name.split("-")[1]) for p in checkpoint.complete(run)), default=0)
+    return time.time() - killed_at, saved
+
+
+@pytest.mark.slow
+def test_kill_at_random_points(tiny, clean, tmp_path):
+    """12 kill points: 10 drills at seeded random (rank, step, phase) and 2 kills from outside at random steps."""
+    seed = int(os.environ.get("KILL_SEED", "6"))
+    rng = random.Random(seed)
+    points = []
+    for _ in range(10):
+        phase = rng.choice(["step", "eval", "save", "write"])
+        step = rng.choice({"step": list(range(1, STEPS + 1)), "eval": [3, 6, 9, 12], "save": [4, 8, 12],
+                           "write": [4, 8, 12]}[phase])
+        points.append((rng.randrange(2), step, phase))
+    points += [("outside", None, None)] * 2
+    results = []
+    for i, (rank, step, phase) in enumerate(points):
+        run = tmp_path / f"kill-{i}" / "run"
+        if rank == "outside":
+            latency, saved = kill_from_outside(tiny["bert_dropout"], run, rng)
+            what = f"kill -9 of a rank from outside after step {SAVE_EVERY + 1}..{STEPS - 1} (newest complete: {saved})"
+        else:
+            latency = drill(tiny["bert_dropout"], run, rank, step, phase)
+            saved = newest_saved_before(step, phase)
+            what = f"LAUNCHER_FAULT=rank={rank},step={step},phase={phase}"
+        assert_recovers(tiny["bert_dropout"], run, clean, saved)
+        results.append(latency)
+        print(f"[seed {seed}] point {i + 1}/{len(points)}: {what}: exit {latency:.1f} s after the kill; resumed from "
+              f"{saved or 'the start'} to the uninterrupted weights")
+    print(f"{len(results)}/{len(points)} kill points held; exit latency max {max(results):.1f} s, "
+          f"mean {sum(results) / len(results):.1f} s")
+    assert max(results) < EXIT_WITHIN_S
