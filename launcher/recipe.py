@@ -293,9 +293,10 @@ class TrainConfig(Strict):
     )
     save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps (and always at the end).")
     keep_last: int = Field(2, ge=1, description="Checkpoints kept; the newest complete one is never removed.")
-    checkpoint_hash: bool = Field(True, description="Record each checkpoint file's SHA-256 in its manifest (sizes "
-                                  "always are) and verify it before resume; off for multi-GB shards, where reading "
-                                  "them back costs minutes.")
+    checkpoint_hash: bool = Field(False, description="Also record each checkpoint file's SHA-256 in its manifest "
+                                  "(sizes always are, which catches truncated and missing files) and verify it before "
+                                  "resume. Off by default: rank 0 reads the whole checkpoint back at every save, "
+                                  "minutes for multi-GB shards; turn it on for small models or untrusted storage.")
     log_every: int = Field(10, ge=1, description="Steps between metric lines in metrics.jsonl and the log.")
     seed: int = Field(42)
     resume: str = Field("auto", description="'auto' (newest checkpoint in output_dir), 'never', or a checkpoint path.")

@@ -44,9 +44,10 @@ def tree(folder: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def trained(tiny, tmp_path_factory) -> Path:
-    """A real run's output_dir: tiny BERT, 2 steps, a checkpoint after each (with manifests)."""
+    """A real run's output_dir: tiny BERT, 2 steps, a checkpoint after each (with manifests, hashes included)."""
     run = tmp_path_factory.mktemp("trained") / "run"
     done = launch(GOOD, f"model.path={tiny['bert']}", f"output_dir={run}", "train.save_every=1",
+                  "train.checkpoint_hash=true",
                   "data.split.validation=0", "--procs", "1")
     assert done.returncode == 0, done.output
     assert sorted(p.name for p in run.glob("checkpoint-*")) == list(CHECKPOINTS)
