@@ -186,10 +186,14 @@ def train_worker(config: dict) -> None:
 
 def newer_than_output_dir(restored: Path, recipe: Recipe) -> bool:
     """Ray registers a reported checkpoint when it next polls the workers (every 2 s), so a worker that dies
-    right after a save can leave output_dir one checkpoint ahead of Ray; resume from whichever is newer."""
-    from launcher.train.checkpoint import find_resume, read_state
+    right after a save can leave output_dir one checkpoint ahead of Ray; resume from whichever is newer (of
+    output_dir's, the newest intact one)."""
+    from launcher.train.checkpoint import CheckpointDamaged, newest_intact, read_state
 
-    local = find_resume(Path(recipe.output_dir), recipe.train.resume)
+    try:
+        local, _ = newest_intact(Path(recipe.output_dir), recipe.train.resume)
+    except CheckpointDamaged:  # every checkpoint in output_dir is damaged: Ray's copy is the one to resume
+        local = None
     return local is None or read_state(local)["step"] < read_state(restored)["step"]
 
 
