@@ -58,6 +58,7 @@ def test_two_ranks_give_the_one_rank_result(one_and_two):
     assert len(losses_one) == 12 and losses_one == pytest.approx(losses_two, abs=1e-4)
 
 
+@pytest.mark.slow  # CI has tests/test_kill.py's kill inside a checkpoint write, and Ray's killed worker with dropout
 def test_killed_rank_fails_fast_and_resume_equals_uninterrupted(tiny, tmp_path):
     """Rank 1 is SIGKILLed at step 6: the launch exits non-zero promptly naming it; launching
     again resumes from checkpoint 4 (model, optimizer, scheduler, RNG: dropout is on) and ends

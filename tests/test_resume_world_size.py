@@ -2,8 +2,9 @@
 
 The recipe's batch is global and the sampler is stateless, so a run resumed on W' processes from a checkpoint
 written by W must end with the weights of the uninterrupted run (fp32, no dropout: equal up to float summation
-order). Default suite (kept small): Slurm, DDP: a 2-node job's step-4 checkpoint finished by a 1-node job.
-tests/test_strategies.py resumes ZeRO-2 and FSDP 2→1 in the default suite, and checks the refusals that remain.
+order). This module is `slow` (make test-all). The default suite covers the same ground in runs it makes anyway:
+tests/test_strategies.py resumes ZeRO-2 and FSDP 2→1 and checks the refusals that remain, and
+tests/test_slurm_jobs.py finishes a 2-node job's checkpoint with a 1-node job.
 Slow: ZeRO-2 2→1 (an uninterrupted 2-rank run, checkpoints at steps 2, 4, 6, is the reference; its step-2
 checkpoint resumed on 1 rank: the optimizer partitions resharded through DeepSpeed's universal checkpoint), 1→2 (that 1-rank run's own step-4 checkpoint resumed on 2 ranks), DDP 2→1 and 1→2 on local
 processes, LoRA, ZeRO-3 (also with LoRA) and FSDP 2→1, and a dropout run resumed 1→2 twice (the ranks the
@@ -15,7 +16,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 from conftest import RECIPES, launch, summary
 
 SFT = RECIPES / "sft-causal-lm.yaml"
@@ -110,28 +110,6 @@ def test_ddp_resumes_two_ranks_on_one_and_one_on_two(tiny, tmp_path):
     runs = two_to_one(tiny["llama"], tmp_path)
     check_two_to_one(runs)
     check_one_to_two(tiny["llama"], runs)
-
-
-def slurm_profile(folder: Path) -> Path:
-    path = folder / "slurm-cpu.yaml"
-    path.write_text(yaml.safe_dump({"backend": "slurm", "time": "00:15:00", "procs_per_node": 1,
-                                    "env": {"OMP_NUM_THREADS": "1"}}))
-    return path
-
-
-def test_two_slurm_nodes_resume_on_one(slurm_cluster, tiny, tmp_path):
-    """DDP: a 2-node Slurm job's step-4 checkpoint finished by a 1-node job ends with the 2-node job's weights."""
-    model, profile = tiny["llama"], slurm_profile(tmp_path)
-    two = launch(*sft_args(model, tmp_path / "two"), "--nodes", "2", "--cluster", profile, "--follow", timeout=600)
-    assert two.returncode == 0, two.output[-4000:]
-    assert summary(tmp_path / "two")["hosts"] == ["n1", "n2"]
-    one = truncated_copy(tmp_path / "two", tmp_path / "one", 4)
-    (one / "slurm.log").unlink()  # the 2-node job's log; the 1-node job writes its own
-    resumed = launch(*sft_args(model, one), "--nodes", "1", "--cluster", profile, "--follow", timeout=600)
-    assert resumed.returncode == 0, resumed.output[-4000:]
-    s = summary(one)
-    assert s["resumed_world_size"] == 2 and s["world_size"] == 1 and s["steps_this_launch"] == 2
-    assert max_difference(tmp_path / "two", one) <= TOLERANCE
 
 
 SLOW_CASES = {  # name: (extra recipe settings, processes that write the step-2 checkpoint, processes that resume)

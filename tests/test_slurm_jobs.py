@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 
 import yaml
-from conftest import REPO, RECIPES, launch, metric_lines, summary
+from conftest import REPO, RECIPES, final_weights, launch, metric_lines, summary
 
 SECRET = "s3cr3t-" + secrets.token_hex(8)
 HF_SECRET = "hf_" + secrets.token_hex(8)
@@ -52,10 +53,12 @@ def assert_no_secret_written(*roots: Path) -> None:
                 assert SECRET.encode() not in data and HF_SECRET.encode() not in data, f"secret in {path}"
 
 
-def test_two_nodes_train_one_world(slurm_cluster, tiny, tmp_path):
+def test_two_nodes_train_one_world_and_one_node_resumes_it(slurm_cluster, tiny, tmp_path):
+    """Then (issue 6: resume at any world size) the 2-node job's step-4 checkpoint, finished by a 1-node job,
+    ends with the 2-node job's weights (no dropout: equal up to float summation order)."""
     out = tmp_path / "run"
-    run = launch(*tiny_run(tiny["bert"], out), "--nodes", "2", "--cluster", cpu_profile(tmp_path), "--follow",
-                 env=ENV, timeout=300)
+    run = launch(*tiny_run(tiny["bert"], out, "train.save_every=4"), "--nodes", "2", "--cluster",
+                 cpu_profile(tmp_path), "--follow", env=ENV, timeout=300)
     assert run.returncode == 0, run.output[-4000:]
     assert re.search(r"submitted job \d+", run.stdout) and "COMPLETED" in run.stdout
     s = summary(out)
@@ -68,6 +71,16 @@ def test_two_nodes_train_one_world(slurm_cluster, tiny, tmp_path):
     assert_no_secret_written(out, tmp_path / "slurm-cpu.yaml")
     status = launch("status", out)
     assert status.returncode == 0 and "COMPLETED" in status.stdout and "step 8 of 8" in status.stdout, status.output
+
+    one = tmp_path / "one"
+    shutil.copytree(out, one, ignore=shutil.ignore_patterns("checkpoint-00000008", "final", "summary.json", "slurm.log"))
+    resumed = launch(*tiny_run(tiny["bert"], one, "train.save_every=4"), "--nodes", "1", "--cluster",
+                     cpu_profile(tmp_path), "--follow", env=ENV, timeout=300)
+    assert resumed.returncode == 0, resumed.output[-4000:]
+    r = summary(one)
+    assert r["resumed_world_size"] == 2 and r["world_size"] == 1 and r["steps_this_launch"] == 4
+    a, b = final_weights(out), final_weights(one)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
 
 
 def test_cancel_a_submitted_job(slurm_cluster, tiny, tmp_path):
