@@ -23,7 +23,13 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("recipe", sorted(CASES))
+# Trained elsewhere in the default suite already (CI time): the SFT recipe by test_strategies and test_lora, a
+# MiniLM spam classifier by test_quickstart; here they run with `make test-all` (their dry-runs always run).
+ALSO_TRAINED_ELSEWHERE = {"sft-causal-lm.yaml", "bert-classification.yaml"}
+
+
+@pytest.mark.parametrize("recipe", [pytest.param(r, marks=pytest.mark.slow) if r in ALSO_TRAINED_ELSEWHERE else r
+                                    for r in sorted(CASES)])
 def test_recipe_trains_for_real(recipe, tiny, tmp_path):
     model, extra, expected = CASES[recipe]
     out = tmp_path / "run"
