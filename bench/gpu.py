@@ -18,6 +18,7 @@ step; launch also writes a checkpoint and the final model after that window.
     python -m bench.gpu                # needs CUDA
     python -m bench.gpu --smoke        # tiny model on CPU (or GPU): checks the script end to end
 """
+
 from __future__ import annotations
 
 import json
@@ -114,9 +115,17 @@ def main(argv: list[str] | None = None) -> int:
     for mode in ("full", "lora"):
         extra = {"model.lora": {**LORA, "dropout": 0.0, "target_modules": "all-linear"}} if mode == "lora" else {}
         out_dir = work / f"out-{mode}"
-        recipe = causal_lm_recipe(work / f"{mode}.yaml", model=model, train=data, output_dir=out_dir,
-                                  seq_len=size["seq_len"], batch_size=size["batch"], max_steps=size["steps"],
-                                  precision=precision, extra=extra)
+        recipe = causal_lm_recipe(
+            work / f"{mode}.yaml",
+            model=model,
+            train=data,
+            output_dir=out_dir,
+            seq_len=size["seq_len"],
+            batch_size=size["batch"],
+            max_steps=size["steps"],
+            precision=precision,
+            extra=extra,
+        )
         parsed, plan = plan_for(recipe, 1)
         estimate = planner_estimate(parsed, plan) if parsed is not None else None
         results = {}
@@ -126,8 +135,11 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(out_dir, ignore_errors=True)
             wall = run(launch_cmd(recipe, "--procs", "1"), env, 600)
             summary = json.loads((out_dir / "summary.json").read_text())
-            results["launch"] = {**summary["timings"], "peak_memory_bytes": summary["memory"]["peak_bytes_per_rank"][0],
-                                 "command_wall_s": wall}
+            results["launch"] = {
+                **summary["timings"],
+                "peak_memory_bytes": summary["memory"]["peak_bytes_per_rank"][0],
+                "command_wall_s": wall,
+            }
         result_file = work / f"trainer-{mode}.json"
         trainer_args = [recipe, result_file] + ([f"{LORA['r']},{LORA['alpha']}"] if mode == "lora" else [])
         wall = run(torchrun_cmd(1, "bench.baselines.hf_trainer", *trainer_args), env, 600)
@@ -135,27 +147,62 @@ def main(argv: list[str] | None = None) -> int:
         for trainer, r in results.items():
             tokens = r["samples_per_s"] * size["seq_len"]
             formula = reference_model_states(num_params, "ddp", 1) if mode == "full" else None
-            rows.append([f"{trainer}, {mode}", tokens, ratio(tokens * per_token, peak_sheet),
-                         ratio(tokens * per_token, peak_measured), r["peak_memory_bytes"] / 2**30,
-                         None if estimate is None else estimate / 2**30, ratio(r["peak_memory_bytes"], estimate),
-                         None if formula is None else formula / 2**30, r["command_wall_s"]])
+            rows.append(
+                [
+                    f"{trainer}, {mode}",
+                    tokens,
+                    ratio(tokens * per_token, peak_sheet),
+                    ratio(tokens * per_token, peak_measured),
+                    r["peak_memory_bytes"] / 2**30,
+                    None if estimate is None else estimate / 2**30,
+                    ratio(r["peak_memory_bytes"], estimate),
+                    None if formula is None else formula / 2**30,
+                    r["command_wall_s"],
+                ]
+            )
         if "launch" in results:
-            notes.append(f"{mode}: launch ÷ Trainer tokens/s = "
-                         f"{results['launch']['samples_per_s'] / results['HF Trainer']['samples_per_s']:.3f}")
+            notes.append(
+                f"{mode}: launch ÷ Trainer tokens/s = "
+                f"{results['launch']['samples_per_s'] / results['HF Trainer']['samples_per_s']:.3f}"
+            )
         raw[mode] = {"results": results, "planner_estimate_bytes": estimate}
 
-    print_table(f"GPU: {num_params / 1e9:.2f}B Llama, seq {size['seq_len']}, batch {size['batch']}, "
-                f"{size['steps']} steps, "
-                f"{precision}, on {device_name}",
-                ["run", "tokens/s/GPU", "MFU (datasheet)", "MFU (measured matmul)", "peak GiB", "planner GiB",
-                 "peak ÷ planner", "model states GiB (16 B/param)", "command s"], rows,
-                [f"datasheet peak {None if peak_sheet is None else peak_sheet / 1e12} TFLOP/s; measured matmul peak "
-                 f"{peak_measured / 1e12:.1f} TFLOP/s; {per_token / 1e9:.2f} GFLOP per token; "
-                 f"script wall {time.time() - t_start:.0f} s", *notes])
-    save_result(work,
-                {"device": device_name, "size": size, "model": model_size.__dict__, "num_params": num_params,
-                 "flops_per_token": per_token, "peak_datasheet": peak_sheet, "peak_measured": peak_measured,
-                 "runs": raw})
+    print_table(
+        f"GPU: {num_params / 1e9:.2f}B Llama, seq {size['seq_len']}, batch {size['batch']}, "
+        f"{size['steps']} steps, "
+        f"{precision}, on {device_name}",
+        [
+            "run",
+            "tokens/s/GPU",
+            "MFU (datasheet)",
+            "MFU (measured matmul)",
+            "peak GiB",
+            "planner GiB",
+            "peak ÷ planner",
+            "model states GiB (16 B/param)",
+            "command s",
+        ],
+        rows,
+        [
+            f"datasheet peak {None if peak_sheet is None else peak_sheet / 1e12} TFLOP/s; measured matmul peak "
+            f"{peak_measured / 1e12:.1f} TFLOP/s; {per_token / 1e9:.2f} GFLOP per token; "
+            f"script wall {time.time() - t_start:.0f} s",
+            *notes,
+        ],
+    )
+    save_result(
+        work,
+        {
+            "device": device_name,
+            "size": size,
+            "model": model_size.__dict__,
+            "num_params": num_params,
+            "flops_per_token": per_token,
+            "peak_datasheet": peak_sheet,
+            "peak_measured": peak_measured,
+            "runs": raw,
+        },
+    )
     return 0
 
 

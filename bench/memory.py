@@ -15,6 +15,7 @@ A strategy the plan refuses (its training code not on this branch) is listed wit
     python -m bench.memory            # ~26M-parameter Llama, 2 ranks
     python -m bench.memory --smoke
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -42,8 +43,13 @@ from bench.common import (
 
 STRATEGIES = ("ddp", "zero2", "zero3", "fsdp")
 # Which of (weights, gradients, optimizer states) each strategy shards over the ranks.
-SHARDED = {"ddp": (False, False, False), "zero1": (False, False, True), "zero2": (False, True, True),
-           "zero3": (True, True, True), "fsdp": (True, True, True)}
+SHARDED = {
+    "ddp": (False, False, False),
+    "zero1": (False, False, True),
+    "zero2": (False, True, True),
+    "zero3": (True, True, True),
+    "fsdp": (True, True, True),
+}
 FULL = {"procs": 2, "steps": 3}
 SMOKE = {"procs": 1, "steps": 2}
 MODEL_FULL = LlamaSize(hidden=512, layers=6, heads=8, kv_heads=4, intermediate=1376, vocab=8000)
@@ -53,8 +59,7 @@ MIB = 2**20
 
 
 def reference_model_states(num_params: int, strategy: str, world: int) -> float:
-    weights, grads, states = (4 * num_params / (world if sharded else 1)
-                              for sharded in SHARDED[strategy])
+    weights, grads, states = (4 * num_params / (world if sharded else 1) for sharded in SHARDED[strategy])
     return weights + grads + 2 * states
 
 
@@ -69,8 +74,14 @@ def planner_estimate(recipe, plan) -> int | None:
 
     dist = recipe.distributed
     choice = memory.Choice(dist.strategy, dist.offload, dist.offload_parameters)
-    return memory.estimate(memory.model_shape(recipe), recipe, choice, num_nodes=plan.num_nodes,
-                           gpus_per_node=plan.procs_per_node, micro_batch=plan.micro_batch_size).per_gpu
+    return memory.estimate(
+        memory.model_shape(recipe),
+        recipe,
+        choice,
+        num_nodes=plan.num_nodes,
+        gpus_per_node=plan.procs_per_node,
+        micro_batch=plan.micro_batch_size,
+    ).per_gpu
 
 
 def plan_for(recipe_path, procs: int):
@@ -82,8 +93,9 @@ def plan_for(recipe_path, procs: int):
     try:
         recipe = load_recipe(recipe_path)
         splits = check_recipe(recipe)
-        return recipe, make_plan(recipe, num_train_samples=len(splits.train), procs_per_node=procs,
-                                 device="cuda" if ranks(1)[1] else "cpu")
+        return recipe, make_plan(
+            recipe, num_train_samples=len(splits.train), procs_per_node=procs, device="cuda" if ranks(1)[1] else "cpu"
+        )
     except RecipeError as exc:
         return None, str(exc).splitlines()[-1].strip()
 
@@ -101,8 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     rows, raw, refusals = [], {}, []
     for strategy in STRATEGIES:
         out_dir = work / f"out-{strategy}"
-        recipe_path = causal_lm_recipe(work / f"{strategy}.yaml", model=model, train=data, output_dir=out_dir,
-                                       seq_len=SEQ_LEN, batch_size=BATCH, max_steps=size["steps"], strategy=strategy)
+        recipe_path = causal_lm_recipe(
+            work / f"{strategy}.yaml",
+            model=model,
+            train=data,
+            output_dir=out_dir,
+            seq_len=SEQ_LEN,
+            batch_size=BATCH,
+            max_steps=size["steps"],
+            strategy=strategy,
+        )
         reference = reference_model_states(num_params, strategy, procs)
         recipe, plan = plan_for(recipe_path, procs)
         if recipe is None:
@@ -116,22 +136,52 @@ def main(argv: list[str] | None = None) -> int:
         memory = json.loads((out_dir / "summary.json").read_text())["memory"]
         grown = [p - s for p, s in zip(memory["peak_bytes_per_rank"], memory["before_model_bytes_per_rank"])]
         worst = max(grown)
-        rows.append([strategy, "ran", worst / MIB, memory["peak_bytes_per_rank"][0] / MIB, reference / MIB,
-                     None if estimate is None else estimate / MIB, ratio(worst, estimate), ratio(worst, reference)])
-        raw[strategy] = {"memory": memory, "growth_bytes_per_rank": grown, "planner_estimate_bytes": estimate,
-                         "reference_bytes": reference}
+        rows.append(
+            [
+                strategy,
+                "ran",
+                worst / MIB,
+                memory["peak_bytes_per_rank"][0] / MIB,
+                reference / MIB,
+                None if estimate is None else estimate / MIB,
+                ratio(worst, estimate),
+                ratio(worst, reference),
+            ]
+        )
+        raw[strategy] = {
+            "memory": memory,
+            "growth_bytes_per_rank": grown,
+            "planner_estimate_bytes": estimate,
+            "reference_bytes": reference,
+        }
     device = "CUDA bytes allocated" if gpus else "resident set (RSS)"
-    print_table(f"memory per rank (MiB): {num_params / 1e6:.1f}M-parameter Llama, {procs} ranks, fp32 AdamW",
-                ["strategy", "status", "measured growth (max rank)", "peak rank 0", "model states (formula)",
-                 "planner estimate", "measured ÷ planner", "measured ÷ formula"], rows,
-                [f"measured = {device} peak after training − before model load; "
-                 "formula = 16 B/param (fp32 weights 4 + grads 4 + Adam 8) divided by the ranks each stage "
-                 "shards over.",
-                 "planner estimate: " + ("launcher.memory" if importlib.util.find_spec("launcher.memory")
-                                         else "– (launcher/memory.py from issue 3 is not on this branch)"),
-                 *refusals])
-    save_result(work,
-                {"model": model_size.__dict__, "num_params": num_params, "procs": procs, "strategies": raw})
+    print_table(
+        f"memory per rank (MiB): {num_params / 1e6:.1f}M-parameter Llama, {procs} ranks, fp32 AdamW",
+        [
+            "strategy",
+            "status",
+            "measured growth (max rank)",
+            "peak rank 0",
+            "model states (formula)",
+            "planner estimate",
+            "measured ÷ planner",
+            "measured ÷ formula",
+        ],
+        rows,
+        [
+            f"measured = {device} peak after training − before model load; "
+            "formula = 16 B/param (fp32 weights 4 + grads 4 + Adam 8) divided by the ranks each stage "
+            "shards over.",
+            "planner estimate: "
+            + (
+                "launcher.memory"
+                if importlib.util.find_spec("launcher.memory")
+                else "– (launcher/memory.py from issue 3 is not on this branch)"
+            ),
+            *refusals,
+        ],
+    )
+    save_result(work, {"model": model_size.__dict__, "num_params": num_params, "procs": procs, "strategies": raw})
     return 0
 
 

@@ -11,6 +11,7 @@ The three runs are interleaved, cold / cached / torchrun, several rounds; median
     python -m bench.startup            # CPU: 2 ranks; on a GPU box: one rank per GPU
     python -m bench.startup --smoke
 """
+
 from __future__ import annotations
 
 import json
@@ -44,11 +45,17 @@ FULL = {"rounds": 3, "rows": 20000, "seq_len": 64, "procs": 2}
 SMOKE = {"rounds": 1, "rows": 200, "seq_len": 16, "procs": 1}
 MODEL_FULL = LlamaSize(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=688, vocab=2000)
 MODEL_SMOKE = LlamaSize(hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64, vocab=200)
-PARTS = [("recipe + checks + plan", "recipe_and_plan_s"), ("process start + imports", "rank_start_s"),
-         ("process group (rendezvous)", "process_group_s"), ("pre-flight checks", "preflight_s"),
-         ("data preparation", "data_prep_s"),
-         ("model load", "model_load_s"), ("other set-up", "other_s"), ("first step", "first_step_s"),
-         ("time to first step", "time_to_first_step_s")]
+PARTS = [
+    ("recipe + checks + plan", "recipe_and_plan_s"),
+    ("process start + imports", "rank_start_s"),
+    ("process group (rendezvous)", "process_group_s"),
+    ("pre-flight checks", "preflight_s"),
+    ("data preparation", "data_prep_s"),
+    ("model load", "model_load_s"),
+    ("other set-up", "other_s"),
+    ("first step", "first_step_s"),
+    ("time to first step", "time_to_first_step_s"),
+]
 
 
 def launch_parts(timings: dict) -> dict:
@@ -57,10 +64,17 @@ def launch_parts(timings: dict) -> dict:
 
 
 def torchrun_parts(result: dict) -> dict:
-    return {"recipe_and_plan_s": 0.0, "rank_start_s": result["rank_start_s"] + result["imports_s"],
-            "process_group_s": result["process_group_s"], "preflight_s": 0.0, "data_prep_s": 0.0, "model_load_s": result["model_load_s"],
-            "other_s": 0.0, "first_step_s": result["first_step_s"],
-            "time_to_first_step_s": result["time_to_first_step_s"]}
+    return {
+        "recipe_and_plan_s": 0.0,
+        "rank_start_s": result["rank_start_s"] + result["imports_s"],
+        "process_group_s": result["process_group_s"],
+        "preflight_s": 0.0,
+        "data_prep_s": 0.0,
+        "model_load_s": result["model_load_s"],
+        "other_s": 0.0,
+        "first_step_s": result["first_step_s"],
+        "time_to_first_step_s": result["time_to_first_step_s"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,9 +88,16 @@ def main(argv: list[str] | None = None) -> int:
     if not data.exists():
         write_jsonl(data, [{"text": t} for t in texts(size["rows"], 8, 40, words(model_size.vocab), seed=1)])
     out_dir = work / "out"
-    recipe = causal_lm_recipe(work / "recipe.yaml", model=model, train=data, output_dir=out_dir,
-                              seq_len=size["seq_len"], batch_size=16, max_steps=2,
-                              precision="bf16" if gpus else "fp32")
+    recipe = causal_lm_recipe(
+        work / "recipe.yaml",
+        model=model,
+        train=data,
+        output_dir=out_dir,
+        seq_len=size["seq_len"],
+        batch_size=16,
+        max_steps=2,
+        precision="bf16" if gpus else "fp32",
+    )
     env = bench_env(None if gpus else threads_per_rank(procs))
 
     cli_walls: dict[str, list[float]] = {"launch --help": [], "launch --dry-run": []}
@@ -92,25 +113,51 @@ def main(argv: list[str] | None = None) -> int:
             parts[name].append(launch_parts(json.loads((out_dir / "summary.json").read_text())["timings"]))
         shutil.rmtree(cache, ignore_errors=True)
         result = work / "torchrun.json"
-        run(torchrun_cmd(procs, "bench.baselines.minimal_torchrun", model, size["seq_len"], result),
-            {**env, "BENCH_T0": repr(time.time())}, 600)
+        run(
+            torchrun_cmd(procs, "bench.baselines.minimal_torchrun", model, size["seq_len"], result),
+            {**env, "BENCH_T0": repr(time.time())},
+            600,
+        )
         parts["torchrun minimal"].append(torchrun_parts(json.loads(result.read_text())))
-        print(f"round {r + 1}: " + ", ".join(f"{n} {p[-1]['time_to_first_step_s']:.1f} s" for n, p in parts.items()),
-              file=sys.stderr)
+        print(
+            f"round {r + 1}: " + ", ".join(f"{n} {p[-1]['time_to_first_step_s']:.1f} s" for n, p in parts.items()),
+            file=sys.stderr,
+        )
 
     med = {name: {key: median([p[key] for p in runs]) for _, key in PARTS} for name, runs in parts.items()}
-    rows = [[label] + [med[name][key] for name in parts] +
-            [ratio(med["launch, cached data"][key], med["torchrun minimal"][key])] for label, key in PARTS]
-    print_table(f"start-up: seconds to the first optimizer step (median of {size['rounds']}, {procs} ranks)",
-                ["part", *parts, "launch cached ÷ torchrun"], rows,
-                [f"{size['rows']} texts, max_length {size['seq_len']}, Llama {model_size.hidden}x{model_size.layers}; "
-                 "torchrun minimal: import, init_process_group, from_pretrained + DDP, one AdamW step (no data)."])
+    rows = [
+        [label]
+        + [med[name][key] for name in parts]
+        + [ratio(med["launch, cached data"][key], med["torchrun minimal"][key])]
+        for label, key in PARTS
+    ]
+    print_table(
+        f"start-up: seconds to the first optimizer step (median of {size['rounds']}, {procs} ranks)",
+        ["part", *parts, "launch cached ÷ torchrun"],
+        rows,
+        [
+            f"{size['rows']} texts, max_length {size['seq_len']}, Llama {model_size.hidden}x{model_size.layers}; "
+            "torchrun minimal: import, init_process_group, from_pretrained + DDP, one AdamW step (no data)."
+        ],
+    )
     cli = {name: median(walls) for name, walls in cli_walls.items()}
-    print_table("launch front end: command wall time (s, median)", ["command", "seconds"],
-                [[name, value] for name, value in cli.items()])
-    save_result(work,
-                {"size": size, "model": model_size.__dict__, "procs": procs, "parts": parts, "cli_wall_s": cli_walls,
-                 "median": med, "cli_median_s": cli})
+    print_table(
+        "launch front end: command wall time (s, median)",
+        ["command", "seconds"],
+        [[name, value] for name, value in cli.items()],
+    )
+    save_result(
+        work,
+        {
+            "size": size,
+            "model": model_size.__dict__,
+            "procs": procs,
+            "parts": parts,
+            "cli_wall_s": cli_walls,
+            "median": med,
+            "cli_median_s": cli,
+        },
+    )
     return 0
 
 

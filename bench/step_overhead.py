@@ -14,6 +14,7 @@ far less, so on CPU that ratio is the one to trust when the machine is busy.
     python -m bench.step_overhead            # CPU: 2 ranks; on a GPU box: one rank per GPU
     python -m bench.step_overhead --smoke    # tiny, for CI
 """
+
 from __future__ import annotations
 
 import json
@@ -72,9 +73,16 @@ def main(argv: list[str] | None = None) -> int:
     recipes = {}
     for trainer in TRAINERS:
         slug = trainer.split()[0].lower()
-        recipes[trainer] = causal_lm_recipe(work / slug / "recipe.yaml", model=model, train=data,
-                                            output_dir=work / slug / f"out-{slug}", seq_len=size["seq_len"],
-                                            batch_size=size["batch"], max_steps=size["steps"], precision=precision)
+        recipes[trainer] = causal_lm_recipe(
+            work / slug / "recipe.yaml",
+            model=model,
+            train=data,
+            output_dir=work / slug / f"out-{slug}",
+            seq_len=size["seq_len"],
+            batch_size=size["batch"],
+            max_steps=size["steps"],
+            precision=precision,
+        )
     speeds: dict[str, list[float]] = {t: [] for t in TRAINERS}
     per_cpu: dict[str, list[float]] = {t: [] for t in TRAINERS}
     walls: dict[str, list[float]] = {t: [] for t in TRAINERS}
@@ -86,25 +94,62 @@ def main(argv: list[str] | None = None) -> int:
             speeds[trainer].append(timings["samples_per_s"])
             per_cpu[trainer].append(size["steps"] * size["batch"] / timings["training_cpu_s"])
             walls[trainer].append(wall)
-            print(f"{trainer}: {speeds[trainer][-1]:.1f} samples/s, {per_cpu[trainer][-1]:.1f} samples/CPU-s, "
-                  f"command {wall:.1f} s", file=sys.stderr)
+            print(
+                f"{trainer}: {speeds[trainer][-1]:.1f} samples/s, {per_cpu[trainer][-1]:.1f} samples/CPU-s, "
+                f"command {wall:.1f} s",
+                file=sys.stderr,
+            )
     best = {t: median(speeds[t]) for t in TRAINERS}
     cpu = {t: median(per_cpu[t]) for t in TRAINERS}
-    rows = [[t, best[t], min(speeds[t]), max(speeds[t]), ratio(best["launch"], best[t]), cpu[t],
-             ratio(cpu["launch"], cpu[t]), median(walls[t])] for t in TRAINERS]
-    notes = [f"{size['rounds']} interleaved rounds; {procs} {'GPU' if gpus else 'CPU'} ranks, {precision}, "
-             f"global batch {size['batch']}, seq {size['seq_len']}, {size['steps']} steps, Llama "
-             f"{model_size.hidden}x{model_size.layers}. Targets: launch ≥ 0.97× the loop, ≥ 1.0× Trainer."]
-    print_table("step overhead: samples/s (median of rounds)",
-                ["trainer", "samples/s", "min", "max", "launch ÷ this", "samples per CPU-s (rank 0)",
-                 "launch ÷ this (CPU)", "command wall s"], rows, notes)
-    save_result(work,
-                {"size": size, "model": model_size.__dict__, "procs": procs, "precision": precision,
-                 "samples_per_s": speeds, "samples_per_cpu_s": per_cpu, "command_wall_s": walls,
-                 "ratio_launch_to_loop": ratio(best["launch"], best["accelerate loop"]),
-                 "ratio_launch_to_trainer": ratio(best["launch"], best["HF Trainer"]),
-                 "cpu_ratio_launch_to_loop": ratio(cpu["launch"], cpu["accelerate loop"]),
-                 "cpu_ratio_launch_to_trainer": ratio(cpu["launch"], cpu["HF Trainer"])})
+    rows = [
+        [
+            t,
+            best[t],
+            min(speeds[t]),
+            max(speeds[t]),
+            ratio(best["launch"], best[t]),
+            cpu[t],
+            ratio(cpu["launch"], cpu[t]),
+            median(walls[t]),
+        ]
+        for t in TRAINERS
+    ]
+    notes = [
+        f"{size['rounds']} interleaved rounds; {procs} {'GPU' if gpus else 'CPU'} ranks, {precision}, "
+        f"global batch {size['batch']}, seq {size['seq_len']}, {size['steps']} steps, Llama "
+        f"{model_size.hidden}x{model_size.layers}. Targets: launch ≥ 0.97× the loop, ≥ 1.0× Trainer."
+    ]
+    print_table(
+        "step overhead: samples/s (median of rounds)",
+        [
+            "trainer",
+            "samples/s",
+            "min",
+            "max",
+            "launch ÷ this",
+            "samples per CPU-s (rank 0)",
+            "launch ÷ this (CPU)",
+            "command wall s",
+        ],
+        rows,
+        notes,
+    )
+    save_result(
+        work,
+        {
+            "size": size,
+            "model": model_size.__dict__,
+            "procs": procs,
+            "precision": precision,
+            "samples_per_s": speeds,
+            "samples_per_cpu_s": per_cpu,
+            "command_wall_s": walls,
+            "ratio_launch_to_loop": ratio(best["launch"], best["accelerate loop"]),
+            "ratio_launch_to_trainer": ratio(best["launch"], best["HF Trainer"]),
+            "cpu_ratio_launch_to_loop": ratio(cpu["launch"], cpu["accelerate loop"]),
+            "cpu_ratio_launch_to_trainer": ratio(cpu["launch"], cpu["HF Trainer"]),
+        },
+    )
     return 0
 
 

@@ -3,6 +3,7 @@
 They run in the launcher before any process starts, so that a typo in a path
 or a label outside the classes is reported in seconds, not after allocation.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -20,14 +21,16 @@ def resolve_model_path(path: str) -> str:
     """A local folder, a hub id (returned unchanged), or pkg:PACKAGE/SUB → the folder inside the package."""
     if not path.startswith("pkg:"):
         return path
-    package, _, sub = path[len("pkg:"):].partition("/")
+    package, _, sub = path[len("pkg:") :].partition("/")
     try:
         spec = importlib.util.find_spec(package)
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise RecipeError("model", [Problem("model.path", f"package {package!r} is not installed; "
-                                            f"pip install {package.replace('_', '-')}")])
+        raise RecipeError(
+            "model",
+            [Problem("model.path", f"package {package!r} is not installed; pip install {package.replace('_', '-')}")],
+        )
     folder = Path(list(spec.submodule_search_locations)[0]) / sub
     if not folder.is_dir():
         raise RecipeError("model", [Problem("model.path", f"package {package!r} has no folder {sub!r} ({folder})")])
@@ -63,8 +66,13 @@ def check_model(recipe: Recipe) -> list[Problem]:
         return [Problem("model.path", f"{config_file} is not valid JSON: {exc}")]
     limit = next((config[k] for k in POSITION_KEYS if isinstance(config.get(k), int)), None)
     if limit is not None and recipe.data.max_length > limit:
-        return [Problem("data.max_length", f"{recipe.data.max_length} is larger than the model's {limit} positions "
-                        f"({config.get('model_type', 'model')}); use at most {limit}")]
+        return [
+            Problem(
+                "data.max_length",
+                f"{recipe.data.max_length} is larger than the model's {limit} positions "
+                f"({config.get('model_type', 'model')}); use at most {limit}",
+            )
+        ]
     return []
 
 
@@ -77,8 +85,13 @@ def missing_weights(recipe: Recipe) -> list[Problem]:
     path = resolve_model_path(recipe.model.path)
     if not is_local(path) or any(next(Path(path).glob(pattern), None) for pattern in WEIGHT_FILES):
         return []
-    return [Problem("model.path", f"{path} has a config but no weights ({', '.join(WEIGHT_FILES)}); `launch plan` "
-                    "and --dry-run work without them, training does not: point model.path at the full model folder")]
+    return [
+        Problem(
+            "model.path",
+            f"{path} has a config but no weights ({', '.join(WEIGHT_FILES)}); `launch plan` "
+            "and --dry-run work without them, training does not: point model.path at the full model folder",
+        )
+    ]
 
 
 def check_paths(recipe: Recipe) -> list[Problem]:
@@ -91,8 +104,11 @@ def check_paths(recipe: Recipe) -> list[Problem]:
         problems.append(Problem("output_dir", f"{existing} is a file, so {out} cannot be created; give a folder"))
     resume = recipe.train.resume
     if resume not in ("auto", "never") and not Path(resume).is_dir():
-        problems.append(Problem("train.resume", f"checkpoint folder {resume} not found; use 'auto', 'never' or a "
-                                "checkpoint-* folder"))
+        problems.append(
+            Problem(
+                "train.resume", f"checkpoint folder {resume} not found; use 'auto', 'never' or a checkpoint-* folder"
+            )
+        )
     return problems
 
 
@@ -111,7 +127,9 @@ def ignored_settings(recipe: Recipe) -> list[str]:
         notes.append("train.epochs is ignored: train.max_steps sets the length of the run")
     dist = recipe.distributed
     if dist.strategy == "auto" and (dist.offload != "none" or dist.offload_parameters):
-        notes.append("distributed.offload/offload_parameters are ignored with strategy: auto, which chooses the offload")
+        notes.append(
+            "distributed.offload/offload_parameters are ignored with strategy: auto, which chooses the offload"
+        )
     if recipe.train.eval_every is not None and data.validation is None and data.split.validation == 0:
         notes.append("train.eval_every is ignored: there is no validation split")
     return notes

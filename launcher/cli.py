@@ -5,6 +5,7 @@ Exit status: 0 success, 1 the training failed, 2 the recipe (or its data) is wro
 were asked to stop (USR1: launcher.train.stop) and wrote a checkpoint.
 Nothing on the --help path imports torch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,13 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("recipe", type=Path, help="recipe YAML file")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe fields")
-    p.add_argument("--procs", type=int, default=None, metavar="N",
-                   help="processes on this machine (default: one per visible GPU, else 1 CPU process)")
+    p.add_argument(
+        "--procs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="processes on this machine (default: one per visible GPU, else 1 CPU process)",
+    )
     p.add_argument("--nodes", type=int, default=1, metavar="N", help="nodes (needs a Slurm or Ray cluster profile)")
     p.add_argument("--cluster", type=Path, default=None, metavar="PROFILE", help="cluster profile YAML")
     p.add_argument("--dry-run", action="store_true", help="validate, print the plan (and job script), start nothing")
@@ -138,9 +144,16 @@ def main(argv: list[str] | None = None) -> int:
         splits = check_recipe(recipe)
         layout = backend.layout(profile, nodes=args.nodes, procs=args.procs)
         gpu_memory = parse_bytes(profile.gpu_memory) if getattr(profile, "gpu_memory", None) else None
-        plan = make_plan(recipe, num_train_samples=len(splits.train), num_validation_samples=len(splits.validation),
-                         num_test_samples=len(splits.test), num_nodes=layout.num_nodes,
-                         procs_per_node=layout.procs_per_node, device=layout.device, gpu_memory=gpu_memory)
+        plan = make_plan(
+            recipe,
+            num_train_samples=len(splits.train),
+            num_validation_samples=len(splits.validation),
+            num_test_samples=len(splits.test),
+            num_nodes=layout.num_nodes,
+            procs_per_node=layout.procs_per_node,
+            device=layout.device,
+            gpu_memory=gpu_memory,
+        )
         resume = resume_point(recipe, plan)
     except RecipeError as exc:
         return fail(str(exc), EXIT_USAGE)
@@ -148,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: {note}", file=sys.stderr)
     for split, count in splits.dropped.items():
         if count:
-            print(f"warning: dropped {count} rows of {split} with an empty field (data.on_missing=drop)", file=sys.stderr)
+            print(
+                f"warning: dropped {count} rows of {split} with an empty field (data.on_missing=drop)", file=sys.stderr
+            )
     print_plan(recipe, plan, resume, gpu_memory)
     if args.dry_run:
         if hasattr(backend, "preview"):  # what a cluster backend would submit

@@ -4,6 +4,7 @@ A profile names its backend; each backend's fields live in its own model so a
 Slurm profile cannot carry a Ray address by mistake. `--cluster` picks a file;
 without one the local profile (this machine) is used.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -17,8 +18,18 @@ from pydantic import Field, model_validator
 from launcher.loading import Problem, RecipeError, Source, read_yaml, validate
 from launcher.recipe import MemorySize, Strict
 
-BYTES = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+BYTES = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_bytes(text: str) -> int:
@@ -39,34 +50,52 @@ class RayProfile(Strict):
     """A Ray cluster: Ray Train starts one worker per GPU (or cpu_workers_per_node CPU workers) on each node."""
 
     backend: Literal["ray"]
-    address: str = Field("local", description="'local' starts a private one-node Ray for this run; otherwise a "
-                         "running cluster: 'auto', 'HOST:6379' (its GCS) or 'ray://HOST:10001' (Ray Client).")
+    address: str = Field(
+        "local",
+        description="'local' starts a private one-node Ray for this run; otherwise a "
+        "running cluster: 'auto', 'HOST:6379' (its GCS) or 'ray://HOST:10001' (Ray Client).",
+    )
     dashboard: str | None = Field(None, description="Ray Jobs address for --submit, e.g. http://HOST:8265.")
     gpus_per_node: int = Field(0, ge=0, description="GPUs per node, one worker each; 0 trains on CPU workers.")
     gpu_memory: MemorySize | None = Field(None, description="Memory per GPU for the planner, e.g. 80GiB.")
-    cpu_workers_per_node: int = Field(1, ge=1, description="Workers per node when gpus_per_node is 0 "
-                                      "(--procs overrides it).")
+    cpu_workers_per_node: int = Field(
+        1, ge=1, description="Workers per node when gpus_per_node is 0 (--procs overrides it)."
+    )
     cpus_per_worker: int = Field(1, ge=1, description="CPUs Ray reserves per worker; also its OMP_NUM_THREADS.")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
-        "PACK", description="Ray placement group strategy; STRICT_SPREAD puts every worker on its own node.")
-    runtime_env: dict[str, Any] = Field(default_factory=dict, description="Ray runtime_env of the job: "
-                                        "working_dir, pip, env_vars, ... (docs.ray.io, 'runtime environments').")
-    storage_path: str | None = Field(None, description="Where Ray keeps the checkpoints it restarts from: a "
-                                     "shared filesystem or s3://, gs://. Default: OUTPUT_DIR/ray.")
-    max_failures: int = Field(2, ge=-1, description="Restarts of the worker group after a worker or node failure "
-                              "(-1: no limit).")
-    object_store_memory: MemorySize = Field("512MiB", description="Object store of the private cluster "
-                                            "(address: local); Ray's default is 30% of RAM.")
-    auth: Literal["token", "disabled"] = Field("token", description="Ray token authentication (on by default "
-                                               "for `ray start --head` in Ray 2.60): RAY_AUTH_MODE for the "
-                                               "driver; the token comes from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH "
-                                               "or ~/.ray/auth_token.")
+        "PACK", description="Ray placement group strategy; STRICT_SPREAD puts every worker on its own node."
+    )
+    runtime_env: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Ray runtime_env of the job: "
+        "working_dir, pip, env_vars, ... (docs.ray.io, 'runtime environments').",
+    )
+    storage_path: str | None = Field(
+        None,
+        description="Where Ray keeps the checkpoints it restarts from: a "
+        "shared filesystem or s3://, gs://. Default: OUTPUT_DIR/ray.",
+    )
+    max_failures: int = Field(
+        2, ge=-1, description="Restarts of the worker group after a worker or node failure (-1: no limit)."
+    )
+    object_store_memory: MemorySize = Field(
+        "512MiB", description="Object store of the private cluster (address: local); Ray's default is 30% of RAM."
+    )
+    auth: Literal["token", "disabled"] = Field(
+        "token",
+        description="Ray token authentication (on by default "
+        "for `ray start --head` in Ray 2.60): RAY_AUTH_MODE for the "
+        "driver; the token comes from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH "
+        "or ~/.ray/auth_token.",
+    )
 
 
 class Container(Strict):
     image: str = Field(description="Image for every rank, started by srun (pyxis/enroot: --container-image).")
-    mounts: list[str] = Field(default_factory=list, description="SRC:DST mounts (--container-mounts); the run "
-                              "directory must be reachable at the same path inside.")
+    mounts: list[str] = Field(
+        default_factory=list,
+        description="SRC:DST mounts (--container-mounts); the run directory must be reachable at the same path inside.",
+    )
 
 
 # Never written anywhere, whatever the profile says: passed from the submitting environment only.
@@ -78,22 +107,31 @@ class SlurmProfile(Strict):
     partition: str | None = Field(None, description="#SBATCH --partition; default: the cluster's default.")
     account: str | None = Field(None, description="#SBATCH --account.")
     qos: str | None = Field(None, description="#SBATCH --qos.")
-    time: str = Field("04:00:00", description="Time limit per run of the job (#SBATCH --time); the ranks "
-                      "checkpoint `signal_grace` before it and the job requeues itself.")
+    time: str = Field(
+        "04:00:00",
+        description="Time limit per run of the job (#SBATCH --time); the ranks "
+        "checkpoint `signal_grace` before it and the job requeues itself.",
+    )
     constraint: str | None = Field(None, description="#SBATCH --constraint, e.g. h100.")
     gpus_per_node: int = Field(0, ge=0, description="GPUs per node, one rank each; 0 = CPU ranks (gloo).")
     procs_per_node: int = Field(1, ge=1, description="CPU ranks per node when gpus_per_node is 0.")
     gpu_memory: MemorySize | None = Field(None, description="Memory per GPU for the planner, e.g. 80GiB.")
-    cpus_per_task: int | None = Field(None, ge=1, description="#SBATCH --cpus-per-task: cores per node agent "
-                                      "(shared by its ranks).")
+    cpus_per_task: int | None = Field(
+        None, ge=1, description="#SBATCH --cpus-per-task: cores per node agent (shared by its ranks)."
+    )
     mem: MemorySize | None = Field(None, description="#SBATCH --mem per node, e.g. 200GB.")
     requeue: bool = Field(True, description="On a stop signal (preemption, time limit) checkpoint and requeue.")
     signal_grace: int = Field(120, ge=10, description="Seconds before the time limit at which Slurm sends USR1.")
     extra_sbatch: list[str] = Field(default_factory=list, description="More #SBATCH lines, e.g. '--exclusive'.")
-    env: dict[str, str] = Field(default_factory=dict, description="Environment set in the job script (not secret: "
-                                "it is written into the script).")
-    secret_env: list[str] = Field(default_factory=list, description="Names of variables passed from the submitting "
-                                  f"environment, never written to a file ({', '.join(ALWAYS_SECRET)} always are).")
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Environment set in the job script (not secret: it is written into the script).",
+    )
+    secret_env: list[str] = Field(
+        default_factory=list,
+        description="Names of variables passed from the submitting "
+        f"environment, never written to a file ({', '.join(ALWAYS_SECRET)} always are).",
+    )
     modules: list[str] = Field(default_factory=list, description="`module load` these before anything else.")
     setup: list[str] = Field(default_factory=list, description="Shell lines run in the job before the ranks start.")
     container: Container | None = Field(None, description="Run the ranks in a container (pyxis).")
@@ -103,8 +141,10 @@ class SlurmProfile(Strict):
     def _secrets_stay_out_of_files(self):
         leaked = sorted(set(self.env) & (set(self.secret_env) | set(ALWAYS_SECRET)))
         if leaked:
-            raise ValueError(f"env must not hold secrets ({', '.join(leaked)}): the job script would contain them; "
-                             "export them in the shell that runs `launch` (and list them in secret_env)")
+            raise ValueError(
+                f"env must not hold secrets ({', '.join(leaked)}): the job script would contain them; "
+                "export them in the shell that runs `launch` (and list them in secret_env)"
+            )
         return self
 
 
@@ -124,6 +164,8 @@ def load_profile(path: Path | None) -> Strict:
         close = difflib.get_close_matches(str(backend), PROFILES, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         valid = ", ".join(PROFILES)
-        raise RecipeError(str(path), [Problem("backend", f"{backend!r} is not a backend{hint}; valid: {valid}",
-                                              source.where(("backend",)))])
+        raise RecipeError(
+            str(path),
+            [Problem("backend", f"{backend!r} is not a backend{hint}; valid: {valid}", source.where(("backend",)))],
+        )
     return validate(PROFILES[backend], data, source)

@@ -8,6 +8,7 @@ warning. Nothing here is discovered on every rank after allocation.
 recipe's choice, and the planner filters its candidate (strategy, offload)
 pairs with it.
 """
+
 from __future__ import annotations
 
 from typing import Literal, NamedTuple
@@ -30,53 +31,108 @@ class Decision(NamedTuple):
     warnings: list[str]
 
 
-def incompatibilities(recipe: Recipe, strategy: str, offload: str, *, offload_parameters: bool | None = None,
-                      device: Literal["cpu", "cuda"] = "cuda") -> list[Problem]:
+def incompatibilities(
+    recipe: Recipe,
+    strategy: str,
+    offload: str,
+    *,
+    offload_parameters: bool | None = None,
+    device: Literal["cpu", "cuda"] = "cuda",
+) -> list[Problem]:
     """Why `strategy` with `offload` cannot run this recipe as asked (empty: it can)."""
     dist, model = recipe.distributed, recipe.model
     params = dist.offload_parameters if offload_parameters is None else offload_parameters
     quant = model.quantization
     problems = []
     if strategy not in IMPLEMENTED:
-        problems.append(Problem("distributed.strategy", f"{strategy!r} is not supported by this version; "
-                                f"use one of {', '.join(IMPLEMENTED)}"))
+        problems.append(
+            Problem(
+                "distributed.strategy",
+                f"{strategy!r} is not supported by this version; use one of {', '.join(IMPLEMENTED)}",
+            )
+        )
     if quant is not None and model.lora is None:
-        problems.append(Problem("model.quantization", f"a {quant.bits}-bit base is frozen and cannot be trained in "
-                                "full; add a model.lora section (QLoRA), or remove quantization"))
+        problems.append(
+            Problem(
+                "model.quantization",
+                f"a {quant.bits}-bit base is frozen and cannot be trained in "
+                "full; add a model.lora section (QLoRA), or remove quantization",
+            )
+        )
     if quant is not None and strategy in SHARDS_PARAMETERS:
-        problems.append(Problem("distributed.strategy", f"{strategy} shards parameters and cannot shard "
-                                f"bitsandbytes {quant.bits}-bit weights; use strategy ddp with quantization (the "
-                                f"frozen {quant.bits}-bit base is small), or {strategy} without quantization"))
+        problems.append(
+            Problem(
+                "distributed.strategy",
+                f"{strategy} shards parameters and cannot shard "
+                f"bitsandbytes {quant.bits}-bit weights; use strategy ddp with quantization (the "
+                f"frozen {quant.bits}-bit base is small), or {strategy} without quantization",
+            )
+        )
     if quant is not None and strategy in ("zero1", "zero2"):
-        problems.append(Problem("distributed.strategy", f"{strategy} with a {quant.bits}-bit base only shards the "
-                                "adapters' optimizer states; use ddp (equivalent here, and what it is rewritten to)"))
+        problems.append(
+            Problem(
+                "distributed.strategy",
+                f"{strategy} with a {quant.bits}-bit base only shards the "
+                "adapters' optimizer states; use ddp (equivalent here, and what it is rewritten to)",
+            )
+        )
     if offload != "none" and strategy == "ddp":
-        problems.append(Problem("distributed.offload", f"offload: {offload} needs a sharded strategy; use zero2 or "
-                                "zero3 with offload, or fsdp with offload: cpu"))
+        problems.append(
+            Problem(
+                "distributed.offload",
+                f"offload: {offload} needs a sharded strategy; use zero2 or "
+                "zero3 with offload, or fsdp with offload: cpu",
+            )
+        )
     if offload == "nvme" and strategy == "fsdp":
-        problems.append(Problem("distributed.offload", "fsdp offloads to cpu only; use offload: cpu, or zero3 for "
-                                "nvme"))
+        problems.append(
+            Problem("distributed.offload", "fsdp offloads to cpu only; use offload: cpu, or zero3 for nvme")
+        )
     if offload == "nvme" and not dist.nvme_path:
-        problems.append(Problem("distributed.nvme_path", "offload: nvme needs nvme_path, a fast local folder on "
-                                "every node"))
+        problems.append(
+            Problem("distributed.nvme_path", "offload: nvme needs nvme_path, a fast local folder on every node")
+        )
     if offload == "nvme" and device == "cpu":
-        problems.append(Problem("distributed.offload", "nvme offload needs GPUs (DeepSpeed's async I/O); use "
-                                "offload: cpu"))
+        problems.append(
+            Problem("distributed.offload", "nvme offload needs GPUs (DeepSpeed's async I/O); use offload: cpu")
+        )
     if params and offload == "none":
-        problems.append(Problem("distributed.offload_parameters", "offloading parameters needs somewhere to put "
-                                "them; set distributed.offload: cpu (or nvme)"))
+        problems.append(
+            Problem(
+                "distributed.offload_parameters",
+                "offloading parameters needs somewhere to put them; set distributed.offload: cpu (or nvme)",
+            )
+        )
     if params and strategy in ("zero1", "zero2"):
-        problems.append(Problem("distributed.offload_parameters", f"{strategy} keeps full parameters on every "
-                                "GPU; use zero3 (or fsdp) to offload parameters"))
+        problems.append(
+            Problem(
+                "distributed.offload_parameters",
+                f"{strategy} keeps full parameters on every GPU; use zero3 (or fsdp) to offload parameters",
+            )
+        )
     if strategy == "fsdp" and offload == "cpu" and not params:
-        problems.append(Problem("distributed.offload_parameters", "fsdp's CPU offload moves parameters, gradients "
-                                "and optimizer states together; set offload_parameters: true"))
+        problems.append(
+            Problem(
+                "distributed.offload_parameters",
+                "fsdp's CPU offload moves parameters, gradients "
+                "and optimizer states together; set offload_parameters: true",
+            )
+        )
     if strategy == "fsdp" and recipe.train.precision == "fp16":
-        problems.append(Problem("train.precision", "fsdp trains with bf16 or fp32 here (fp16 needs a gradient "
-                                "scaler); use bf16, or a ZeRO strategy for fp16"))
+        problems.append(
+            Problem(
+                "train.precision",
+                "fsdp trains with bf16 or fp32 here (fp16 needs a gradient "
+                "scaler); use bf16, or a ZeRO strategy for fp16",
+            )
+        )
     if dist.deepspeed_config is not None and strategy not in ZERO:
-        problems.append(Problem("distributed.deepspeed_config", f"a DeepSpeed config applies to zero1/zero2/zero3, "
-                                f"not {strategy}; remove it or pick a ZeRO strategy"))
+        problems.append(
+            Problem(
+                "distributed.deepspeed_config",
+                f"a DeepSpeed config applies to zero1/zero2/zero3, not {strategy}; remove it or pick a ZeRO strategy",
+            )
+        )
     return problems
 
 
@@ -85,17 +141,22 @@ def _rewrite(recipe: Recipe, device: str) -> Decision:
     dist = recipe.distributed
     strategy, offload, params, warnings = dist.strategy, dist.offload, dist.offload_parameters, []
     if recipe.model.quantization is not None and strategy in ("zero1", "zero2") and dist.deepspeed_config is None:
-        warnings.append(f"distributed.strategy {strategy} → ddp: the {recipe.model.quantization.bits}-bit base is "
-                        "frozen, so ZeRO would shard only the small adapter optimizer states"
-                        + (f"; offload: {offload} dropped" if offload != "none" else ""))
+        warnings.append(
+            f"distributed.strategy {strategy} → ddp: the {recipe.model.quantization.bits}-bit base is "
+            "frozen, so ZeRO would shard only the small adapter optimizer states"
+            + (f"; offload: {offload} dropped" if offload != "none" else "")
+        )
         strategy, offload, params = "ddp", "none", False
     if strategy == "fsdp" and offload == "cpu" and device == "cpu":
-        warnings.append("distributed.offload cpu → none: on a CPU-only run fsdp's parameters already live in host "
-                        "memory")
+        warnings.append(
+            "distributed.offload cpu → none: on a CPU-only run fsdp's parameters already live in host memory"
+        )
         offload, params = "none", False
     if strategy == "fsdp" and offload == "cpu" and not params:
-        warnings.append("distributed.offload_parameters → true: fsdp's CPU offload moves parameters, gradients and "
-                        "optimizer states together")
+        warnings.append(
+            "distributed.offload_parameters → true: fsdp's CPU offload moves parameters, gradients and "
+            "optimizer states together"
+        )
         params = True
     return Decision(strategy, offload, params, warnings)
 
@@ -103,8 +164,9 @@ def _rewrite(recipe: Recipe, device: str) -> Decision:
 def decide(recipe: Recipe, device: Literal["cpu", "cuda"]) -> Decision:
     """The recipe's sharding settings made runnable, or a RecipeError saying what to use instead."""
     decision = _rewrite(recipe, device)
-    problems = incompatibilities(recipe, decision.strategy, decision.offload,
-                                 offload_parameters=decision.offload_parameters, device=device)
+    problems = incompatibilities(
+        recipe, decision.strategy, decision.offload, offload_parameters=decision.offload_parameters, device=device
+    )
     if problems:
         raise RecipeError("plan", problems)
     return decision

@@ -4,6 +4,7 @@ Runs in the launcher before any rank starts (so a bad label or a missing file
 costs nothing) and again inside train.run on the same files (cheap, and the
 tokenized result is cached by content hash). No torch import here.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,7 +41,9 @@ def read_table(path: Path, recipe: Recipe) -> list[dict]:
         raise ValueError(f"file not found: {path}")
     if path.is_dir():
         if not (path / "dataset_info.json").exists() and not (path / "state.json").exists():
-            raise ValueError(f"{path} is a folder but not a saved HF dataset (no dataset_info.json); readers: {READERS}")
+            raise ValueError(
+                f"{path} is a folder but not a saved HF dataset (no dataset_info.json); readers: {READERS}"
+            )
         import datasets
 
         loaded = datasets.load_from_disk(str(path))
@@ -182,8 +185,13 @@ def _clean(rows: list[dict], recipe: Recipe, field_prefix: str) -> tuple[list[di
             have = ", ".join(map(str, rows[0].keys()))
             for src in absent:
                 name = next(k for k, v in columns.items() if v == src)
-                field = {"text": "text_field", "text_pair": "text_pair_field", "label": "label_field",
-                         "prompt": "prompt_field", "response": "response_field"}[name]
+                field = {
+                    "text": "text_field",
+                    "text_pair": "text_pair_field",
+                    "label": "label_field",
+                    "prompt": "prompt_field",
+                    "response": "response_field",
+                }[name]
                 problems.append(Problem(f"data.{field}", f"column {src!r} is not in {field_prefix} (columns: {have})"))
             return [], problems, 0
     mapper = _LabelMapper(recipe) if "label" in columns else None
@@ -212,14 +220,23 @@ def _clean(rows: list[dict], recipe: Recipe, field_prefix: str) -> tuple[list[di
         valid = mapper.valid() if mapper else ""
         if task == "regression":
             valid = "a number"
-        problems.append(Problem("data.label_field", f"{len(bad_labels)} rows of {field_prefix} have an invalid label; "
-                                f"expected {valid}: {shown}{more}"))
+        problems.append(
+            Problem(
+                "data.label_field",
+                f"{len(bad_labels)} rows of {field_prefix} have an invalid label; expected {valid}: {shown}{more}",
+            )
+        )
     dropped = 0
     if missing_rows:
         if recipe.data.on_missing == "error":
             shown = ", ".join(map(str, missing_rows[:10])) + (" ..." if len(missing_rows) > 10 else "")
-            problems.append(Problem("data.on_missing", f"{len(missing_rows)} rows of {field_prefix} have an empty "
-                                    f"{'/'.join(columns.values())} (rows {shown}); set data.on_missing=drop to skip them"))
+            problems.append(
+                Problem(
+                    "data.on_missing",
+                    f"{len(missing_rows)} rows of {field_prefix} have an empty "
+                    f"{'/'.join(columns.values())} (rows {shown}); set data.on_missing=drop to skip them",
+                )
+            )
         else:
             dropped = len(missing_rows)
     return clean, problems, dropped
@@ -257,7 +274,7 @@ def load_splits(recipe: Recipe) -> Splits:
         start = 0
         for split, ratio in carve.items():
             count = int(round(len(train) * ratio))
-            tables[split] = [train[i] for i in order[start:start + count]]
+            tables[split] = [train[i] for i in order[start : start + count]]
             start += count
         train = [train[i] for i in sorted(order[start:])]
     if not train:

@@ -8,6 +8,7 @@ plan: a value that disagrees, or an "auto", is refused naming the key.
 
 No torch import here: `--dry-run` and the planner use it.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,11 @@ def _offload(device: str, nvme_path: str | None, pin: bool) -> dict:
 def generate(recipe, plan) -> dict:
     """The config for `plan.strategy` (zero1/2/3): every value the plan decides, and sane defaults."""
     dist, precision = recipe.distributed, recipe.train.precision
-    zero: dict[str, Any] = {"stage": STAGES[plan.strategy], "overlap_comm": plan.device == "cuda",
-                            "contiguous_gradients": True}
+    zero: dict[str, Any] = {
+        "stage": STAGES[plan.strategy],
+        "overlap_comm": plan.device == "cuda",
+        "contiguous_gradients": True,
+    }
     pin = plan.device == "cuda"
     if plan.offload != "none":
         zero["offload_optimizer"] = _offload(plan.offload, dist.nvme_path, pin)
@@ -77,9 +81,17 @@ def _set(config: dict, dotted: str, value: Any) -> None:
 
 
 # Keys whose value the plan decides; a user JSON may repeat them only with the same value.
-PLANNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                "gradient_clipping", "bf16.enabled", "fp16.enabled", "zero_optimization.stage",
-                "zero_optimization.offload_optimizer.device", "zero_optimization.offload_param.device")
+PLANNED_KEYS = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "bf16.enabled",
+    "fp16.enabled",
+    "zero_optimization.stage",
+    "zero_optimization.offload_optimizer.device",
+    "zero_optimization.offload_param.device",
+)
 WHY = {
     "train_batch_size": "train.batch_size",
     "train_micro_batch_size_per_gpu": "train.micro_batch_size (or batch_size / world size)",
@@ -102,13 +114,23 @@ def merge_user(user: dict, generated: dict) -> tuple[dict, list[Problem]]:
     mine, theirs = _flatten(generated), _flatten(user)
     for key, value in theirs.items():
         if value == "auto":
-            problems.append(Problem(f"{FIELD}: {key}", f'"auto" is not accepted; the plan sets {key} = '
-                                    f"{json.dumps(mine.get(key))} (remove the key to use it)"))
+            problems.append(
+                Problem(
+                    f"{FIELD}: {key}",
+                    f'"auto" is not accepted; the plan sets {key} = '
+                    f"{json.dumps(mine.get(key))} (remove the key to use it)",
+                )
+            )
     for key in PLANNED_KEYS:
         if key in theirs and theirs[key] != "auto" and theirs[key] != mine.get(key):
-            problems.append(Problem(f"{FIELD}: {key}", f"{json.dumps(theirs[key])} disagrees with the plan's "
-                                    f"{json.dumps(mine.get(key))} (from {WHY[key]}); remove the key or change the "
-                                    "recipe"))
+            problems.append(
+                Problem(
+                    f"{FIELD}: {key}",
+                    f"{json.dumps(theirs[key])} disagrees with the plan's "
+                    f"{json.dumps(mine.get(key))} (from {WHY[key]}); remove the key or change the "
+                    "recipe",
+                )
+            )
     merged = json.loads(json.dumps(user))
     for key, value in mine.items():
         if key not in theirs:

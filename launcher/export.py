@@ -6,6 +6,7 @@ zero3/fsdp. A LoRA run's `final/` holds the adapter (and the trained task head);
 4-bit base merges into full-precision weights), applies the adapter, folds it
 in, and writes a plain model that loads without peft.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,9 @@ ADAPTER_FILE = "adapter_config.json"
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="launch export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="launch export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("run_dir", type=Path, help="the recipe's output_dir of a finished run")
     p.add_argument("--merge", action="store_true", help="fold a LoRA adapter into the base weights")
     p.add_argument("--out", type=Path, default=None, help="where to write (default RUN_DIR/merged)")
@@ -33,8 +35,9 @@ def merge(run_dir: Path, out: Path) -> Path:
     from launcher.train.worker import SPEC_DIR, read_spec
 
     recipe, _ = read_spec(run_dir / SPEC_DIR)
-    base_recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"lora": None,
-                                                                                    "quantization": None})})
+    base_recipe = recipe.model_copy(
+        update={"model": recipe.model.model_copy(update={"lora": None, "quantization": None})}
+    )
     tokenizer = load_tokenizer(recipe)
     base = build(base_recipe, tokenizer)
     merged = PeftModel.from_pretrained(base, str(run_dir / "final")).merge_and_unload()
@@ -46,8 +49,10 @@ def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     final = args.run_dir / "final"
     if not final.is_dir():
-        print(f"error: {final} does not exist; the run has not finished (launch the recipe again to resume it)",
-              file=sys.stderr)
+        print(
+            f"error: {final} does not exist; the run has not finished (launch the recipe again to resume it)",
+            file=sys.stderr,
+        )
         return 2
     if not (final / ADAPTER_FILE).exists():
         note = " (nothing to merge: not a LoRA run)" if args.merge else ""

@@ -5,6 +5,7 @@ path, the YAML line (or the override that set it), the value given, what is
 valid, and the nearest valid key for a typo, so a user fixes a recipe in one
 edit instead of one launch per mistake.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -18,8 +19,14 @@ from pydantic import BaseModel, ValidationError
 from launcher.recipe import Recipe
 
 # Input paths travel with the recipe (relative to its folder); outputs land where you run.
-INPUT_PATHS = [("model", "path"), ("data", "train"), ("data", "validation"), ("data", "test"), ("train", "resume"),
-               ("distributed", "deepspeed_config")]
+INPUT_PATHS = [
+    ("model", "path"),
+    ("data", "train"),
+    ("data", "validation"),
+    ("data", "test"),
+    ("train", "resume"),
+    ("distributed", "deepspeed_config"),
+]
 MAX_YAML_BYTES = 1_000_000
 
 
@@ -89,16 +96,18 @@ def read_yaml(path: Path, what: str = "recipe") -> tuple[dict, dict[tuple, int]]
     if path.is_dir():
         raise RecipeError(name, [Problem("", f"{what} path is a folder, not a YAML file")])
     if not path.is_file():
-        raise RecipeError(name, [Problem("", f"{what} path is not a regular file (a pipe or device?); "
-                                          "give a YAML file")])
+        raise RecipeError(
+            name, [Problem("", f"{what} path is not a regular file (a pipe or device?); give a YAML file")]
+        )
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_YAML_BYTES + 1)
     except OSError as exc:
         raise RecipeError(name, [Problem("", f"{what} file cannot be read: {exc.strerror}")]) from None
     if len(raw) > MAX_YAML_BYTES:
-        raise RecipeError(name, [Problem("", f"{what} file is over {MAX_YAML_BYTES} bytes; recipes are small "
-                                          "text files")])
+        raise RecipeError(
+            name, [Problem("", f"{what} file is over {MAX_YAML_BYTES} bytes; recipes are small text files")]
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -135,8 +144,10 @@ def _safe_load(text: str) -> tuple[yaml.Node | None, Any]:
             return None, None
         size = _expanded_size(node, {})
         if size > MAX_YAML_NODES:
-            raise yaml.YAMLError(f"anchors and aliases expand to over {MAX_YAML_NODES} nodes (a 'billion laughs' "
-                                 "document?); write the values out")
+            raise yaml.YAMLError(
+                f"anchors and aliases expand to over {MAX_YAML_NODES} nodes (a 'billion laughs' "
+                "document?); write the values out"
+            )
         return node, loader.construct_document(node)
     finally:
         loader.dispose()
@@ -159,7 +170,9 @@ def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
 
 def parse_override(text: str) -> tuple[tuple, Any]:
     if "=" not in text:
-        raise RecipeError("command line", [Problem(text, "an override is key.sub=value (e.g. train.optimizer.lr=1e-5)")])
+        raise RecipeError(
+            "command line", [Problem(text, "an override is key.sub=value (e.g. train.optimizer.lr=1e-5)")]
+        )
     key, value = text.split("=", 1)
     if not key or any(not part for part in key.split(".")):
         raise RecipeError("command line", [Problem(key, f"malformed override key in {text!r}")])
@@ -228,7 +241,13 @@ def _data_path(data: Any, loc: tuple) -> tuple:
     path: list = []
     node = data
     for i, part in enumerate(loc):
-        if isinstance(node, dict) and part in node or isinstance(node, list) and isinstance(part, int) and part < len(node):
+        if (
+            isinstance(node, dict)
+            and part in node
+            or isinstance(node, list)
+            and isinstance(part, int)
+            and part < len(node)
+        ):
             path.append(part)
             node = node[part]
         elif i == len(loc) - 1 and isinstance(part, str):

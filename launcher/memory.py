@@ -38,6 +38,7 @@ tensors autograd really saves for a bf16 Llama in tests/test_memory.py:
 It is an estimate: allocator fragmentation, NCCL buffers and the CUDA context are
 covered by keeping HEADROOM of each GPU free, not modelled.
 """
+
 from __future__ import annotations
 
 import functools
@@ -70,11 +71,28 @@ class Choice(NamedTuple):
 
 
 # every choice the table shows; auto tries AUTO_ORDER, fastest first
-CHOICES = [Choice("ddp"), Choice("zero1"), Choice("zero2"), Choice("zero3"), Choice("fsdp"),
-           Choice("zero1", "cpu"), Choice("zero2", "cpu"), Choice("zero3", "cpu"), Choice("zero3", "cpu", True),
-           Choice("fsdp", "cpu", True), Choice("zero3", "nvme", True)]
-AUTO_ORDER = [Choice("ddp"), Choice("zero2"), Choice("zero3"), Choice("zero2", "cpu"), Choice("zero3", "cpu"),
-              Choice("zero3", "cpu", True), Choice("zero3", "nvme", True)]
+CHOICES = [
+    Choice("ddp"),
+    Choice("zero1"),
+    Choice("zero2"),
+    Choice("zero3"),
+    Choice("fsdp"),
+    Choice("zero1", "cpu"),
+    Choice("zero2", "cpu"),
+    Choice("zero3", "cpu"),
+    Choice("zero3", "cpu", True),
+    Choice("fsdp", "cpu", True),
+    Choice("zero3", "nvme", True),
+]
+AUTO_ORDER = [
+    Choice("ddp"),
+    Choice("zero2"),
+    Choice("zero3"),
+    Choice("zero2", "cpu"),
+    Choice("zero3", "cpu"),
+    Choice("zero3", "cpu", True),
+    Choice("zero3", "nvme", True),
+]
 
 
 class ModelShape(BaseModel):
@@ -180,11 +198,23 @@ def model_shape(recipe: Recipe) -> ModelShape:
     from launcher.loading import Problem, RecipeError
 
     try:
-        config, model = _meta_model(resolve_model_path(recipe.model.path), recipe.task.type,
-                                    recipe.task.resolved_num_labels, recipe.model.trust_remote_code)
+        config, model = _meta_model(
+            resolve_model_path(recipe.model.path),
+            recipe.task.type,
+            recipe.task.resolved_num_labels,
+            recipe.model.trust_remote_code,
+        )
     except (OSError, ValueError, KeyError) as exc:  # a hub id offline, an unknown model_type, a broken config
-        raise RecipeError("plan", [Problem("model.path", "the memory estimate needs the model's config, which could "
-                                           f"not be read: {str(exc).splitlines()[0][:160]}")]) from None
+        raise RecipeError(
+            "plan",
+            [
+                Problem(
+                    "model.path",
+                    "the memory estimate needs the model's config, which could "
+                    f"not be read: {str(exc).splitlines()[0][:160]}",
+                )
+            ],
+        ) from None
     weight_bytes = DTYPES[recipe.model.dtype].itemsize
     lora, quant = recipe.model.lora, recipe.model.quantization
     heads = _head_names(model)
@@ -197,11 +227,16 @@ def model_shape(recipe: Recipe) -> ModelShape:
         is_linear = isinstance(module, torch.nn.Linear)
         is_head = name in heads
         num_params += own
-        adapted = lora is not None and is_linear and not is_head and (
-            lora.target_modules == "all-linear" or _matches(name, lora.target_modules))
+        adapted = (
+            lora is not None
+            and is_linear
+            and not is_head
+            and (lora.target_modules == "all-linear" or _matches(name, lora.target_modules))
+        )
         saved = lora is not None and (
             (lora.modules_to_save == "auto" and is_head and recipe.task.type not in LM_TASKS)
-            or (lora.modules_to_save != "auto" and _matches(name, lora.modules_to_save)))
+            or (lora.modules_to_save != "auto" and _matches(name, lora.modules_to_save))
+        )
         if lora is None or saved:
             num_trainable += own
         else:
@@ -211,7 +246,9 @@ def model_shape(recipe: Recipe) -> ModelShape:
             else:
                 frozen_bytes += own * weight_bytes
         if adapted:
-            adapter = lora.r * (module.in_features + module.out_features) + (module.out_features if lora.use_dora else 0)
+            adapter = lora.r * (module.in_features + module.out_features) + (
+                module.out_features if lora.use_dora else 0
+            )
             num_trainable += adapter
             num_params += adapter
     # tied weights appear under two modules but are one tensor
@@ -224,7 +261,8 @@ def model_shape(recipe: Recipe) -> ModelShape:
         frozen_bytes -= tied * weight_bytes
     hidden = _config_value(config, "hidden_size", "d_model", "n_embd")
     layers = _config_value(config, "num_hidden_layers", "n_layer", "num_layers") + (
-        _config_value(config, "num_decoder_layers", default=0) if recipe.task.type == "seq2seq" else 0)
+        _config_value(config, "num_decoder_layers", default=0) if recipe.task.type == "seq2seq" else 0
+    )
     gated = any(name.endswith(("gate_proj", "wi_0", "w1")) for name, _ in model.named_modules())
     return ModelShape(
         num_params=num_params,
@@ -254,8 +292,9 @@ def activation_bytes(shape: ModelShape, recipe: Recipe, micro_batch: int) -> int
     return layers + head
 
 
-def estimate(shape: ModelShape, recipe: Recipe, choice: Choice, *, num_nodes: int, gpus_per_node: int,
-             micro_batch: int) -> Estimate:
+def estimate(
+    shape: ModelShape, recipe: Recipe, choice: Choice, *, num_nodes: int, gpus_per_node: int, micro_batch: int
+) -> Estimate:
     """Memory per GPU for `choice`, and host RAM per node (see the module docstring for the accounting)."""
     world = num_nodes * gpus_per_node
     trainable, strategy = shape.num_trainable, choice.strategy
@@ -268,7 +307,10 @@ def estimate(shape: ModelShape, recipe: Recipe, choice: Choice, *, num_nodes: in
         weight, grad, grad32, master = 4, 4, 0, 0
     # divisors of: weights, working gradients, fp32 optimizer side (fp32 gradient, master, moments)
     shard_weights, shard_grads, shard_states = {
-        "ddp": (1, 1, 1), "zero1": (1, 1, world), "zero2": (1, world, world)}.get(strategy, (world, world, world))
+        "ddp": (1, 1, 1),
+        "zero1": (1, 1, world),
+        "zero2": (1, world, world),
+    }.get(strategy, (world, world, world))
     gathered = 2 * shape.largest_layer_params if strategy in ("zero3", "fsdp") else 0  # its 16-bit weights, and grads
     params = (trainable * weight + shape.frozen_bytes) // shard_weights + gathered
     grads = trainable * grad // shard_grads + trainable * grad32 // shard_states + gathered
@@ -283,9 +325,15 @@ def estimate(shape: ModelShape, recipe: Recipe, choice: Choice, *, num_nodes: in
             host += params - gathered
             params = gathered
         host_offload = int(host * gpus_per_node * HOST_BUFFER) if choice.offload == "cpu" else 0
-    return Estimate(choice=choice, parameters=params, gradients=grads, optimizer=optimizer,
-                    activations=activation_bytes(shape, recipe, micro_batch),
-                    host_load=host_load_bytes(shape, recipe, strategy, gpus_per_node), host_offload=host_offload)
+    return Estimate(
+        choice=choice,
+        parameters=params,
+        gradients=grads,
+        optimizer=optimizer,
+        activations=activation_bytes(shape, recipe, micro_batch),
+        host_load=host_load_bytes(shape, recipe, strategy, gpus_per_node),
+        host_offload=host_offload,
+    )
 
 
 def host_load_bytes(shape: ModelShape, recipe: Recipe, strategy: str, gpus_per_node: int) -> int:
@@ -297,17 +345,24 @@ def host_load_bytes(shape: ModelShape, recipe: Recipe, strategy: str, gpus_per_n
     return whole * (1 if strategy in ("zero3", "fsdp") else gpus_per_node)
 
 
-def estimates(recipe: Recipe, shape: ModelShape, *, num_nodes: int, gpus_per_node: int,
-              micro_batch: int) -> list[tuple[Estimate, list]]:
+def estimates(
+    recipe: Recipe, shape: ModelShape, *, num_nodes: int, gpus_per_node: int, micro_batch: int
+) -> list[tuple[Estimate, list]]:
     """Every choice of the table with its estimate and the compatibility problems that refuse it."""
     from launcher.compat import incompatibilities
 
-    return [(estimate(shape, recipe, choice, num_nodes=num_nodes, gpus_per_node=gpus_per_node, micro_batch=micro_batch),
-             incompatibilities(recipe, choice.strategy, choice.offload, offload_parameters=choice.offload_parameters)) for choice in CHOICES]
+    return [
+        (
+            estimate(shape, recipe, choice, num_nodes=num_nodes, gpus_per_node=gpus_per_node, micro_batch=micro_batch),
+            incompatibilities(recipe, choice.strategy, choice.offload, offload_parameters=choice.offload_parameters),
+        )
+        for choice in CHOICES
+    ]
 
 
-def choose(recipe: Recipe, shape: ModelShape, *, num_nodes: int, gpus_per_node: int, micro_batch: int,
-           gpu_memory: int) -> tuple[Choice, str]:
+def choose(
+    recipe: Recipe, shape: ModelShape, *, num_nodes: int, gpus_per_node: int, micro_batch: int, gpu_memory: int
+) -> tuple[Choice, str]:
     """`strategy: auto`: the first of AUTO_ORDER (fastest first) that the rules allow and that fits, and why."""
     from launcher.compat import incompatibilities
     from launcher.loading import Problem, RecipeError
@@ -320,15 +375,24 @@ def choose(recipe: Recipe, shape: ModelShape, *, num_nodes: int, gpus_per_node: 
         est = estimate(shape, recipe, choice, num_nodes=num_nodes, gpus_per_node=gpus_per_node, micro_batch=micro_batch)
         if est.fits(gpu_memory):
             faster = f"; faster choices do not fit: {', '.join(over)}" if over else ""
-            return choice, (f"fastest that fits: {gib(est.per_gpu)} per GPU of {gib(budget)} usable "
-                            f"({100 - int(HEADROOM * 100)}% of {gib(gpu_memory)}){faster}")
+            return choice, (
+                f"fastest that fits: {gib(est.per_gpu)} per GPU of {gib(budget)} usable "
+                f"({100 - int(HEADROOM * 100)}% of {gib(gpu_memory)}){faster}"
+            )
         over.append(f"{choice.label} {gib(est.per_gpu)}")
     hints = [] if recipe.distributed.activation_checkpointing else ["activation_checkpointing: true"]
     hints += ["more GPUs or nodes", "a smaller train.micro_batch_size or data.max_length"]
     if recipe.model.lora is None:
         hints.append("model.lora (with model.quantization for QLoRA)")
-    raise RecipeError("plan", [Problem("distributed.strategy", f"auto: nothing fits in {gib(budget)} usable per GPU "
-                                       f"({', '.join(over)}); try {', '.join(hints)}")])
+    raise RecipeError(
+        "plan",
+        [
+            Problem(
+                "distributed.strategy",
+                f"auto: nothing fits in {gib(budget)} usable per GPU ({', '.join(over)}); try {', '.join(hints)}",
+            )
+        ],
+    )
 
 
 def disk_bytes(shape: ModelShape, recipe: Recipe) -> int:

@@ -5,6 +5,7 @@ derives micro-batch and accumulation from the world size; the same recipe
 then optimises identically on 1 process or 64, and a checkpoint can resume
 at a different world size.
 """
+
 from __future__ import annotations
 
 import math
@@ -64,7 +65,10 @@ class Plan(BaseModel):
             ("global batch", str(self.global_batch_size)),
             ("micro-batch per device", str(self.micro_batch_size)),
             ("gradient accumulation", str(self.grad_accum)),
-            ("train / validation / test rows", f"{self.num_train_samples} / {self.num_validation_samples} / {self.num_test_samples}"),
+            (
+                "train / validation / test rows",
+                f"{self.num_train_samples} / {self.num_validation_samples} / {self.num_test_samples}",
+            ),
             ("steps per epoch", str(self.steps_per_epoch)),
             ("rows dropped per epoch (partial batch)", str(self.samples_dropped_per_epoch)),
             ("epochs", str(self.epochs)),
@@ -87,12 +91,26 @@ def _auto(recipe: Recipe, num_nodes: int, procs_per_node: int, micro: int, devic
     if device == "cpu":
         return ("ddp", "none", False), "CPU processes: there is no GPU memory to fit, so plain ddp"
     if gpu_memory is None:
-        raise RecipeError("plan", [Problem("distributed.strategy", "auto needs the memory per GPU: set gpu_memory "
-                                           "in the cluster profile (e.g. 80GiB), or choose a strategy")])
+        raise RecipeError(
+            "plan",
+            [
+                Problem(
+                    "distributed.strategy",
+                    "auto needs the memory per GPU: set gpu_memory "
+                    "in the cluster profile (e.g. 80GiB), or choose a strategy",
+                )
+            ],
+        )
     from launcher import memory
 
-    return memory.choose(recipe, memory.model_shape(recipe), num_nodes=num_nodes, gpus_per_node=procs_per_node,
-                         micro_batch=micro, gpu_memory=gpu_memory)
+    return memory.choose(
+        recipe,
+        memory.model_shape(recipe),
+        num_nodes=num_nodes,
+        gpus_per_node=procs_per_node,
+        micro_batch=micro,
+        gpu_memory=gpu_memory,
+    )
 
 
 def make_plan(
@@ -113,24 +131,45 @@ def make_plan(
         problems.append(Problem("train.precision", "fp16 needs a GPU; use bf16 or fp32 on CPU"))
     micro = micro_batch_size(recipe, world)
     if train.micro_batch_size is None and train.batch_size % world:
-        problems.append(Problem("train.batch_size", f"{train.batch_size} is not divisible by the world size {world}; "
-                                f"use {_near_multiples(train.batch_size, world)}, or set train.micro_batch_size"))
+        problems.append(
+            Problem(
+                "train.batch_size",
+                f"{train.batch_size} is not divisible by the world size {world}; "
+                f"use {_near_multiples(train.batch_size, world)}, or set train.micro_batch_size",
+            )
+        )
     per_pass = micro * world
     if train.batch_size % per_pass:
-        problems.append(Problem("train.batch_size", f"{train.batch_size} is not a multiple of micro_batch_size {micro} × "
-                                f"world size {world} = {per_pass}; use {_near_multiples(train.batch_size, per_pass)}"))
+        problems.append(
+            Problem(
+                "train.batch_size",
+                f"{train.batch_size} is not a multiple of micro_batch_size {micro} × "
+                f"world size {world} = {per_pass}; use {_near_multiples(train.batch_size, per_pass)}",
+            )
+        )
     accum = max(1, train.batch_size // per_pass)
     steps_per_epoch = num_train_samples // train.batch_size
     if steps_per_epoch == 0:
-        problems.append(Problem("train.batch_size", f"{train.batch_size} is larger than the {num_train_samples} "
-                                "training rows; one epoch would have no full batch"))
+        problems.append(
+            Problem(
+                "train.batch_size",
+                f"{train.batch_size} is larger than the {num_train_samples} "
+                "training rows; one epoch would have no full batch",
+            )
+        )
     decision, reason = None, None
     if recipe.distributed.strategy == "auto" and not problems:
         try:
-            (strategy, offload, offload_parameters), reason = _auto(recipe, num_nodes, procs_per_node, micro, device,
-                                                                    gpu_memory)
-            recipe = recipe.model_copy(update={"distributed": recipe.distributed.model_copy(update={
-                "strategy": strategy, "offload": offload, "offload_parameters": offload_parameters})})
+            (strategy, offload, offload_parameters), reason = _auto(
+                recipe, num_nodes, procs_per_node, micro, device, gpu_memory
+            )
+            recipe = recipe.model_copy(
+                update={
+                    "distributed": recipe.distributed.model_copy(
+                        update={"strategy": strategy, "offload": offload, "offload_parameters": offload_parameters}
+                    )
+                }
+            )
         except RecipeError as exc:
             problems += exc.problems
     if recipe.distributed.strategy != "auto":

@@ -5,6 +5,7 @@ Prints, for every strategy and offload choice, the estimated memory per GPU
 whether it fits; then what `strategy: auto` would choose and why. Reads the
 model's config only (launcher/memory.py), never its weights or the data.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,10 +20,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", type=Path, help="recipe YAML file")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe fields")
     p.add_argument("--nodes", type=int, default=1, metavar="N")
-    p.add_argument("--gpus-per-node", type=int, default=None, metavar="G",
-                   help="GPUs per node (default: the cluster profile's gpus_per_node)")
-    p.add_argument("--gpu-memory", default=None, metavar="SIZE",
-                   help="memory per GPU, e.g. 80GiB (default: the cluster profile's gpu_memory)")
+    p.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=None,
+        metavar="G",
+        help="GPUs per node (default: the cluster profile's gpus_per_node)",
+    )
+    p.add_argument(
+        "--gpu-memory",
+        default=None,
+        metavar="SIZE",
+        help="memory per GPU, e.g. 80GiB (default: the cluster profile's gpu_memory)",
+    )
     p.add_argument("--cluster", type=Path, default=None, metavar="PROFILE", help="cluster profile YAML")
     return p
 
@@ -33,8 +43,13 @@ def estimate_line(recipe, plan, gpu_memory: int | None) -> str:
     which would make every dry run many times slower."""
     from launcher.loading import RecipeError
 
-    if plan.device == "cpu" and plan.choice == ("ddp", "none", False) and recipe.model.lora is None \
-            and recipe.model.quantization is None and gpu_memory is None:
+    if (
+        plan.device == "cpu"
+        and plan.choice == ("ddp", "none", False)
+        and recipe.model.lora is None
+        and recipe.model.quantization is None
+        and gpu_memory is None
+    ):
         return "not estimated for CPU processes; see `launch plan RECIPE --gpus-per-node G --gpu-memory SIZE`"
     from launcher import memory
 
@@ -42,11 +57,19 @@ def estimate_line(recipe, plan, gpu_memory: int | None) -> str:
         shape = memory.model_shape(recipe)
     except RecipeError as exc:
         return f"not estimated: {exc.problems[0].message}"
-    est = memory.estimate(shape, recipe, plan.choice, num_nodes=plan.num_nodes, gpus_per_node=plan.procs_per_node,
-                          micro_batch=plan.micro_batch_size)
+    est = memory.estimate(
+        shape,
+        recipe,
+        plan.choice,
+        num_nodes=plan.num_nodes,
+        gpus_per_node=plan.procs_per_node,
+        micro_batch=plan.micro_batch_size,
+    )
     g = memory.gib
-    line = (f"{g(est.per_gpu)} = parameters {g(est.parameters)} + gradients {g(est.gradients)} + optimizer "
-            f"{g(est.optimizer)} + activations {g(est.activations)}; host RAM per node {g(est.host_per_node)}")
+    line = (
+        f"{g(est.per_gpu)} = parameters {g(est.parameters)} + gradients {g(est.gradients)} + optimizer "
+        f"{g(est.optimizer)} + activations {g(est.activations)}; host RAM per node {g(est.host_per_node)}"
+    )
     if gpu_memory is not None:
         line += "; fits" if est.fits(gpu_memory) else f"; does NOT fit in {g(memory.usable(gpu_memory))} usable"
     return line
@@ -59,23 +82,37 @@ def print_table(recipe, shape, *, num_nodes: int, gpus_per_node: int, micro_batc
     from launcher import memory
 
     g = memory.gib
-    trainable = (f"{shape.num_trainable / 1e6:,.1f}M trainable of {shape.num_params / 1e6:,.1f}M"
-                 if shape.num_trainable != shape.num_params else f"{shape.num_params / 1e6:,.1f}M parameters")
+    trainable = (
+        f"{shape.num_trainable / 1e6:,.1f}M trainable of {shape.num_params / 1e6:,.1f}M"
+        if shape.num_trainable != shape.num_params
+        else f"{shape.num_params / 1e6:,.1f}M parameters"
+    )
     ckpt = "on" if recipe.distributed.activation_checkpointing else "off"
-    print(f"memory per GPU: {recipe.model.path} ({trainable})\n{num_nodes} × {gpus_per_node} GPUs of {g(gpu_memory)} "
-          f"({g(memory.usable(gpu_memory))} usable), micro-batch {micro_batch} × {recipe.data.max_length} tokens, "
-          f"activation checkpointing {ckpt}")
+    print(
+        f"memory per GPU: {recipe.model.path} ({trainable})\n{num_nodes} × {gpus_per_node} GPUs of {g(gpu_memory)} "
+        f"({g(memory.usable(gpu_memory))} usable), micro-batch {micro_batch} × {recipe.data.max_length} tokens, "
+        f"activation checkpointing {ckpt}"
+    )
     table = Table()
     for name in ("strategy", "parameters", "gradients", "optimizer", "activations", "per GPU", "host RAM/node", "fits"):
         table.add_column(name, justify="left" if name in ("strategy", "fits") else "right")
-    for est, problems in memory.estimates(recipe, shape, num_nodes=num_nodes, gpus_per_node=gpus_per_node,
-                                          micro_batch=micro_batch):
+    for est, problems in memory.estimates(
+        recipe, shape, num_nodes=num_nodes, gpus_per_node=gpus_per_node, micro_batch=micro_batch
+    ):
         if problems:
             verdict = "refused: " + problems[0].message.split(";")[0]
         else:
             verdict = "yes" if est.fits(gpu_memory) else "no"
-        table.add_row(est.choice.label, g(est.parameters), g(est.gradients), g(est.optimizer), g(est.activations),
-                      g(est.per_gpu), g(est.host_per_node), verdict)
+        table.add_row(
+            est.choice.label,
+            g(est.parameters),
+            g(est.gradients),
+            g(est.optimizer),
+            g(est.activations),
+            g(est.per_gpu),
+            g(est.host_per_node),
+            verdict,
+        )
     Console(width=200).print(table)
 
 
@@ -96,16 +133,20 @@ def main(argv: list[str]) -> int:
         if args.nodes < 1:
             problems.append(Problem("--nodes", "must be at least 1"))
         if gpus is None or gpus < 1:
-            problems.append(Problem("--gpus-per-node", "give the GPUs per node (at least 1), or gpus_per_node in the "
-                                    "cluster profile"))
+            problems.append(
+                Problem(
+                    "--gpus-per-node", "give the GPUs per node (at least 1), or gpus_per_node in the cluster profile"
+                )
+            )
         gpu_memory = None
         try:
             gpu_memory = parse_bytes(size) if size else None
         except ValueError as exc:
             problems.append(Problem("--gpu-memory", str(exc)))
         if size is None:
-            problems.append(Problem("--gpu-memory", "give the memory per GPU (e.g. 80GiB), or gpu_memory in the "
-                                    "cluster profile"))
+            problems.append(
+                Problem("--gpu-memory", "give the memory per GPU (e.g. 80GiB), or gpu_memory in the cluster profile")
+            )
         if problems:
             raise RecipeError("plan", problems)
         shape = memory.model_shape(recipe)
@@ -115,8 +156,9 @@ def main(argv: list[str]) -> int:
     micro = micro_batch_size(recipe, gpus * args.nodes)
     print_table(recipe, shape, num_nodes=args.nodes, gpus_per_node=gpus, micro_batch=micro, gpu_memory=gpu_memory)
     try:
-        choice, why = memory.choose(recipe, shape, num_nodes=args.nodes, gpus_per_node=gpus, micro_batch=micro,
-                                    gpu_memory=gpu_memory)
+        choice, why = memory.choose(
+            recipe, shape, num_nodes=args.nodes, gpus_per_node=gpus, micro_batch=micro, gpu_memory=gpu_memory
+        )
         print(f"auto: {choice.label} ({why})")
     except RecipeError as exc:
         print(exc.problems[0].message)

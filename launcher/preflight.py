@@ -16,6 +16,7 @@ further collective: all go on, or all raise PreflightFailed (no rank is left wai
 the table and writes output_dir/preflight.json. `launch preflight RECIPE` (main, below) is a launch
 with preflight.run=only: the same backend starts the ranks, which run the checks and exit.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,10 +66,14 @@ def check(recipe, plan, rank: int, world: int, device) -> list[str]:
                 pairs[nodes[b] if rank == leaders[a] else nodes[a]] = _busbw(size, 2, group, device)
             dist.destroy_process_group(group)
     facts = {
-        "rank": rank, "host": hosts[rank], "versions": versions(), "pairs": pairs,
+        "rank": rank,
+        "host": hosts[rank],
+        "versions": versions(),
+        "pairs": pairs,
         "shared_fs": written if rank == 0 else _read_probe(out),
         "node_probe": _node_probe(out, hosts[rank]) if rank in leaders else None,
-        "ram_free": _ram_free(), "disk_free": shutil.disk_usage(_existing(out)).free,
+        "ram_free": _ram_free(),
+        "disk_free": shutil.disk_usage(_existing(out)).free,
     }
     t_pairs = time.time()
     every = _all_gather(facts, world)
@@ -79,9 +84,16 @@ def check(recipe, plan, rank: int, world: int, device) -> list[str]:
     report = evaluate(every, everyone, size, need, recipe.preflight.slow_node_factor, token)
     now = time.time()
     report["seconds"] = round(now - t0, 3)
-    report["timings"] = {name: round(b - a, 3) for name, a, b in (
-        ("probe_and_hosts_s", t0, t_gathered), ("allreduce_s", t_gathered, t_allreduce),
-        ("node_pairs_s", t_allreduce, t_pairs), ("facts_s", t_pairs, t_facts), ("needs_s", t_facts, now))}
+    report["timings"] = {
+        name: round(b - a, 3)
+        for name, a, b in (
+            ("probe_and_hosts_s", t0, t_gathered),
+            ("allreduce_s", t_gathered, t_allreduce),
+            ("node_pairs_s", t_allreduce, t_pairs),
+            ("facts_s", t_pairs, t_facts),
+            ("needs_s", t_facts, now),
+        )
+    }
     if rank == 0:
         show(report)
         from launcher.train.checkpoint import write_json_atomic
@@ -124,8 +136,9 @@ def rounds(num_nodes: int) -> list[list[tuple[int, int]]]:
     schedule = []
     for _ in range(len(ids) - 1):
         half = len(ids) // 2
-        schedule.append([tuple(sorted((a, b))) for a, b in zip(ids[:half], reversed(ids[half:]))
-                         if a is not None and b is not None])
+        schedule.append(
+            [tuple(sorted((a, b))) for a, b in zip(ids[:half], reversed(ids[half:])) if a is not None and b is not None]
+        )
         ids = [ids[0], ids[-1], *ids[1:-1]]
     return schedule
 
@@ -172,8 +185,11 @@ def _read_probe(out: Path) -> dict:
     try:
         return {"ok": True, "token": (out / PROBE).read_text(), "error": None}
     except OSError as exc:
-        return {"ok": False, "token": None, "error": f"rank 0's {out / PROBE} is not visible here: "
-                f"{exc.strerror or exc}"}
+        return {
+            "ok": False,
+            "token": None,
+            "error": f"rank 0's {out / PROBE} is not visible here: {exc.strerror or exc}",
+        }
 
 
 def _node_probe(out: Path, host: str) -> str | None:
@@ -216,15 +232,22 @@ def needs(recipe, plan) -> dict:
         shape = memory.model_shape(recipe)
     except RecipeError as exc:
         return {"ram": None, "disk": None, "why_not": exc.problems[0].message}
-    est = memory.estimate(shape, recipe, plan.choice, num_nodes=plan.num_nodes, gpus_per_node=plan.procs_per_node,
-                          micro_batch=plan.micro_batch_size)
+    est = memory.estimate(
+        shape,
+        recipe,
+        plan.choice,
+        num_nodes=plan.num_nodes,
+        gpus_per_node=plan.procs_per_node,
+        micro_batch=plan.micro_batch_size,
+    )
     ram = est.host_per_node if plan.device == "cuda" else max(est.host_per_node, est.per_gpu * plan.procs_per_node)
     return {"ram": ram, "disk": memory.disk_bytes(shape, recipe), "why_not": None}
 
 
 # ----------------------------------------------------------------------------- the verdict (pure)
-def evaluate(facts: list[dict], everyone: float | None, size: int, need: dict, slow_factor: float,
-             token: str | None) -> dict:
+def evaluate(
+    facts: list[dict], everyone: float | None, size: int, need: dict, slow_factor: float, token: str | None
+) -> dict:
     """The report every rank computes from the same gathered facts (so all reach the same verdict)."""
     nodes = list(dict.fromkeys(f["host"] for f in facts))
     ranks = {node: [f["rank"] for f in facts if f["host"] == node] for node in nodes}
@@ -239,9 +262,11 @@ def evaluate(facts: list[dict], everyone: float | None, size: int, need: dict, s
     mismatch = [{"host": key[0], "ranks": members, **dict(zip(differing, key[1:]))} for key, members in groups.items()]
     if differing:
         odd = _minority_nodes(facts, differing)
-        failures.append(f"versions differ between ranks ({', '.join(differing)}; nodes {', '.join(odd)} differ from "
-                        "rank 0): install the same versions on every node (one container image, or one virtual "
-                        "environment on shared storage), or exclude the odd nodes")
+        failures.append(
+            f"versions differ between ranks ({', '.join(differing)}; nodes {', '.join(odd)} differ from "
+            "rank 0): install the same versions on every node (one container image, or one virtual "
+            "environment on shared storage), or exclude the odd nodes"
+        )
 
     pair_bw: dict[tuple[str, str], float] = {}
     for f in facts:
@@ -255,8 +280,10 @@ def evaluate(facts: list[dict], everyone: float | None, size: int, need: dict, s
         median = statistics.median(pair_bw.values())
         for node in nodes:
             if node_bw[node] < slow_factor * median:
-                failures.append(f"node {node}: all-reduce bus bandwidth {_gbps(node_bw[node])} with its peers, "
-                                f"below {slow_factor:g} x the median {_gbps(median)} of all node pairs; {EXCLUDE_HINT}")
+                failures.append(
+                    f"node {node}: all-reduce bus bandwidth {_gbps(node_bw[node])} with its peers, "
+                    f"below {slow_factor:g} x the median {_gbps(median)} of all node pairs; {EXCLUDE_HINT}"
+                )
 
     fs_bad = {}
     for f in facts:
@@ -277,15 +304,27 @@ def evaluate(facts: list[dict], everyone: float | None, size: int, need: dict, s
         for what, have in (("ram", f["ram_free"]), ("disk", f["disk_free"])):
             if need[what] is not None and have < need[what]:
                 where = "free host RAM" if what == "ram" else "free disk at output_dir"
-                failures.append(f"node {node}: {where} {_gib(have)}, the run needs {_gib(need[what])}: free some, "
-                                f"{'use another output_dir' if what == 'disk' else 'use a node with more memory'}, "
-                                f"or {EXCLUDE_HINT}")
+                failures.append(
+                    f"node {node}: {where} {_gib(have)}, the run needs {_gib(need[what])}: free some, "
+                    f"{'use another output_dir' if what == 'disk' else 'use a node with more memory'}, "
+                    f"or {EXCLUDE_HINT}"
+                )
         versions_ok = all(facts[r]["versions"] == facts[0]["versions"] for r in ranks[node])
         ok = versions_ok and not any(failure.startswith(f"node {node}:") for failure in failures)
-        rows.append({"node": node, "ranks": ranks[node], "versions_ok": versions_ok,
-                     "bus_bandwidth_GBps": _round_gb(node_bw[node]), "shared_fs_ok": node not in fs_bad,
-                     "ram_free": f["ram_free"], "ram_needed": need["ram"],
-                     "disk_free": f["disk_free"], "disk_needed": need["disk"], "ok": ok})
+        rows.append(
+            {
+                "node": node,
+                "ranks": ranks[node],
+                "versions_ok": versions_ok,
+                "bus_bandwidth_GBps": _round_gb(node_bw[node]),
+                "shared_fs_ok": node not in fs_bad,
+                "ram_free": f["ram_free"],
+                "ram_needed": need["ram"],
+                "disk_free": f["disk_free"],
+                "disk_needed": need["disk"],
+                "ok": ok,
+            }
+        )
     return {
         "status": "failed" if failures else "passed",
         "failures": failures,
@@ -327,17 +366,32 @@ def show(report: dict) -> None:
     from rich.table import Table
 
     console = Console(width=160)
-    table = Table(title=f"pre-flight: {report['world_size']} ranks, all-reduce of {_gib(report['allreduce']['bytes'])}"
-                  f" at {_gbps(_bps(report['allreduce']['bus_bandwidth_GBps']))} bus bandwidth")
-    for column in ("node", "ranks", "versions", "bandwidth", "shared FS", "RAM free / needed",
-                   "disk free / needed", "status"):
+    table = Table(
+        title=f"pre-flight: {report['world_size']} ranks, all-reduce of {_gib(report['allreduce']['bytes'])}"
+        f" at {_gbps(_bps(report['allreduce']['bus_bandwidth_GBps']))} bus bandwidth"
+    )
+    for column in (
+        "node",
+        "ranks",
+        "versions",
+        "bandwidth",
+        "shared FS",
+        "RAM free / needed",
+        "disk free / needed",
+        "status",
+    ):
         table.add_column(column)
     for row in report["nodes"]:
-        table.add_row(row["node"], ",".join(map(str, row["ranks"])), "ok" if row["versions_ok"] else "DIFFER",
-                      _gbps(_bps(row["bus_bandwidth_GBps"])), "ok" if row["shared_fs_ok"] else "FAIL",
-                      f"{_gib(row['ram_free'])} / {_gib(row['ram_needed'])}",
-                      f"{_gib(row['disk_free'])} / {_gib(row['disk_needed'])}",
-                      "ok" if row["ok"] else "[bold red]FAIL[/]")
+        table.add_row(
+            row["node"],
+            ",".join(map(str, row["ranks"])),
+            "ok" if row["versions_ok"] else "DIFFER",
+            _gbps(_bps(row["bus_bandwidth_GBps"])),
+            "ok" if row["shared_fs_ok"] else "FAIL",
+            f"{_gib(row['ram_free'])} / {_gib(row['ram_needed'])}",
+            f"{_gib(row['disk_free'])} / {_gib(row['disk_needed'])}",
+            "ok" if row["ok"] else "[bold red]FAIL[/]",
+        )
     console.print(table)
     if report["version_mismatch"]:
         differ = Table(title="versions that differ between ranks")
@@ -364,9 +418,12 @@ def _bps(gbps: float | None) -> float | None:
 def main(argv: list[str]) -> int:
     """`launch preflight RECIPE`: start the ranks exactly as `launch RECIPE` would (same backend, same
     layout), with preflight.run=only; exit 0 when every check passes, 1 when one fails, 2 on a bad recipe."""
-    parser = argparse.ArgumentParser(prog="launch preflight", description="Run the pre-flight checks alone: "
-                                     "versions, all-reduce bandwidth per node pair, shared output_dir, free RAM "
-                                     "and disk per node. Writes OUTPUT_DIR/preflight.json.")
+    parser = argparse.ArgumentParser(
+        prog="launch preflight",
+        description="Run the pre-flight checks alone: "
+        "versions, all-reduce bandwidth per node pair, shared output_dir, free RAM "
+        "and disk per node. Writes OUTPUT_DIR/preflight.json.",
+    )
     parser.add_argument("recipe", type=Path, help="recipe YAML file")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe fields")
     parser.add_argument("--cluster", type=Path, default=None, metavar="PROFILE", help="cluster profile YAML")

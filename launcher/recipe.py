@@ -3,6 +3,7 @@
 Every field is validated here, once, before any process starts; the training
 code reads typed attributes and never falls back to defaults of its own.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,8 +35,10 @@ class Strict(BaseModel):
             for key, value in data.items():
                 field = cls.model_fields.get(key) if isinstance(key, str) else None
                 if isinstance(value, bool) and field is not None and bool not in _types_in(field.annotation):
-                    raise ValueError(f"{key}: expected a number or text, got the boolean {value!r} (YAML reads "
-                                     "yes/no/on/off/true/false as booleans)")
+                    raise ValueError(
+                        f"{key}: expected a number or text, got the boolean {value!r} (YAML reads "
+                        "yes/no/on/off/true/false as booleans)"
+                    )
                 if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
                     raise ValueError(f"{key}: {value} is out of range (a setting here is a 64-bit integer)")
         return data
@@ -191,8 +194,7 @@ class TaskConfig(Strict):
         pos_weight = getattr(self.loss, "pos_weight", None)
         if isinstance(pos_weight, list) and len(pos_weight) != classes:
             errors.append(f"loss.pos_weight has {len(pos_weight)} values for {classes} labels")
-        if (getattr(self.loss, "alpha", None) is not None and self.type != "multi_label_classification"
-                and classes != 2):
+        if getattr(self.loss, "alpha", None) is not None and self.type != "multi_label_classification" and classes != 2:
             errors.append("focal alpha weighs the positive class: it needs 2 classes or multi_label_classification")
         for metric in self.metrics or []:
             if metric not in METRICS_BY_TASK[self.type]:
@@ -249,12 +251,15 @@ class DataConfig(Strict):
     prompt_field: str | None = Field(None, description="causal_lm SFT / seq2seq: the prompt (source) column.")
     response_field: str | None = Field(None, description="causal_lm SFT / seq2seq: the response (target) column.")
     csv_delimiter: str | None = Field(None, description="CSV delimiter; ',' for .csv and tab for .tsv when omitted.")
-    csv_header: bool = Field(True, description="Whether a CSV file has a header row (without one, name columns with csv_columns).")
+    csv_header: bool = Field(
+        True, description="Whether a CSV file has a header row (without one, name columns with csv_columns)."
+    )
     csv_columns: list[str] | None = Field(None, description="Column names for a CSV file without a header.")
     max_length: int = Field(128, ge=8, description="Tokens per example after truncation.")
     balance: bool = Field(
-        False, description="sequence_classification: draw each epoch so every class is seen equally often "
-        "(a weighted sampler, with replacement), for imbalanced data."
+        False,
+        description="sequence_classification: draw each epoch so every class is seen equally often "
+        "(a weighted sampler, with replacement), for imbalanced data.",
     )
     on_missing: Literal["error", "drop"] = Field(
         "error", description="Rows with an empty text or label: fail naming them, or drop them and say how many."
@@ -280,7 +285,9 @@ class SchedulerConfig(Strict):
 class TrainConfig(Strict):
     batch_size: int = Field(32, ge=1, description="GLOBAL batch per optimizer step, across all ranks and accumulation.")
     micro_batch_size: int | None = Field(
-        None, ge=1, description="Per-device batch per forward pass; when omitted, batch_size / world_size (no accumulation)."
+        None,
+        ge=1,
+        description="Per-device batch per forward pass; when omitted, batch_size / world_size (no accumulation).",
     )
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
@@ -293,10 +300,13 @@ class TrainConfig(Strict):
     )
     save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps (and always at the end).")
     keep_last: int = Field(2, ge=1, description="Checkpoints kept; the newest complete one is never removed.")
-    checkpoint_hash: bool = Field(False, description="Also record each checkpoint file's SHA-256 in its manifest "
-                                  "(sizes always are, which catches truncated and missing files) and verify it before "
-                                  "resume. Off by default: rank 0 reads the whole checkpoint back at every save, "
-                                  "minutes for multi-GB shards; turn it on for small models or untrusted storage.")
+    checkpoint_hash: bool = Field(
+        False,
+        description="Also record each checkpoint file's SHA-256 in its manifest "
+        "(sizes always are, which catches truncated and missing files) and verify it before "
+        "resume. Off by default: rank 0 reads the whole checkpoint back at every save, "
+        "minutes for multi-GB shards; turn it on for small models or untrusted storage.",
+    )
     log_every: int = Field(10, ge=1, description="Steps between metric lines in metrics.jsonl and the log.")
     seed: int = Field(42)
     resume: str = Field("auto", description="'auto' (newest checkpoint in output_dir), 'never', or a checkpoint path.")
@@ -314,8 +324,9 @@ Strategy = Literal["ddp", "zero1", "zero2", "zero3", "fsdp", "auto"]
 
 class DistributedConfig(Strict):
     strategy: Strategy = Field(
-        "ddp", description="How ranks share the model: ddp replicates it; zero1/2/3 shard optimizer states, "
-        "+gradients, +parameters (DeepSpeed); fsdp shards all three (torch FSDP2); auto picks the fastest that fits."
+        "ddp",
+        description="How ranks share the model: ddp replicates it; zero1/2/3 shard optimizer states, "
+        "+gradients, +parameters (DeepSpeed); fsdp shards all three (torch FSDP2); auto picks the fastest that fits.",
     )
     offload: Literal["none", "cpu", "nvme"] = Field(
         "none", description="Where optimizer states live (ZeRO; fsdp supports cpu)."
@@ -327,22 +338,28 @@ class DistributedConfig(Strict):
         None, description="A DeepSpeed JSON to use instead of the generated one; validated against the plan."
     )
     hang_timeout: float | None = Field(
-        300, ge=0, description="Seconds a rank may go without progress (a phase change: data, forward, backward, "
+        300,
+        ge=0,
+        description="Seconds a rank may go without progress (a phase change: data, forward, backward, "
         "optimizer, eval, save) before the watchdog dumps every rank's stack, stops the run and names the stuck "
-        "rank; 0 or null turns it off. Must exceed the longest single phase (a checkpoint write, an evaluation)."
+        "rank; 0 or null turns it off. Must exceed the longest single phase (a checkpoint write, an evaluation).",
     )
     collective_timeout: float = Field(
-        600, gt=0, description="Seconds a collective (all-reduce, broadcast, barrier) may wait for its peers before it "
+        600,
+        gt=0,
+        description="Seconds a collective (all-reduce, broadcast, barrier) may wait for its peers before it "
         "fails (the process group's timeout; NCCL's own default is 30 minutes). Must exceed the longest work one "
-        "rank does alone between two collectives, such as rank 0 writing a checkpoint or exporting the model."
+        "rank does alone between two collectives, such as rank 0 writing a checkpoint or exporting the model.",
     )
 
     @model_validator(mode="after")
     def _watchdog_first(self) -> "DistributedConfig":
         if self.hang_timeout and self.hang_timeout >= self.collective_timeout:
-            raise ValueError(f"hang_timeout ({self.hang_timeout:g} s) must be below collective_timeout "
-                             f"({self.collective_timeout:g} s), or the collective fails first and the watchdog never "
-                             "dumps the stacks or names the stuck rank; lower hang_timeout (0 turns it off)")
+            raise ValueError(
+                f"hang_timeout ({self.hang_timeout:g} s) must be below collective_timeout "
+                f"({self.collective_timeout:g} s), or the collective fails first and the watchdog never "
+                "dumps the stacks or names the stuck rank; lower hang_timeout (0 turns it off)"
+            )
         return self
 
 
@@ -356,15 +373,19 @@ class PreflightConfig(Strict):
     every node, free host RAM and disk against the planner's needs. `launch preflight RECIPE` runs them alone."""
 
     run: Literal["before_training", "only", "never"] = Field(
-        "before_training", description="'before_training' (default, about a second on CPU); 'only': the ranks "
-        "run the checks and exit (what `launch preflight` sets); 'never' skips them."
+        "before_training",
+        description="'before_training' (default, about a second on CPU); 'only': the ranks "
+        "run the checks and exit (what `launch preflight` sets); 'never' skips them.",
     )
     allreduce_size: MemorySize | None = Field(
         None, description="Tensor all-reduced to measure bandwidth, e.g. 256MiB; default 64MiB on GPU, 4MiB on CPU."
     )
     slow_node_factor: float = Field(
-        0.25, gt=0.0, le=1.0, description="A node whose node-pair bandwidth is below this fraction of the median "
-        "over all pairs fails the check (it needs 3 or more nodes to have a median to compare with)."
+        0.25,
+        gt=0.0,
+        le=1.0,
+        description="A node whose node-pair bandwidth is below this fraction of the median "
+        "over all pairs fails the check (it needs 3 or more nodes to have a median to compare with).",
     )
 
 

@@ -8,6 +8,7 @@ them (torchrun then returns, so `launch` exits 1) and leaves a report naming the
 where the others wait, and the top frames of the stuck rank's stack. Under Slurm each node's agent runs
 its own watchdog; heartbeats of the other nodes' ranks (on a shared run directory) are named too.
 """
+
 from __future__ import annotations
 
 import os
@@ -66,6 +67,7 @@ class Watchdog(threading.Thread):
 
 def behind(beats: list[dict]) -> list[dict]:
     """The ranks furthest back in the run: those the others wait for."""
+
     def position(beat):
         return beat["step"], PHASES.index(beat["phase"])
 
@@ -77,26 +79,34 @@ def describe(beats: list[dict], dumps: dict[int, Path], now: float, limit_s: flo
     stuck = behind(beats)
     lines = []
     for beat in stuck:
-        lines.append(f"rank {beat['rank']} hung: no progress for {now - beat['time']:.1f} s (distributed.hang_timeout "
-                     f"{limit_s:g} s) at step {beat['step']}, phase {beat['phase']} ({where(beat)})")
+        lines.append(
+            f"rank {beat['rank']} hung: no progress for {now - beat['time']:.1f} s (distributed.hang_timeout "
+            f"{limit_s:g} s) at step {beat['step']}, phase {beat['phase']} ({where(beat)})"
+        )
         frames = top_frames(dumps.get(beat["rank"]))
         if frames:
             lines.append(f"  innermost frames of rank {beat['rank']} (from {dumps[beat['rank']]}):")
             lines.extend(f"    {frame}" for frame in frames)
     if len(stuck) == len(beats) and len(beats) > 1:
-        lines.append("every rank is at the same step and phase: a collective that never completed (a network or "
-                     "peer problem), or every rank hung there; see the stacks")
+        lines.append(
+            "every rank is at the same step and phase: a collective that never completed (a network or "
+            "peer problem), or every rank hung there; see the stacks"
+        )
     for beat in beats:
         if beat not in stuck:
-            lines.append(f"rank {beat['rank']} waits in {beat['phase']} at step {beat['step']} ({where(beat)}), "
-                         f"{now - beat['time']:.1f} s without progress")
+            lines.append(
+                f"rank {beat['rank']} waits in {beat['phase']} at step {beat['step']} ({where(beat)}), "
+                f"{now - beat['time']:.1f} s without progress"
+            )
             frames = top_frames(dumps.get(beat["rank"]))
             if frames:
                 lines.append(f"  innermost frame (the collective it waits in, if any): {frames[0]}")
     dumped = [str(path) for _, path in sorted(dumps.items()) if _size(path)]
     lines.append(f"stack dumps of every thread: {', '.join(dumped) or 'none written'}")
-    lines.append("every rank here was stopped. If a phase legitimately takes that long (a slow checkpoint write, a "
-                 "long evaluation), raise distributed.hang_timeout; 0 turns the watchdog off")
+    lines.append(
+        "every rank here was stopped. If a phase legitimately takes that long (a slow checkpoint write, a "
+        "long evaluation), raise distributed.hang_timeout; 0 turns the watchdog off"
+    )
     return "\n".join(lines)
 
 

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny models built from configs (once per session) and a real `launch` runner."""
+
 from __future__ import annotations
 
 import json
@@ -71,16 +72,42 @@ def tiny(tmp_path_factory) -> dict[str, str]:
     torch.manual_seed(0)
     small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
     models = {
-        "bert": BertModel(BertConfig(vocab_size=vocab, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                                     max_position_embeddings=128, **small)),
+        "bert": BertModel(
+            BertConfig(
+                vocab_size=vocab,
+                hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0,
+                max_position_embeddings=128,
+                **small,
+            )
+        ),
         "bert_dropout": BertModel(BertConfig(vocab_size=vocab, max_position_embeddings=128, **small)),
-        "llama": LlamaForCausalLM(LlamaConfig(vocab_size=vocab, num_key_value_heads=1, max_position_embeddings=128,
-                                              bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
-                                              pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, **small)),
-        "t5": T5ForConditionalGeneration(T5Config(vocab_size=vocab, d_model=32, d_kv=16, d_ff=64, num_layers=2,
-                                                  num_heads=2, dropout_rate=0.0, pad_token_id=tokenizer.pad_token_id,
-                                                  eos_token_id=tokenizer.sep_token_id,
-                                                  decoder_start_token_id=tokenizer.pad_token_id)),
+        "llama": LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=vocab,
+                num_key_value_heads=1,
+                max_position_embeddings=128,
+                bos_token_id=tokenizer.cls_token_id,
+                eos_token_id=tokenizer.sep_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                tie_word_embeddings=True,
+                **small,
+            )
+        ),
+        "t5": T5ForConditionalGeneration(
+            T5Config(
+                vocab_size=vocab,
+                d_model=32,
+                d_kv=16,
+                d_ff=64,
+                num_layers=2,
+                num_heads=2,
+                dropout_rate=0.0,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.sep_token_id,
+                decoder_start_token_id=tokenizer.pad_token_id,
+            )
+        ),
     }
     paths = {}
     for name, model in models.items():
@@ -130,8 +157,14 @@ def launch(*args: str, env: dict | None = None, timeout: float = 300, cwd: Path 
     """Run the real `launch` command in a subprocess."""
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     start = time.time()
-    proc = subprocess.run([sys.executable, "-m", "launcher.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=full_env, cwd=cwd)
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        cwd=cwd,
+    )
     return Launch(proc.returncode, proc.stdout, proc.stderr, time.time() - start)
 
 

@@ -6,6 +6,7 @@ Most cases run through launcher.cli.main in-process (a fraction of a second each
 a case the launcher wrongly accepted would really start training and fail the test; the cases marked `cli`
 also go through the real `launch` executable. The damaged checkpoints are copies of a real run's.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,17 +39,26 @@ def tree(folder: Path) -> dict[str, str]:
         return {}
     if folder.is_file():
         return {".": hashlib.sha256(folder.read_bytes()).hexdigest()}
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(folder.rglob("*"))}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(folder.rglob("*"))
+    }
 
 
 @pytest.fixture(scope="module")
 def trained(tiny, tmp_path_factory) -> Path:
     """A real run's output_dir: tiny BERT, 2 steps, a checkpoint after each (with manifests, hashes included)."""
     run = tmp_path_factory.mktemp("trained") / "run"
-    done = launch(GOOD, f"model.path={tiny['bert']}", f"output_dir={run}", "train.save_every=1",
-                  "train.checkpoint_hash=true",
-                  "data.split.validation=0", "--procs", "1")
+    done = launch(
+        GOOD,
+        f"model.path={tiny['bert']}",
+        f"output_dir={run}",
+        "train.save_every=1",
+        "train.checkpoint_hash=true",
+        "data.split.validation=0",
+        "--procs",
+        "1",
+    )
     assert done.returncode == 0, done.output
     assert sorted(p.name for p in run.glob("checkpoint-*")) == list(CHECKPOINTS)
     return run
@@ -63,7 +73,13 @@ def in_process(argv: list[str]) -> tuple[int, str]:
 
 def as_nobody(argv: list[str]) -> tuple[int, str]:
     """cli.main in a forked child that dropped root, so a chmod 000 file is really unreadable (CI runs as root)."""
-    for module in ("launcher.checks", "launcher.cluster", "launcher.loading", "launcher.plan", "launcher.backends.local"):
+    for module in (
+        "launcher.checks",
+        "launcher.cluster",
+        "launcher.loading",
+        "launcher.plan",
+        "launcher.backends.local",
+    ):
         importlib.import_module(module)  # the unprivileged child may not be able to read the installed packages
     read, write = os.pipe()
     pid = os.fork()
@@ -77,6 +93,7 @@ def as_nobody(argv: list[str]) -> tuple[int, str]:
             os.write(write, text.encode())
         except BaseException:  # noqa: BLE001 - the forked child must never return into pytest
             import traceback
+
             os.write(write, traceback.format_exc().encode())
         finally:
             os._exit(code)
@@ -153,8 +170,10 @@ def prepare(name: str, case: dict, tmp_path: Path, request) -> tuple[list, Path]
 def assert_refused(name: str, case: dict, code: int, text: str) -> None:
     assert code == 2, f"{name}: exit {code}\n{text[-3000:]}"
     assert "Traceback" not in text, f"{name}: traceback\n{text}"
-    error = text[text.index("error: "):].rstrip()
-    assert "\n\n" not in error and len(error.splitlines()) <= 6 and len(error) < 2000, f"{name}: not one paragraph\n{error}"
+    error = text[text.index("error: ") :].rstrip()
+    assert "\n\n" not in error and len(error.splitlines()) <= 6 and len(error) < 2000, (
+        f"{name}: not one paragraph\n{error}"
+    )
     for words in case["expect"]:
         assert words.lower() in error.lower(), f"{name}: {words!r} not in\n{error}"
 
@@ -192,8 +211,12 @@ def test_corpus_covers_every_file():
 def test_yaml_is_only_loaded_safely():
     """No unsafe loader anywhere in the package: a recipe can never construct Python objects."""
     unsafe = re.compile(r"yaml\.load\(|unsafe_load|FullLoader|UnsafeLoader|yaml\.Loader\b|full_load")
-    found = [f"{p.relative_to(REPO)}:{n}" for p in (REPO / "launcher").rglob("*.py")
-             for n, line in enumerate(p.read_text().splitlines(), 1) if unsafe.search(line)]
+    found = [
+        f"{p.relative_to(REPO)}:{n}"
+        for p in (REPO / "launcher").rglob("*.py")
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if unsafe.search(line)
+    ]
     assert found == []
 
 
@@ -237,4 +260,3 @@ def test_huge_recipe_is_refused_with_bounded_memory(tmp_path):
     tracemalloc.stop()
     assert code == 2 and "over 1000000 bytes" in text
     assert time.time() - start < 2 and peak < 20 * 2**20, f"{peak} bytes"
-

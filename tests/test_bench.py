@@ -3,6 +3,7 @@ no timing is asserted, only that each table was printed and its measured quantit
 
 The five smoke runs start together (they mostly wait on process start-up), each test waits for its own.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,16 @@ def started(tmp_path_factory) -> dict[str, tuple[subprocess.Popen, Path]]:
     runs = {}
     for name in TITLES:
         out = tmp_path_factory.mktemp(f"bench-{name}")
-        runs[name] = (subprocess.Popen([sys.executable, "-m", f"bench.{name}", "--smoke", "--out", str(out)], cwd=REPO,
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), out)
+        runs[name] = (
+            subprocess.Popen(
+                [sys.executable, "-m", f"bench.{name}", "--smoke", "--out", str(out)],
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            ),
+            out,
+        )
     yield runs
     for proc, _ in runs.values():
         if proc.poll() is None:

@@ -1,4 +1,5 @@
 """Plan-time compatibility of strategy, offload, LoRA and quantization, and the DeepSpeed config the plan makes."""
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,16 @@ from launcher.recipe import Recipe
 
 
 def recipe(dist: dict | None = None, model: dict | None = None, train: dict | None = None) -> Recipe:
-    return Recipe.model_validate({"model": {"path": "org/m", **(model or {})}, "task": {"type": "causal_lm"},
-                                  "data": {"train": "t.jsonl"}, "output_dir": "o", "distributed": dist or {},
-                                  "train": {"batch_size": 32, **(train or {})}})
+    return Recipe.model_validate(
+        {
+            "model": {"path": "org/m", **(model or {})},
+            "task": {"type": "causal_lm"},
+            "data": {"train": "t.jsonl"},
+            "output_dir": "o",
+            "distributed": dist or {},
+            "train": {"batch_size": 32, **(train or {})},
+        }
+    )
 
 
 def plan(r: Recipe, world: int = 4, device: str = "cuda"):
@@ -37,10 +45,16 @@ REFUSED = [
     (recipe({"offload": "cpu"}), "distributed.offload", "use zero2 or zero3 with offload"),
     (recipe({"strategy": "zero3", "offload": "nvme"}), "distributed.nvme_path", "needs nvme_path"),
     (recipe({"strategy": "fsdp", "offload": "nvme", "nvme_path": "/x"}), "distributed.offload", "use offload: cpu"),
-    (recipe({"strategy": "zero2", "offload": "cpu", "offload_parameters": True}), "distributed.offload_parameters",
-     "use zero3"),
-    (recipe({"strategy": "zero3", "offload_parameters": True}), "distributed.offload_parameters",
-     "set distributed.offload: cpu"),
+    (
+        recipe({"strategy": "zero2", "offload": "cpu", "offload_parameters": True}),
+        "distributed.offload_parameters",
+        "use zero3",
+    ),
+    (
+        recipe({"strategy": "zero3", "offload_parameters": True}),
+        "distributed.offload_parameters",
+        "set distributed.offload: cpu",
+    ),
     (recipe({"deepspeed_config": "ds.json"}), "distributed.deepspeed_config", "pick a ZeRO strategy"),
     (recipe({"strategy": "fsdp"}, train={"precision": "fp16"}), "train.precision", "use bf16"),
 ]
@@ -74,15 +88,22 @@ def test_planner_can_filter_candidates():
 
 
 def test_generated_deepspeed_config_follows_the_plan():
-    r = recipe({"strategy": "zero3", "offload": "cpu", "offload_parameters": True},
-               train={"micro_batch_size": 2, "grad_clip": 0.5, "precision": "bf16"})
+    r = recipe(
+        {"strategy": "zero3", "offload": "cpu", "offload_parameters": True},
+        train={"micro_batch_size": 2, "grad_clip": 0.5, "precision": "bf16"},
+    )
     p = plan(r)
     ds = p.deepspeed_config
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == \
-        (32, 2, 4) == (p.global_batch_size, p.micro_batch_size, p.grad_accum)
+    assert (
+        (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"])
+        == (32, 2, 4)
+        == (p.global_batch_size, p.micro_batch_size, p.grad_accum)
+    )
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     zero = ds["zero_optimization"]
-    assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
+    assert (
+        zero["stage"] == 3 and zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
+    )
     assert "auto" not in json.dumps(ds) and "optimizer" not in ds
     assert plan(recipe({"strategy": "zero1"})).deepspeed_config["zero_optimization"]["stage"] == 1
     assert plan(recipe()).deepspeed_config is None and plan(recipe({"strategy": "fsdp"})).deepspeed_config is None
@@ -90,14 +111,25 @@ def test_generated_deepspeed_config_follows_the_plan():
 
 def test_user_deepspeed_config_is_checked_key_by_key(tmp_path):
     path = tmp_path / "ds.json"
-    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": "auto",
-                                "optimizer": {"type": "AdamW"},
-                                "zero_optimization": {"stage": 2, "reduce_bucket_size": 1000}}))
+    path.write_text(
+        json.dumps(
+            {
+                "train_micro_batch_size_per_gpu": 4,
+                "gradient_accumulation_steps": "auto",
+                "optimizer": {"type": "AdamW"},
+                "zero_optimization": {"stage": 2, "reduce_bucket_size": 1000},
+            }
+        )
+    )
     message = refusal(recipe({"strategy": "zero2", "deepspeed_config": str(path)}, train={"micro_batch_size": 2}))
     assert "train_micro_batch_size_per_gpu: 4 disagrees with the plan's 2" in message
-    assert 'gradient_accumulation_steps: "auto" is not accepted; the plan sets gradient_accumulation_steps = 4' in message
+    assert (
+        'gradient_accumulation_steps: "auto" is not accepted; the plan sets gradient_accumulation_steps = 4' in message
+    )
     assert "remove the 'optimizer' block" in message
-    path.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": 1000}, "bf16": {"enabled": False}}))
+    path.write_text(
+        json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": 1000}, "bf16": {"enabled": False}})
+    )
     merged = plan(recipe({"strategy": "zero2", "deepspeed_config": str(path)})).deepspeed_config
     assert merged["zero_optimization"]["reduce_bucket_size"] == 1000 and merged["train_batch_size"] == 32
     assert merged["gradient_accumulation_steps"] == 1 and merged["train_micro_batch_size_per_gpu"] == 8
@@ -107,6 +139,7 @@ def test_refusal_reaches_the_command_line_before_anything_starts(tmp_path):
     run = launch(RECIPES / "llama-qlora-4bit.yaml", "--dry-run", f"output_dir={tmp_path}", "distributed.strategy=zero3")
     assert run.returncode == 2, run.output
     assert "zero3 shards parameters and cannot shard bitsandbytes 4-bit weights; use strategy ddp" in run.stderr
-    rewritten = launch(RECIPES / "llama-qlora-4bit.yaml", "--dry-run", f"output_dir={tmp_path}",
-                       "distributed.strategy=zero2")
+    rewritten = launch(
+        RECIPES / "llama-qlora-4bit.yaml", "--dry-run", f"output_dir={tmp_path}", "distributed.strategy=zero2"
+    )
     assert rewritten.returncode == 0 and "warning: distributed.strategy zero2 → ddp" in rewritten.stderr

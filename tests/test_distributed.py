@@ -4,6 +4,7 @@ The 1-vs-2-process comparison is the check that ranks really synchronise
 gradients and shard data: two ranks that each trained alone on half the data
 would end with different weights on each rank and far from the 1-process run.
 """
+
 from __future__ import annotations
 
 import time
@@ -16,9 +17,19 @@ QUICKSTART = RECIPES / "quickstart.yaml"
 
 def small_run(model: str, out, *extra: str) -> list[str]:
     """The quick start recipe, shrunk: a tiny model, 12 steps of 2 × 4 micro-batches."""
-    return [QUICKSTART, f"model.path={model}", f"output_dir={out}", "data.max_length=32", "train.batch_size=8",
-            "train.micro_batch_size=2", "train.max_steps=12", "train.optimizer.lr=1e-3", "train.save_every=4",
-            "train.log_every=1", *extra]
+    return [
+        QUICKSTART,
+        f"model.path={model}",
+        f"output_dir={out}",
+        "data.max_length=32",
+        "train.batch_size=8",
+        "train.micro_batch_size=2",
+        "train.max_steps=12",
+        "train.optimizer.lr=1e-3",
+        "train.save_every=4",
+        "train.log_every=1",
+        *extra,
+    ]
 
 
 def assert_same_weights(a: dict, b: dict, atol: float) -> None:
@@ -87,8 +98,12 @@ def test_killed_rank_fails_fast_and_resume_equals_uninterrupted(tiny, tmp_path):
 
 
 def test_exception_in_one_rank_is_reported_with_rank_and_message(tiny, tmp_path):
-    run = launch(*small_run(tiny["bert"], tmp_path / "run"), "--procs", "2",
-                 env={"LAUNCHER_FAULT": "rank=1,step=3,phase=step,kind=raise"})
+    run = launch(
+        *small_run(tiny["bert"], tmp_path / "run"),
+        "--procs",
+        "2",
+        env={"LAUNCHER_FAULT": "rank=1,step=3,phase=step,kind=raise"},
+    )
     assert run.returncode == 1, run.output
     assert "rank 1" in run.stderr and "injected failure at step 3" in run.stderr, run.stderr[-2000:]
     verdict = run.stderr.split("error: training failed")[-1]
@@ -108,8 +123,13 @@ def test_sigterm_to_launch_stops_every_rank(tiny, tmp_path):
 
     out = tmp_path / "run"
     args = [str(a) for a in small_run(tiny["bert"], out, "train.max_steps=100000")]
-    proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", *args, "--procs", "2"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launcher.cli", *args, "--procs", "2"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip()):
         assert proc.poll() is None and time.time() < deadline, "training never started"

@@ -1,4 +1,5 @@
 """GPU checks (skipped without CUDA): one process per local GPU on NCCL, bf16 autocast."""
+
 from __future__ import annotations
 
 import pytest

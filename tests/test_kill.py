@@ -6,6 +6,7 @@ weights of a run that was never interrupted (dropout on: the RNG state is resume
 The drills are train.run's LAUNCHER_FAULT; its once=PATH marker is touched just before the SIGKILL, so its
 mtime is the moment of death and the exit latency is measured from it.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,9 +29,21 @@ EXIT_WITHIN_S = 30  # generous for a shared, busy machine; measured values are p
 def small_run(model: str, out: Path) -> list:
     """The quick start recipe shrunk: tiny BERT with dropout, 12 steps of 2 × 2 × 2, a checkpoint every 4 steps,
     an evaluation every 3."""
-    return [RECIPES / "quickstart.yaml", f"model.path={model}", f"output_dir={out}", "data.max_length=32",
-            "train.batch_size=8", "train.micro_batch_size=2", f"train.max_steps={STEPS}", "train.optimizer.lr=1e-3",
-            f"train.save_every={SAVE_EVERY}", f"train.eval_every={EVAL_EVERY}", "train.log_every=1", "--procs", "2"]
+    return [
+        RECIPES / "quickstart.yaml",
+        f"model.path={model}",
+        f"output_dir={out}",
+        "data.max_length=32",
+        "train.batch_size=8",
+        "train.micro_batch_size=2",
+        f"train.max_steps={STEPS}",
+        "train.optimizer.lr=1e-3",
+        f"train.save_every={SAVE_EVERY}",
+        f"train.eval_every={EVAL_EVERY}",
+        "train.log_every=1",
+        "--procs",
+        "2",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +89,9 @@ def assert_recovers(model: str, run: Path, clean: Path, saved: int) -> dict:
 def drill(model: str, run: Path, rank: int, step: int, phase: str) -> float:
     """Kill `rank` at (step, phase); the seconds from its death to `launch` exiting."""
     marker = run.parent / f"died-{rank}-{step}-{phase}"
-    killed = launch(*small_run(model, run), env={"LAUNCHER_FAULT": f"rank={rank},step={step},phase={phase},once={marker}"})
+    killed = launch(
+        *small_run(model, run), env={"LAUNCHER_FAULT": f"rank={rank},step={step},phase={phase},once={marker}"}
+    )
     ended = time.time()
     assert killed.returncode == 1, killed.output[-3000:]
     assert marker.exists(), f"the drill never fired\n{killed.output[-3000:]}"
@@ -109,8 +124,14 @@ def kill_from_outside(model: str, run: Path, rng: random.Random) -> tuple[float,
     import psutil
 
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", *map(str, small_run(model, run))], cwd=REPO,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launcher.cli", *map(str, small_run(model, run))],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 300
         target = rng.randint(SAVE_EVERY + 1, STEPS - 1)
@@ -139,8 +160,9 @@ def test_kill_at_random_points(tiny, clean, tmp_path):
     points = []
     for _ in range(10):
         phase = rng.choice(["step", "eval", "save", "write"])
-        step = rng.choice({"step": list(range(1, STEPS + 1)), "eval": [3, 6, 9, 12], "save": [4, 8, 12],
-                           "write": [4, 8, 12]}[phase])
+        step = rng.choice(
+            {"step": list(range(1, STEPS + 1)), "eval": [3, 6, 9, 12], "save": [4, 8, 12], "write": [4, 8, 12]}[phase]
+        )
         points.append((rng.randrange(2), step, phase))
     points += [("outside", None, None)] * 2
     results = []
@@ -155,8 +177,12 @@ def test_kill_at_random_points(tiny, clean, tmp_path):
             what = f"LAUNCHER_FAULT=rank={rank},step={step},phase={phase}"
         assert_recovers(tiny["bert_dropout"], run, clean, saved)
         results.append(latency)
-        print(f"[seed {seed}] point {i + 1}/{len(points)}: {what}: exit {latency:.1f} s after the kill; resumed from "
-              f"{saved or 'the start'} to the uninterrupted weights")
-    print(f"{len(results)}/{len(points)} kill points held; exit latency max {max(results):.1f} s, "
-          f"mean {sum(results) / len(results):.1f} s")
+        print(
+            f"[seed {seed}] point {i + 1}/{len(points)}: {what}: exit {latency:.1f} s after the kill; resumed from "
+            f"{saved or 'the start'} to the uninterrupted weights"
+        )
+    print(
+        f"{len(results)}/{len(points)} kill points held; exit latency max {max(results):.1f} s, "
+        f"mean {sum(results) / len(results):.1f} s"
+    )
     assert max(results) < EXIT_WITHIN_S

@@ -4,6 +4,7 @@ The adapter is checked against the values the ranks trained (their per-tensor
 norms, summed from the shards each rank held): the known failure of other
 tools under ZeRO-3 is an adapter file that is saved but empty or untrained.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -14,17 +15,45 @@ from conftest import RECIPES, launch, summary
 
 SFT = RECIPES / "sft-causal-lm.yaml"
 QUICKSTART = RECIPES / "quickstart.yaml"
-SHORT = ["data.max_length=32", "train.batch_size=8", "train.micro_batch_size=4", "train.max_steps=8",
-         "train.log_every=1", "train.precision=fp32"]
+SHORT = [
+    "data.max_length=32",
+    "train.batch_size=8",
+    "train.micro_batch_size=4",
+    "train.max_steps=8",
+    "train.log_every=1",
+    "train.precision=fp32",
+]
 CASES = {
     # name: (model, recipe, procs, overrides)
-    "lora-zero3": ("llama", SFT, 2, ["model.lora.r=8", "train.optimizer.lr=1e-2", "distributed.strategy=zero3",
-                                     "train.save_every=4"]),
-    "dora-classifier": ("bert", QUICKSTART, 1, ["model.lora.r=4", "model.lora.use_dora=true",
-                                                "train.optimizer.lr=1e-2", "model.lora.target_modules=[query,value]"]),
+    "lora-zero3": (
+        "llama",
+        SFT,
+        2,
+        ["model.lora.r=8", "train.optimizer.lr=1e-2", "distributed.strategy=zero3", "train.save_every=4"],
+    ),
+    "dora-classifier": (
+        "bert",
+        QUICKSTART,
+        1,
+        [
+            "model.lora.r=4",
+            "model.lora.use_dora=true",
+            "train.optimizer.lr=1e-2",
+            "model.lora.target_modules=[query,value]",
+        ],
+    ),
     "8bit": ("llama64", SFT, 1, ["model.lora.r=8", "train.optimizer.lr=1e-2", "model.quantization.bits=8"]),
-    "4bit": ("llama64", SFT, 2, ["model.lora.r=8", "train.optimizer.lr=1e-2", "model.quantization.bits=4",
-                               "model.quantization.compute_dtype=fp32"]),
+    "4bit": (
+        "llama64",
+        SFT,
+        2,
+        [
+            "model.lora.r=8",
+            "train.optimizer.lr=1e-2",
+            "model.quantization.bits=4",
+            "model.quantization.compute_dtype=fp32",
+        ],
+    ),
 }
 
 
@@ -36,8 +65,9 @@ def models(tiny, tmp_path_factory) -> dict[str, str]:
     tokenizer = AutoTokenizer.from_pretrained(tiny["llama"])
     folder = tmp_path_factory.mktemp("llama64")
     torch.manual_seed(0)
-    config = LlamaConfig.from_pretrained(tiny["llama"], hidden_size=64, intermediate_size=128,
-                                         num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+    config = LlamaConfig.from_pretrained(
+        tiny["llama"], hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=32
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return {**tiny, "llama64": str(folder)}
@@ -50,8 +80,16 @@ def runs(models, tmp_path_factory):
     out = {}
     for name, (model, recipe, procs, extra) in CASES.items():
         run_dir = root / name
-        trained = launch(recipe, f"model.path={tiny[model]}", f"output_dir={run_dir}", *SHORT, *extra,
-                         "--procs", str(procs), timeout=600)
+        trained = launch(
+            recipe,
+            f"model.path={tiny[model]}",
+            f"output_dir={run_dir}",
+            *SHORT,
+            *extra,
+            "--procs",
+            str(procs),
+            timeout=600,
+        )
         merged = launch("export", run_dir, "--merge") if trained.returncode == 0 else None
         out[name] = (run_dir, trained, merged)
     # ZeRO-3 checkpoints of a LoRA run hold the adapter's states only; resume from step 4 of a copy
@@ -62,15 +100,24 @@ def runs(models, tmp_path_factory):
             shutil.rmtree(again / gone)
         (again / "summary.json").unlink()
         model, recipe, procs, extra = CASES["lora-zero3"]
-        out["lora-zero3-resumed"] = launch(recipe, f"model.path={tiny[model]}", f"output_dir={again}", *SHORT, *extra,
-                                           "--procs", str(procs), timeout=600)
+        out["lora-zero3-resumed"] = launch(
+            recipe,
+            f"model.path={tiny[model]}",
+            f"output_dir={again}",
+            *SHORT,
+            *extra,
+            "--procs",
+            str(procs),
+            timeout=600,
+        )
     return out
 
 
 def _saved_name(param_name: str) -> str:
     """peft drops the adapter name from saved keys; a trained head is saved under its own name."""
-    name = param_name.replace(".modules_to_save.default", "").replace(".lora_magnitude_vector.default.weight",
-                                                                       ".lora_magnitude_vector")
+    name = param_name.replace(".modules_to_save.default", "").replace(
+        ".lora_magnitude_vector.default.weight", ".lora_magnitude_vector"
+    )
     return name.replace(".default", "")
 
 

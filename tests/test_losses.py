@@ -1,4 +1,5 @@
 """Loss registry against torch's own functions and the focal-loss formula written out."""
+
 from __future__ import annotations
 
 import pytest
@@ -40,9 +41,11 @@ def test_causal_lm_shifts_and_ignores_masked_tokens():
 def test_focal_multiclass_formula_and_gamma_zero_is_cross_entropy():
     fn = build_loss("sequence_classification", Focal(name="focal", gamma=2.0))
     p = LOGITS.softmax(-1)[torch.arange(6), TARGETS]
-    assert fn(LOGITS, TARGETS).item() == pytest.approx((-(1 - p) ** 2 * p.log()).sum().item(), rel=1e-5)
+    assert fn(LOGITS, TARGETS).item() == pytest.approx((-((1 - p) ** 2) * p.log()).sum().item(), rel=1e-5)
     plain = build_loss("sequence_classification", Focal(name="focal", gamma=0.0))
-    assert plain(LOGITS, TARGETS).item() == pytest.approx(F.cross_entropy(LOGITS, TARGETS, reduction="sum").item(), rel=1e-5)
+    assert plain(LOGITS, TARGETS).item() == pytest.approx(
+        F.cross_entropy(LOGITS, TARGETS, reduction="sum").item(), rel=1e-5
+    )
 
 
 def test_focal_multi_label_with_alpha():
@@ -62,11 +65,14 @@ def test_bce_with_pos_weight_matches_torch_mean_per_example():
     assert fn(logits, labels).item() / 4 == pytest.approx(reference.item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("cfg,reference", [
-    (MSE(name="mse"), lambda p, y: F.mse_loss(p, y)),
-    (MAE(name="mae"), lambda p, y: F.l1_loss(p, y)),
-    (Huber(name="huber", delta=0.5), lambda p, y: F.huber_loss(p, y, delta=0.5)),
-])
+@pytest.mark.parametrize(
+    "cfg,reference",
+    [
+        (MSE(name="mse"), lambda p, y: F.mse_loss(p, y)),
+        (MAE(name="mae"), lambda p, y: F.l1_loss(p, y)),
+        (Huber(name="huber", delta=0.5), lambda p, y: F.huber_loss(p, y, delta=0.5)),
+    ],
+)
 def test_regression_losses(cfg, reference):
     preds, targets = torch.randn(8, 1), torch.randn(8)
     fn = build_loss("regression", cfg)

@@ -1,5 +1,6 @@
 """The memory planner: model states against DeepSpeed's own estimators, LoRA and 4/8-bit against hand-computed
 bytes and against peft, `strategy: auto` on a 70B and a 100M model, and `launch plan` through the real command."""
+
 from __future__ import annotations
 
 import json
@@ -18,13 +19,34 @@ from launcher.recipe import Recipe
 GiB = 2**30
 LLAMA_70B = RECIPES / "models" / "llama-2-70b-config"
 # hidden 64, 2 layers, 4 heads, 2 KV heads (k/v project to 32), SwiGLU 128, vocab 1000, untied head
-SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             vocab_size=1000, tie_word_embeddings=False)
+SMALL = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=1000,
+    tie_word_embeddings=False,
+)
 # about 100M parameters: hidden 768, 10 layers, SwiGLU 2048, vocab 32000, tied embeddings
-LLAMA_100M = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=10, num_attention_heads=12,
-                  num_key_value_heads=12, vocab_size=32000, tie_word_embeddings=True)
-LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False)
+LLAMA_100M = dict(
+    hidden_size=768,
+    intermediate_size=2048,
+    num_hidden_layers=10,
+    num_attention_heads=12,
+    num_key_value_heads=12,
+    vocab_size=32000,
+    tie_word_embeddings=True,
+)
+LLAMA_1B = dict(
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    vocab_size=32000,
+    tie_word_embeddings=False,
+)
 
 
 def llama_folder(tmp_path, **fields) -> str:
@@ -37,14 +59,16 @@ def llama_folder(tmp_path, **fields) -> str:
 
 
 def recipe(path: str, *, model=None, distributed=None, max_length=512, micro=1, precision="bf16") -> Recipe:
-    return Recipe.model_validate({
-        "model": {"path": path, "dtype": "bf16", **(model or {})},
-        "task": {"type": "causal_lm"},
-        "data": {"train": "train.jsonl", "max_length": max_length},
-        "train": {"batch_size": 64, "micro_batch_size": micro, "precision": precision},
-        "distributed": distributed or {},
-        "output_dir": "out",
-    })
+    return Recipe.model_validate(
+        {
+            "model": {"path": path, "dtype": "bf16", **(model or {})},
+            "task": {"type": "causal_lm"},
+            "data": {"train": "train.jsonl", "max_length": max_length},
+            "train": {"batch_size": 64, "micro_batch_size": micro, "precision": precision},
+            "distributed": distributed or {},
+            "output_dir": "out",
+        }
+    )
 
 
 def model_states(est: memory.Estimate) -> int:
@@ -74,8 +98,11 @@ def test_model_states_match_deepspeed_estimators(config, nodes, gpus, tmp_path, 
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-    path = str(LLAMA_70B) if config == "llama_70b" else llama_folder(
-        tmp_path, **{"llama_100m": LLAMA_100M, "llama_1b": LLAMA_1B}[config])
+    path = (
+        str(LLAMA_70B)
+        if config == "llama_70b"
+        else llama_folder(tmp_path, **{"llama_100m": LLAMA_100M, "llama_1b": LLAMA_1B}[config])
+    )
     r = recipe(path)
     shape = memory.model_shape(r)
     total, largest = shape.num_params, shape.largest_layer_params
@@ -89,20 +116,26 @@ def test_model_states_match_deepspeed_estimators(config, nodes, gpus, tmp_path, 
     for offload, choice in ((False, Choice("zero2")), (True, Choice("zero2", "cpu"))):
         _, gpu = estimate_zero2_model_states_mem_needs(total, gpus, nodes, cpu_offload=offload)
         assert abs(model_states(ours(choice)) - gpu) <= 4
-    for offload, params, choice in ((False, False, Choice("zero3")), (True, False, Choice("zero3", "cpu")),
-                                    (True, True, Choice("zero3", "cpu", True))):
-        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(total, largest, gpus, nodes, cpu_offload=offload,
-                                                            cpu_offload_params=params, zero_init=True)
+    for offload, params, choice in (
+        (False, False, Choice("zero3")),
+        (True, False, Choice("zero3", "cpu")),
+        (True, True, Choice("zero3", "cpu", True)),
+    ):
+        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+            total, largest, gpus, nodes, cpu_offload=offload, cpu_offload_params=params, zero_init=True
+        )
         assert abs(model_states(ours(choice)) - gpu) <= 4
         if offload:  # host RAM per node for the offloaded states, DeepSpeed's zero.Init figure
             assert ours(choice).host_offload == pytest.approx(cpu, rel=1e-6)
     # and the tables the all_cold estimators print (GiB, 2 decimals)
     printed = deepspeed_tables(capsys, total, largest, gpus, nodes)
-    for key, choice in (("zero2: offload_optimizer=none", Choice("zero2")),
-                        ("zero2: offload_optimizer=cpu", Choice("zero2", "cpu")),
-                        ("zero3: offload_param=none, offload_optimizer=none, zero_init=1", Choice("zero3")),
-                        ("zero3: offload_param=none, offload_optimizer=cpu, zero_init=1", Choice("zero3", "cpu")),
-                        ("zero3: offload_param=cpu, offload_optimizer=cpu, zero_init=1", Choice("zero3", "cpu", True))):
+    for key, choice in (
+        ("zero2: offload_optimizer=none", Choice("zero2")),
+        ("zero2: offload_optimizer=cpu", Choice("zero2", "cpu")),
+        ("zero3: offload_param=none, offload_optimizer=none, zero_init=1", Choice("zero3")),
+        ("zero3: offload_param=none, offload_optimizer=cpu, zero_init=1", Choice("zero3", "cpu")),
+        ("zero3: offload_param=cpu, offload_optimizer=cpu, zero_init=1", Choice("zero3", "cpu", True)),
+    ):
         assert model_states(ours(choice)) / GiB == pytest.approx(printed[key][1], abs=0.006), key
 
 
@@ -140,7 +173,11 @@ def test_lora_memory_by_hand(tmp_path):
     assert shape.num_trainable == adapters and shape.num_params == BASE_PARAMS + adapters
     assert shape.frozen_bytes == 2 * BASE_PARAMS
     est = memory.estimate(shape, r, Choice("ddp"), num_nodes=1, gpus_per_node=2, micro_batch=1)
-    assert (est.parameters, est.gradients, est.optimizer) == (2 * adapters + 2 * BASE_PARAMS, 6 * adapters, 12 * adapters)
+    assert (est.parameters, est.gradients, est.optimizer) == (
+        2 * adapters + 2 * BASE_PARAMS,
+        6 * adapters,
+        12 * adapters,
+    )
     zero3 = memory.estimate(shape, r, Choice("zero3"), num_nodes=1, gpus_per_node=2, micro_batch=1)
     assert zero3.parameters == (2 * adapters + 2 * BASE_PARAMS) // 2 + 2 * 64000  # the frozen base is sharded too
 
@@ -149,8 +186,15 @@ def test_4bit_and_8bit_base_by_hand(tmp_path):
     """bitsandbytes packs every Linear but the head: nf4 = half a byte + one 8-bit absmax per 64 weights
     + one fp32 per 256 absmax (double quant); LLM.int8 = a byte + one fp32 scale per output row."""
     path = llama_folder(tmp_path, **SMALL)
-    linears = [(64 * 64, 64), (64 * 32, 32), (64 * 32, 32), (64 * 64, 64), (64 * 128, 128), (64 * 128, 128),
-               (128 * 64, 64)]  # q, k, v, o, gate, up, down: (weights, output rows)
+    linears = [
+        (64 * 64, 64),
+        (64 * 32, 32),
+        (64 * 32, 32),
+        (64 * 64, 64),
+        (64 * 128, 128),
+        (64 * 128, 128),
+        (128 * 64, 64),
+    ]  # q, k, v, o, gate, up, down: (weights, output rows)
     unquantized = 2 * (1000 * 64 * 2 + 2 * 2 * 64 + 64)  # bf16 embed, head and norms
     adapters = 3584
 
@@ -161,7 +205,9 @@ def test_4bit_and_8bit_base_by_hand(tmp_path):
     four = recipe(path, model={"lora": LORA_QV, "quantization": {"bits": 4}})
     eight = recipe(path, model={"lora": LORA_QV, "quantization": {"bits": 8}})
     assert memory.model_shape(four).frozen_bytes == unquantized + 2 * sum(nf4(n) for n, _ in linears)
-    assert memory.model_shape(four).frozen_bytes == 128000 * 2 + 4 * 128 + 128 + 2 * (2116 + 1060 + 1060 + 2116 + 3 * 4228)
+    assert memory.model_shape(four).frozen_bytes == 128000 * 2 + 4 * 128 + 128 + 2 * (
+        2116 + 1060 + 1060 + 2116 + 3 * 4228
+    )
     assert memory.model_shape(eight).frozen_bytes == unquantized + 2 * sum(n + 4 * rows for n, rows in linears)
     est = memory.estimate(memory.model_shape(four), four, Choice("ddp"), num_nodes=1, gpus_per_node=1, micro_batch=1)
     assert model_states(est) == memory.model_shape(four).frozen_bytes + 20 * adapters
@@ -174,13 +220,17 @@ def test_lora_trainable_count_matches_peft(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     path = llama_folder(tmp_path, **SMALL)
-    for lora in (LORA_QV, {"r": 4, "target_modules": "all-linear"}, {"r": 4, "target_modules": "all-linear",
-                                                                      "use_dora": True}):
+    for lora in (
+        LORA_QV,
+        {"r": 4, "target_modules": "all-linear"},
+        {"r": 4, "target_modules": "all-linear", "use_dora": True},
+    ):
         shape = memory.model_shape(recipe(path, model={"lora": lora}))
         with torch.device("meta"):
             model = LlamaForCausalLM(LlamaConfig(**SMALL))
-        peft_model = get_peft_model(model, LoraConfig(r=lora["r"], target_modules=lora["target_modules"],
-                                                      use_dora=lora.get("use_dora", False)))
+        peft_model = get_peft_model(
+            model, LoraConfig(r=lora["r"], target_modules=lora["target_modules"], use_dora=lora.get("use_dora", False))
+        )
         trainable, total = peft_model.get_nb_trainable_parameters()
         assert (shape.num_trainable, shape.num_params) == (trainable, total), lora
 
@@ -193,13 +243,15 @@ def test_activations_by_formula_and_checkpointing(tmp_path):
     per_layer = 256 * 2 * (26 * 64 + 8 * 128)
     head = 256 * 2 * 1000 * 10
     assert memory.activation_bytes(shape, r, 2) == 2 * per_layer + head
-    ckpt = recipe(llama_folder(tmp_path, **SMALL), max_length=256, micro=2,
-                  distributed={"activation_checkpointing": True})
+    ckpt = recipe(
+        llama_folder(tmp_path, **SMALL), max_length=256, micro=2, distributed={"activation_checkpointing": True}
+    )
     assert memory.activation_bytes(shape, ckpt, 2) == 2 * (2 * 256 * 2 * 64) + per_layer + head
 
 
-@pytest.mark.parametrize("config,seq", [(SMALL, 256), ({**SMALL, "hidden_size": 128, "intermediate_size": 352,
-                                                           "num_hidden_layers": 3}, 128)])
+@pytest.mark.parametrize(
+    "config,seq", [(SMALL, 256), ({**SMALL, "hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 3}, 128)]
+)
 def test_layer_activations_match_what_autograd_saves(config, seq, tmp_path):
     """The per-layer formula against the bytes of the tensors autograd keeps for backward in a real bf16 Llama
     (weights excluded), within 5%: the formula is a plan, not a guess."""
@@ -227,8 +279,14 @@ def test_layer_activations_match_what_autograd_saves(config, seq, tmp_path):
 def plan_for(r: Recipe, *, nodes: int, gpus: int, gpu_memory: str = "80GiB"):
     from launcher.cluster import parse_bytes
 
-    return make_plan(r, num_train_samples=1024, procs_per_node=gpus, num_nodes=nodes, device="cuda",
-                     gpu_memory=parse_bytes(gpu_memory))
+    return make_plan(
+        r,
+        num_train_samples=1024,
+        procs_per_node=gpus,
+        num_nodes=nodes,
+        device="cuda",
+        gpu_memory=parse_bytes(gpu_memory),
+    )
 
 
 def test_auto_picks_zero3_with_offload_for_70b_on_four_80gib_gpus():
@@ -249,8 +307,12 @@ def test_auto_picks_ddp_for_a_100m_model(tmp_path):
 
 def test_auto_never_picks_a_refused_combination(tmp_path):
     """A 4-bit 70B base is 37 GiB: ddp/zero2 do not fit in 40 GiB, and zero3 (which would) cannot shard it."""
-    r = recipe(str(LLAMA_70B), max_length=4096, model={"lora": LORA_QV, "quantization": {"bits": 4}},
-               distributed={"strategy": "auto", "activation_checkpointing": True})
+    r = recipe(
+        str(LLAMA_70B),
+        max_length=4096,
+        model={"lora": LORA_QV, "quantization": {"bits": 4}},
+        distributed={"strategy": "auto", "activation_checkpointing": True},
+    )
     with pytest.raises(RecipeError, match="auto: nothing fits in 36.0 GiB usable per GPU") as info:
         plan_for(r, nodes=1, gpus=4, gpu_memory="40GiB")
     assert "zero3" not in str(info.value) and "more GPUs or nodes" in str(info.value)
@@ -266,14 +328,18 @@ def test_auto_on_cpu_is_ddp_and_on_gpu_needs_the_gpu_memory(tmp_path):
 
 def test_compatibility_rules_refuse_at_plan_time(tmp_path):
     path = llama_folder(tmp_path, **SMALL)
-    bad = {"quantized zero3": recipe(path, model={"lora": LORA_QV, "quantization": {"bits": 8}},
-                                     distributed={"strategy": "zero3"}),
-           "offload without zero": recipe(path, distributed={"strategy": "ddp", "offload": "cpu"})}
+    bad = {
+        "quantized zero3": recipe(
+            path, model={"lora": LORA_QV, "quantization": {"bits": 8}}, distributed={"strategy": "zero3"}
+        ),
+        "offload without zero": recipe(path, distributed={"strategy": "ddp", "offload": "cpu"}),
+    }
     for name, r in bad.items():
         with pytest.raises(RecipeError) as info:
             make_plan(r, num_train_samples=128, procs_per_node=2)
-        assert ("use strategy ddp" if name == "quantized zero3" else "use zero2 or zero3 with offload") in \
-            str(info.value), name
+        assert ("use strategy ddp" if name == "quantized zero3" else "use zero2 or zero3 with offload") in str(
+            info.value
+        ), name
 
 
 def test_launch_plan_prints_every_choice_and_the_auto_choice():
@@ -322,6 +388,8 @@ def test_offload_settings_beside_auto_are_warned_as_ignored(tmp_path):
     from launcher.checks import ignored_settings
 
     r = recipe(llama_folder(tmp_path, **SMALL), distributed={"strategy": "auto", "offload": "cpu"})
-    assert "distributed.offload/offload_parameters are ignored with strategy: auto, which chooses the offload" in \
-        ignored_settings(r)
+    assert (
+        "distributed.offload/offload_parameters are ignored with strategy: auto, which chooses the offload"
+        in ignored_settings(r)
+    )
     assert ignored_settings(recipe(llama_folder(tmp_path, **SMALL), distributed={"strategy": "auto"})) == []

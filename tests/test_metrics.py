@@ -1,4 +1,5 @@
 """Metrics against scikit-learn on random predictions."""
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,11 @@ def test_single_label_classification(num_classes):
     assert got["f1_macro"] == pytest.approx(sk.f1_score(labels, preds, average="macro", zero_division=0))
     per_class_f1 = sk.f1_score(labels, preds, average=None, zero_division=0)
     assert [got["per_class"][str(k)]["f1"] for k in range(num_classes)] == pytest.approx(per_class_f1.tolist())
-    expected_auc = (sk.roc_auc_score(labels, probs[:, 1]) if num_classes == 2
-                    else sk.roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
+    expected_auc = (
+        sk.roc_auc_score(labels, probs[:, 1])
+        if num_classes == 2
+        else sk.roc_auc_score(labels, probs, multi_class="ovr", average="macro")
+    )
     assert got["roc_auc"] == pytest.approx(expected_auc)
 
 

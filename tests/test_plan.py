@@ -1,4 +1,5 @@
 """Batch arithmetic: the global batch is fixed; micro-batch × accumulation × world size must equal it."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,16 +10,20 @@ from launcher.recipe import Recipe
 
 
 def recipe(**train) -> Recipe:
-    return Recipe.model_validate({
-        "model": {"path": "org/model"},
-        "task": {"type": "sequence_classification", "num_labels": 2},
-        "data": {"train": "train.jsonl"},
-        "train": train,
-        "output_dir": "out",
-    })
+    return Recipe.model_validate(
+        {
+            "model": {"path": "org/model"},
+            "task": {"type": "sequence_classification", "num_labels": 2},
+            "data": {"train": "train.jsonl"},
+            "train": train,
+            "output_dir": "out",
+        }
+    )
 
 
-@pytest.mark.parametrize("world,micro,expected", [(1, None, (32, 1)), (2, None, (16, 1)), (4, 4, (4, 2)), (8, 1, (1, 4))])
+@pytest.mark.parametrize(
+    "world,micro,expected", [(1, None, (32, 1)), (2, None, (16, 1)), (4, 4, (4, 2)), (8, 1, (1, 4))]
+)
 def test_micro_batch_and_accumulation(world, micro, expected):
     plan = make_plan(recipe(batch_size=32, micro_batch_size=micro), num_train_samples=1000, procs_per_node=world)
     assert (plan.micro_batch_size, plan.grad_accum) == expected
@@ -26,15 +31,19 @@ def test_micro_batch_and_accumulation(world, micro, expected):
 
 
 def test_steps_epochs_warmup_and_dropped_rows():
-    plan = make_plan(recipe(batch_size=32, epochs=3, scheduler={"warmup_ratio": 0.1}), num_train_samples=1000,
-                     procs_per_node=2)
+    plan = make_plan(
+        recipe(batch_size=32, epochs=3, scheduler={"warmup_ratio": 0.1}), num_train_samples=1000, procs_per_node=2
+    )
     assert plan.steps_per_epoch == 31 and plan.samples_dropped_per_epoch == 8
     assert plan.total_steps == 93 and plan.warmup_steps == 9 and plan.epochs == 3
 
 
 def test_max_steps_overrides_epochs_and_warmup_steps_override_ratio():
-    plan = make_plan(recipe(batch_size=10, max_steps=25, scheduler={"warmup_steps": 5, "warmup_ratio": 0.5}),
-                     num_train_samples=100, procs_per_node=1)
+    plan = make_plan(
+        recipe(batch_size=10, max_steps=25, scheduler={"warmup_steps": 5, "warmup_ratio": 0.5}),
+        num_train_samples=100,
+        procs_per_node=1,
+    )
     assert plan.total_steps == 25 and plan.epochs == 3 and plan.warmup_steps == 5
 
 

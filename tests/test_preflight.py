@@ -3,6 +3,7 @@ and on the session's Slurm testbed (nodes n1, n2); real failures: a node whose `
 (a PYTHONPATH entry holding another version, on n2 only) and an output_dir on a 2 MiB tmpfs.
 The verdict's arithmetic (tournament rounds, a slow node among four) is checked on its pure function.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,17 @@ from launcher.preflight import PROBE, REPORT, evaluate, rounds
 
 
 def tiny_recipe(model: str, out: Path, *extra: str) -> list:
-    return [RECIPES / "quickstart.yaml", f"model.path={model}", f"output_dir={out}", "data.max_length=32",
-            "train.batch_size=8", "train.max_steps=4", "train.eval_every=null", "data.test=null", *extra]
+    return [
+        RECIPES / "quickstart.yaml",
+        f"model.path={model}",
+        f"output_dir={out}",
+        "data.max_length=32",
+        "train.batch_size=8",
+        "train.max_steps=4",
+        "train.eval_every=null",
+        "data.test=null",
+        *extra,
+    ]
 
 
 def report(out: Path) -> dict:
@@ -41,17 +51,32 @@ def test_rounds_meet_every_pair_once_without_a_node_twice_in_a_round(num_nodes):
 
 
 def _facts(rank: int, host: str, pairs: dict, **versions) -> dict:
-    return {"rank": rank, "host": host, "pairs": pairs, "versions": {"python": "3.11.7", "torch": "2.13.0", **versions},
-            "shared_fs": {"ok": True, "token": "t", "error": None}, "node_probe": None,
-            "ram_free": 8 * 2**30, "disk_free": 100 * 2**30}
+    return {
+        "rank": rank,
+        "host": host,
+        "pairs": pairs,
+        "versions": {"python": "3.11.7", "torch": "2.13.0", **versions},
+        "shared_fs": {"ok": True, "token": "t", "error": None},
+        "node_probe": None,
+        "ram_free": 8 * 2**30,
+        "disk_free": 100 * 2**30,
+    }
 
 
 def test_a_node_far_below_the_median_pair_is_named_with_what_to_do():
     gb = 1e9
-    bw = {("a", "b"): 10 * gb, ("a", "c"): 10 * gb, ("b", "c"): 10 * gb,
-          ("a", "d"): 1 * gb, ("b", "d"): 1.2 * gb, ("c", "d"): 0.9 * gb}
-    facts = [_facts(r, h, {o: v for (x, o), v in bw.items() if x == h} | {x: v for (x, o), v in bw.items() if o == h})
-             for r, h in enumerate("abcd")]
+    bw = {
+        ("a", "b"): 10 * gb,
+        ("a", "c"): 10 * gb,
+        ("b", "c"): 10 * gb,
+        ("a", "d"): 1 * gb,
+        ("b", "d"): 1.2 * gb,
+        ("c", "d"): 0.9 * gb,
+    }
+    facts = [
+        _facts(r, h, {o: v for (x, o), v in bw.items() if x == h} | {x: v for (x, o), v in bw.items() if o == h})
+        for r, h in enumerate("abcd")
+    ]
     verdict = evaluate(facts, 5 * gb, 2**20, {"ram": 2**30, "disk": 2**30, "why_not": None}, 0.25, "t")
     assert verdict["status"] == "failed" and len(verdict["failures"]) == 1, verdict["failures"]
     assert verdict["failures"][0].startswith("node d:") and "exclude it" in verdict["failures"][0]
@@ -61,8 +86,13 @@ def test_a_node_far_below_the_median_pair_is_named_with_what_to_do():
 
 
 def test_bad_preflight_settings_are_refused_before_any_rank_starts(tmp_path):
-    run = launch("preflight", RECIPES / "quickstart.yaml", f"output_dir={tmp_path}", "preflight.allreduce_size=lots",
-                 "preflight.slow_node_factor=2")
+    run = launch(
+        "preflight",
+        RECIPES / "quickstart.yaml",
+        f"output_dir={tmp_path}",
+        "preflight.allreduce_size=lots",
+        "preflight.slow_node_factor=2",
+    )
     assert run.returncode == 2, run.output[-3000:]
     assert "preflight.allreduce_size" in run.stderr and "preflight.slow_node_factor" in run.stderr
     assert not (tmp_path / "launch").exists()
@@ -70,8 +100,9 @@ def test_bad_preflight_settings_are_refused_before_any_rank_starts(tmp_path):
 
 def test_local_preflight_two_ranks_reports_bandwidth_and_leaves_nothing_behind(tiny, tmp_path):
     out = tmp_path / "run"
-    run = launch("preflight", *tiny_recipe(tiny["bert"], out, "preflight.allreduce_size=2MiB"), "--procs", "2",
-                 timeout=300)
+    run = launch(
+        "preflight", *tiny_recipe(tiny["bert"], out, "preflight.allreduce_size=2MiB"), "--procs", "2", timeout=300
+    )
     assert run.returncode == 0, run.output[-4000:]
     assert "pre-flight: 2 ranks" in run.stdout and "pre-flight passed" in run.stdout
     assert "no node pairs" in run.stdout
@@ -92,8 +123,9 @@ def tiny_tmpfs(tmp_path):
         pytest.skip("mounting a tmpfs needs root")
     folder = tmp_path / "tmpfs"
     folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)], capture_output=True,
-                             text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)], capture_output=True, text=True
+    )
     if mounted.returncode:  # root in a container without CAP_SYS_ADMIN
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     yield folder
@@ -115,8 +147,17 @@ def test_training_stops_before_loading_when_output_dir_has_too_little_disk(tiny,
 
 def slurm_profile(folder: Path, python: str | None = None, procs_per_node: int = 1) -> Path:
     path = folder / "slurm-cpu.yaml"
-    path.write_text(yaml.safe_dump({"backend": "slurm", "time": "00:10:00", "procs_per_node": procs_per_node,
-                                    "env": {"OMP_NUM_THREADS": "1"}, **({"python": python} if python else {})}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "backend": "slurm",
+                "time": "00:10:00",
+                "procs_per_node": procs_per_node,
+                "env": {"OMP_NUM_THREADS": "1"},
+                **({"python": python} if python else {}),
+            }
+        )
+    )
     return path
 
 
@@ -130,13 +171,23 @@ def test_slurm_node_with_another_launcher_version_stops_the_job(slurm_cluster, t
     init = other / "launcher" / "__init__.py"
     init.write_text(init.read_text().replace('__version__ = "', '__version__ = "0.0.1-stale+'))
     python = tmp_path / "python-per-node"
-    python.write_text(f'#!/bin/bash\nif [ "$(hostname)" = n2 ]; then export PYTHONPATH={other}${{PYTHONPATH:+:$PYTHONPATH}}; fi\n'
-                      f'exec {sys.executable} "$@"\n')
+    python.write_text(
+        f'#!/bin/bash\nif [ "$(hostname)" = n2 ]; then export PYTHONPATH={other}${{PYTHONPATH:+:$PYTHONPATH}}; fi\n'
+        f'exec {sys.executable} "$@"\n'
+    )
     python.chmod(0o755)
     out = tmp_path / "run"
     # run from tmp_path: `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH
-    run = launch("preflight", *tiny_recipe(tiny["bert"], out), "--nodes", "2",
-                 "--cluster", slurm_profile(tmp_path, str(python), procs_per_node=2), timeout=300, cwd=tmp_path)
+    run = launch(
+        "preflight",
+        *tiny_recipe(tiny["bert"], out),
+        "--nodes",
+        "2",
+        "--cluster",
+        slurm_profile(tmp_path, str(python), procs_per_node=2),
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert run.returncode == 1, run.output[-4000:]
     assert "versions differ between ranks (launcher; nodes n2 differ from rank 0)" in run.output, run.output[-4000:]
     r = report(out)

@@ -1,4 +1,5 @@
 """The README's quick start, end to end: real MiniLM weights, real SMS spam data, 2 gloo ranks."""
+
 from __future__ import annotations
 
 import torch

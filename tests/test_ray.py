@@ -4,6 +4,7 @@ One cluster serves the whole test session (every Ray Train run costs about 50 s
 on 2 cores); it is stopped when the session ends. STRICT_SPREAD in the test
 profile makes Ray place the two training workers on different nodes.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,9 +46,11 @@ def ray_cluster(ray_env):
 
     dashboard_port = free_port()
     common = {"object_store_memory": OBJECT_STORE}
-    cluster = Cluster(initialize_head=True, connect=False,
-                      head_node_args={"num_cpus": 0, "include_dashboard": True, "dashboard_port": dashboard_port,
-                                      **common})
+    cluster = Cluster(
+        initialize_head=True,
+        connect=False,
+        head_node_args={"num_cpus": 0, "include_dashboard": True, "dashboard_port": dashboard_port, **common},
+    )
     try:
         for _ in range(2):
             cluster.add_node(num_cpus=1, **common)
@@ -61,9 +64,11 @@ def ray_cluster(ray_env):
 def ray_profile(ray_cluster, tmp_path_factory):
     cluster, dashboard = ray_cluster
     path = tmp_path_factory.mktemp("ray-profile") / "ray.yaml"
-    path.write_text(f"backend: ray\naddress: {cluster.address}\ndashboard: {dashboard}\n"
-                    "cpu_workers_per_node: 1\ncpus_per_worker: 1\nplacement_strategy: STRICT_SPREAD\n"
-                    "max_failures: 1\n")
+    path.write_text(
+        f"backend: ray\naddress: {cluster.address}\ndashboard: {dashboard}\n"
+        "cpu_workers_per_node: 1\ncpus_per_worker: 1\nplacement_strategy: STRICT_SPREAD\n"
+        "max_failures: 1\n"
+    )
     return path
 
 
@@ -100,8 +105,9 @@ def test_killed_worker_is_restarted_and_resumes_exactly(clean_run, tiny, ray_pro
     clean_out, clean = clean_run
     assert clean.returncode == 0, clean.output[-4000:]
     out, marker = tmp_path / "run", tmp_path / "fault-fired"
-    run = ray_run(tiny["bert_dropout"], out, ray_profile,
-                  env={"LAUNCHER_FAULT": f"rank=1,step=6,phase=step,once={marker}"})
+    run = ray_run(
+        tiny["bert_dropout"], out, ray_profile, env={"LAUNCHER_FAULT": f"rank=1,step=6,phase=step,once={marker}"}
+    )
     assert run.returncode == 0, run.output[-4000:]
     assert marker.exists(), "the worker was killed"
     s = summary(out)
@@ -133,10 +139,17 @@ def test_failing_run_exits_nonzero_with_the_cause(ray_env, tiny, tmp_path):
     """A failing worker ends the launch with exit 1 naming the rank and its error (restarts are shown by the
     test above). This run uses `address: local`: a private one-node Ray started and stopped by the launch."""
     profile = tmp_path / "ray-local.yaml"
-    profile.write_text("backend: ray\naddress: local\ncpu_workers_per_node: 2\nmax_failures: 0\n"
-                       f"object_store_memory: {OBJECT_STORE}B\n")
-    run = launch(*small_run(tiny["bert"], tmp_path / "run"), "--cluster", profile, timeout=RAY_TIMEOUT,
-                 env={"LAUNCHER_FAULT": "rank=1,step=2,phase=step,kind=raise"})
+    profile.write_text(
+        "backend: ray\naddress: local\ncpu_workers_per_node: 2\nmax_failures: 0\n"
+        f"object_store_memory: {OBJECT_STORE}B\n"
+    )
+    run = launch(
+        *small_run(tiny["bert"], tmp_path / "run"),
+        "--cluster",
+        profile,
+        timeout=RAY_TIMEOUT,
+        env={"LAUNCHER_FAULT": "rank=1,step=2,phase=step,kind=raise"},
+    )
     assert run.returncode == 1, run.output[-4000:]
     verdict = run.stderr.split("error: training failed")[-1]
     assert "rank 1" in verdict and "injected failure at step 2" in verdict, run.stderr[-4000:]
@@ -145,8 +158,16 @@ def test_failing_run_exits_nonzero_with_the_cause(ray_env, tiny, tmp_path):
 
 def test_submit_as_ray_job_and_follow(tiny, ray_profile, tmp_path):
     out = tmp_path / "run"
-    run = launch(*small_run(tiny["bert"], out), "--nodes", "2", "--cluster", ray_profile, "--submit", "--follow",
-                 timeout=RAY_TIMEOUT)
+    run = launch(
+        *small_run(tiny["bert"], out),
+        "--nodes",
+        "2",
+        "--cluster",
+        ray_profile,
+        "--submit",
+        "--follow",
+        timeout=RAY_TIMEOUT,
+    )
     assert run.returncode == 0, run.output[-4000:]
     assert "submitted Ray job raysubmit_" in run.stdout and "SUCCEEDED" in run.stdout
     assert f"done: {out.resolve() / 'summary.json'}" in run.stdout, "the job's own log was streamed"
@@ -156,13 +177,22 @@ def test_submit_as_ray_job_and_follow(tiny, ray_profile, tmp_path):
 
 def test_ray_profile_dry_run_and_errors(tmp_path):
     """No cluster needed: the shipped profile plans 4 × 8 GPU workers; bad profiles exit 2 naming the field."""
-    ok = launch(RECIPES / "quickstart.yaml", "train.batch_size=64", f"output_dir={tmp_path / 'run'}", "--nodes", "4", "--cluster",
-                REPO / "cluster" / "ray.yaml", "--dry-run")
+    ok = launch(
+        RECIPES / "quickstart.yaml",
+        "train.batch_size=64",
+        f"output_dir={tmp_path / 'run'}",
+        "--nodes",
+        "4",
+        "--cluster",
+        REPO / "cluster" / "ray.yaml",
+        "--dry-run",
+    )
     assert ok.returncode == 0, ok.output
     assert "4 × 8" in ok.stdout and "cuda / nccl" in ok.stdout
     bad = tmp_path / "bad.yaml"
-    bad.write_text("backend: ray\naddress: local\nplacement_strategy: STRICT_SPREAD\ncpu_workers_per_node: 2\n"
-                   "max_failure: 3\n")
+    bad.write_text(
+        "backend: ray\naddress: local\nplacement_strategy: STRICT_SPREAD\ncpu_workers_per_node: 2\nmax_failure: 3\n"
+    )
     run = launch(RECIPES / "quickstart.yaml", "--nodes", "2", "--cluster", bad, "--dry-run")
     assert run.returncode == 2 and "max_failure" in run.stderr and "max_failures" in run.stderr, run.stderr
     bad.write_text("backend: ray\naddress: local\nplacement_strategy: STRICT_SPREAD\ncpu_workers_per_node: 2\n")

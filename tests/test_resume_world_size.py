@@ -10,6 +10,7 @@ checkpoint resumed on 1 rank: the optimizer partitions resharded through DeepSpe
 processes, LoRA, ZeRO-3 (also with LoRA) and FSDP 2→1, and a dropout run resumed 1→2 twice (the ranks the
 checkpoint had no random state for are seeded from (seed, step, rank): reproducible).
 """
+
 from __future__ import annotations
 
 import shutil
@@ -25,9 +26,22 @@ TOLERANCE = 1e-5
 def sft_args(model: str, out: Path, *extra: str) -> list:
     """6 steps of a global batch of 8 (micro-batch 2: 2 ranks × 2 accumulation, or 1 rank × 4); checkpoints at
     steps 2, 4 and 6."""
-    return [SFT, f"model.path={model}", f"output_dir={out}", "train.precision=fp32", "data.max_length=32",
-            "train.batch_size=8", "train.micro_batch_size=2", "train.max_steps=6", "train.save_every=2",
-            "train.keep_last=3", "train.optimizer.lr=1e-3", "train.log_every=1", "train.eval_every=null", *extra]
+    return [
+        SFT,
+        f"model.path={model}",
+        f"output_dir={out}",
+        "train.precision=fp32",
+        "data.max_length=32",
+        "train.batch_size=8",
+        "train.micro_batch_size=2",
+        "train.max_steps=6",
+        "train.save_every=2",
+        "train.keep_last=3",
+        "train.optimizer.lr=1e-3",
+        "train.log_every=1",
+        "train.eval_every=null",
+        *extra,
+    ]
 
 
 def truncated_copy(src: Path, dst: Path, step: int) -> Path:
@@ -59,11 +73,15 @@ def assert_resumed(run: Path, result, *, step: int, written_by: int, world_size:
 
 def two_to_one(model: str, root: Path, *extra: str) -> dict:
     """The uninterrupted 2-rank run (the reference) and its step-2 checkpoint resumed on 1 rank."""
-    out = {"root": root, "extra": extra, "ref": launch(*sft_args(model, root / "ref", *extra), "--procs", "2",
-                                                       timeout=600)}
+    out = {
+        "root": root,
+        "extra": extra,
+        "ref": launch(*sft_args(model, root / "ref", *extra), "--procs", "2", timeout=600),
+    }
     assert out["ref"].returncode == 0, out["ref"].output[-4000:]
-    out["2to1"] = launch(*sft_args(model, truncated_copy(root / "ref", root / "2to1", 2), *extra), "--procs", "1",
-                         timeout=600)
+    out["2to1"] = launch(
+        *sft_args(model, truncated_copy(root / "ref", root / "2to1", 2), *extra), "--procs", "1", timeout=600
+    )
     return out
 
 
@@ -137,8 +155,16 @@ def test_resume_on_another_world_size(name, tiny, tmp_path):
 @pytest.mark.slow
 def test_ranks_without_a_saved_random_state_are_seeded_reproducibly(tiny, tmp_path):
     """Dropout on: a 1-rank checkpoint resumed twice on 2 ranks gives the same weights both times."""
-    args = ["data.max_length=32", "train.batch_size=8", "train.micro_batch_size=2", "train.max_steps=4",
-            "train.save_every=2", "train.optimizer.lr=1e-3", "train.eval_every=null", "data.test=null"]
+    args = [
+        "data.max_length=32",
+        "train.batch_size=8",
+        "train.micro_batch_size=2",
+        "train.max_steps=4",
+        "train.save_every=2",
+        "train.optimizer.lr=1e-3",
+        "train.eval_every=null",
+        "data.test=null",
+    ]
     quickstart = RECIPES / "quickstart.yaml"
     model = tiny["bert_dropout"]
     ref = launch(quickstart, f"model.path={model}", f"output_dir={tmp_path / 'ref'}", *args, "--procs", "1")

@@ -1,4 +1,5 @@
 """The stateless sampler: disjoint rank shards, full epoch coverage, the same global batch at any world size."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -10,9 +11,15 @@ from launcher.train.data import Sampler, balanced_row_probs
 
 
 def plan_for(world: int, micro: int, rows: int = 103, batch: int = 8):
-    recipe = Recipe.model_validate({"model": {"path": "org/m"}, "task": {"type": "regression"},
-                                    "data": {"train": "t.jsonl"}, "output_dir": "o",
-                                    "train": {"batch_size": batch, "micro_batch_size": micro, "epochs": 2}})
+    recipe = Recipe.model_validate(
+        {
+            "model": {"path": "org/m"},
+            "task": {"type": "regression"},
+            "data": {"train": "t.jsonl"},
+            "output_dir": "o",
+            "train": {"batch_size": batch, "micro_batch_size": micro, "epochs": 2},
+        }
+    )
     return make_plan(recipe, num_train_samples=rows, procs_per_node=world)
 
 
@@ -49,7 +56,15 @@ def test_balance_draws_classes_equally_and_deterministically():
     labels = [0] * 90 + [1] * 10
     plan = plan_for(1, 10, rows=100, batch=10)
     probs = balanced_row_probs(labels)
-    drawn = [labels[i] for step in range(plan.steps_per_epoch) for i in Sampler(plan, 3, np.ones(100), probs).batch(step, 0).micro_batches[0]]
+    drawn = [
+        labels[i]
+        for step in range(plan.steps_per_epoch)
+        for i in Sampler(plan, 3, np.ones(100), probs).batch(step, 0).micro_batches[0]
+    ]
     assert 0.35 < sum(drawn) / len(drawn) < 0.65  # about half minority, against 10% without balancing
-    again = [labels[i] for step in range(plan.steps_per_epoch) for i in Sampler(plan, 3, np.ones(100), probs).batch(step, 0).micro_batches[0]]
+    again = [
+        labels[i]
+        for step in range(plan.steps_per_epoch)
+        for i in Sampler(plan, 3, np.ones(100), probs).batch(step, 0).micro_batches[0]
+    ]
     assert drawn == again

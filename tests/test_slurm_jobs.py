@@ -8,6 +8,7 @@ Covers: a 2-node run to completion, 2 ranks per node, preemption (checkpoint →
 every step exactly once), a killed rank failing the job fast with node and rank named, secrets
 passed through the environment and absent from every written file.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,20 +30,36 @@ ENV = {"LAUNCHER_TEST_SECRET": SECRET, "HF_TOKEN": HF_SECRET}
 
 
 def cpu_profile(folder: Path, **fields) -> Path:
-    data = {"backend": "slurm", "time": "00:15:00", "procs_per_node": 1, "env": {"OMP_NUM_THREADS": "1"},
-            "secret_env": ["LAUNCHER_TEST_SECRET"],
-            # proves the secret reached the job without printing it
-            "setup": ['[ -n "${LAUNCHER_TEST_SECRET:-}" ] || { echo "LAUNCHER_TEST_SECRET missing" >&2; exit 3; }'],
-            **fields}
+    data = {
+        "backend": "slurm",
+        "time": "00:15:00",
+        "procs_per_node": 1,
+        "env": {"OMP_NUM_THREADS": "1"},
+        "secret_env": ["LAUNCHER_TEST_SECRET"],
+        # proves the secret reached the job without printing it
+        "setup": ['[ -n "${LAUNCHER_TEST_SECRET:-}" ] || { echo "LAUNCHER_TEST_SECRET missing" >&2; exit 3; }'],
+        **fields,
+    }
     path = folder / "slurm-cpu.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
 
 
 def tiny_run(model: str, out: Path, *extra: str) -> list:
-    return [RECIPES / "quickstart.yaml", f"model.path={model}", f"output_dir={out}", "data.max_length=32",
-            "train.batch_size=8", "train.micro_batch_size=2", "train.max_steps=8", "train.optimizer.lr=1e-3",
-            "train.log_every=1", "train.eval_every=null", "data.test=null", *extra]
+    return [
+        RECIPES / "quickstart.yaml",
+        f"model.path={model}",
+        f"output_dir={out}",
+        "data.max_length=32",
+        "train.batch_size=8",
+        "train.micro_batch_size=2",
+        "train.max_steps=8",
+        "train.optimizer.lr=1e-3",
+        "train.log_every=1",
+        "train.eval_every=null",
+        "data.test=null",
+        *extra,
+    ]
 
 
 def assert_no_secret_written(*roots: Path) -> None:
@@ -57,8 +74,16 @@ def test_two_nodes_train_one_world_and_one_node_resumes_it(slurm_cluster, tiny, 
     """Then (issue 6: resume at any world size) the 2-node job's step-4 checkpoint, finished by a 1-node job,
     ends with the 2-node job's weights (no dropout: equal up to float summation order)."""
     out = tmp_path / "run"
-    run = launch(*tiny_run(tiny["bert"], out, "train.save_every=4"), "--nodes", "2", "--cluster",
-                 cpu_profile(tmp_path), "--follow", env=ENV, timeout=300)
+    run = launch(
+        *tiny_run(tiny["bert"], out, "train.save_every=4"),
+        "--nodes",
+        "2",
+        "--cluster",
+        cpu_profile(tmp_path),
+        "--follow",
+        env=ENV,
+        timeout=300,
+    )
     assert run.returncode == 0, run.output[-4000:]
     assert re.search(r"submitted job \d+", run.stdout) and "COMPLETED" in run.stdout
     s = summary(out)
@@ -73,9 +98,19 @@ def test_two_nodes_train_one_world_and_one_node_resumes_it(slurm_cluster, tiny, 
     assert status.returncode == 0 and "COMPLETED" in status.stdout and "step 8 of 8" in status.stdout, status.output
 
     one = tmp_path / "one"
-    shutil.copytree(out, one, ignore=shutil.ignore_patterns("checkpoint-00000008", "final", "summary.json", "slurm.log"))
-    resumed = launch(*tiny_run(tiny["bert"], one, "train.save_every=4"), "--nodes", "1", "--cluster",
-                     cpu_profile(tmp_path), "--follow", env=ENV, timeout=300)
+    shutil.copytree(
+        out, one, ignore=shutil.ignore_patterns("checkpoint-00000008", "final", "summary.json", "slurm.log")
+    )
+    resumed = launch(
+        *tiny_run(tiny["bert"], one, "train.save_every=4"),
+        "--nodes",
+        "1",
+        "--cluster",
+        cpu_profile(tmp_path),
+        "--follow",
+        env=ENV,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.output[-4000:]
     r = summary(one)
     assert r["resumed_world_size"] == 2 and r["world_size"] == 1 and r["steps_this_launch"] == 4
@@ -119,18 +154,37 @@ def test_plain_sbatch_example_runs_launch_as_the_per_node_agent(slurm_cluster, t
     out = tmp_path / "run"
     args = [str(a) for a in tiny_run(tiny["bert"], out)]
     env = {**os.environ, "LAUNCH": f"{sys.executable} -m launcher.cli", "OMP_NUM_THREADS": "1"}
-    job_id = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path / 'job.log'}", "--wait",
-                             str(REPO / "slurm" / "launch.sbatch"), *args, "--procs", "2"], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
+    job_id = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            f"--output={tmp_path / 'job.log'}",
+            "--wait",
+            str(REPO / "slurm" / "launch.sbatch"),
+            *args,
+            "--procs",
+            "2",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert job_id.returncode == 0, (tmp_path / "job.log").read_text()[-3000:]
     s = summary(out)
     assert s["world_size"] == 4 and s["hosts"] == ["n1", "n2"] and s["steps"] == 8
 
 
 def _start(args: list, env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "launcher.cli", *map(str, args)], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore", **env})
+    return subprocess.Popen(
+        [sys.executable, "-m", "launcher.cli", *map(str, args)],
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", **env},
+    )
 
 
 def _wait_for_step(proc: subprocess.Popen, out: Path, step: int, timeout: float = 180) -> None:
@@ -149,8 +203,17 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tiny, tmp
     --signal=B:USR1@grace sends it) mid-training: every rank stops at one step after a checkpoint,
     the job requeues itself and finishes the plan."""
     out = tmp_path / "run"
-    proc = _start([*tiny_run(tiny["bert"], out, "train.max_steps=40", "train.save_every=1000"), "--nodes", "2",
-                   "--cluster", cpu_profile(tmp_path, procs_per_node=2), "--follow"], ENV)
+    proc = _start(
+        [
+            *tiny_run(tiny["bert"], out, "train.max_steps=40", "train.save_every=1000"),
+            "--nodes",
+            "2",
+            "--cluster",
+            cpu_profile(tmp_path, procs_per_node=2),
+            "--follow",
+        ],
+        ENV,
+    )
     try:
         _wait_for_step(proc, out, 3)
         job_id = (out / "launch" / "jobs").read_text().split()[-1]
@@ -173,8 +236,17 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tiny, tmp
 
 def test_killed_rank_fails_the_job_fast_naming_node_and_rank(slurm_cluster, tiny, tmp_path):
     out = tmp_path / "run"
-    proc = _start([*tiny_run(tiny["bert"], out, "train.max_steps=100000"), "--nodes", "2",
-                   "--cluster", cpu_profile(tmp_path), "--follow"], {**ENV, "LAUNCHER_FAULT": "rank=1,step=5"})
+    proc = _start(
+        [
+            *tiny_run(tiny["bert"], out, "train.max_steps=100000"),
+            "--nodes",
+            "2",
+            "--cluster",
+            cpu_profile(tmp_path),
+            "--follow",
+        ],
+        {**ENV, "LAUNCHER_FAULT": "rank=1,step=5"},
+    )
     try:
         _wait_for_step(proc, out, 1)
         started = time.time()
@@ -184,6 +256,7 @@ def test_killed_rank_fails_the_job_fast_naming_node_and_rank(slurm_cluster, tiny
     assert time.time() - started < 60, "a dead rank ends the job within a minute"
     assert proc.returncode == 1, output[-4000:]
     assert "FAILED" in output
-    assert re.search(r"training failed on node n[12] .*\n.*rank 1 \(local rank 0 on n[12].*SIGKILL", output), \
-        output[-4000:]
+    assert re.search(r"training failed on node n[12] .*\n.*rank 1 \(local rank 0 on n[12].*SIGKILL", output), output[
+        -4000:
+    ]
     assert not (out / "summary.json").exists()

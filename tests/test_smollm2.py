@@ -6,6 +6,7 @@ saved Hugging Face folder, cached across test sessions. Held-out perplexity is
 measured before and after with the launcher's own tokenization, on the base
 model and on the merged export (`launch export --merge`).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -69,7 +70,7 @@ def held_out_perplexity(model_path: Path, recipe_overrides: list[str]) -> float:
     total, count = 0.0, 0.0
     with torch.no_grad():
         for start in range(0, len(rows), 16):
-            chunk = rows[start:start + 16]
+            chunk = rows[start : start + 16]
             batch = collate(chunk)
             total += float(loss_fn(forward_logits(model, batch, "causal_lm"), batch["labels"]))
             count += float(sum(r["weight"] for r in chunk))
@@ -79,9 +80,19 @@ def held_out_perplexity(model_path: Path, recipe_overrides: list[str]) -> float:
 def test_smollm2_lora_zero2_lowers_held_out_perplexity(tmp_path):
     model = convert_smollm2(MODELS / "smollm2-135m-instruct")
     run_dir = tmp_path / "run"
-    overrides = [f"model.path={model}", f"output_dir={run_dir}", "model.dtype=fp32", "train.precision=fp32",
-                 "data.max_length=48", "train.batch_size=8", "train.max_steps=16", "train.optimizer.lr=2e-3",
-                 "model.lora.r=8", "distributed.activation_checkpointing=false", "train.log_every=4"]
+    overrides = [
+        f"model.path={model}",
+        f"output_dir={run_dir}",
+        "model.dtype=fp32",
+        "train.precision=fp32",
+        "data.max_length=48",
+        "train.batch_size=8",
+        "train.max_steps=16",
+        "train.optimizer.lr=2e-3",
+        "model.lora.r=8",
+        "distributed.activation_checkpointing=false",
+        "train.log_every=4",
+    ]
     run = launch(RECIPES / "llama-lora.yaml", *overrides, "--procs", "2", timeout=1200)
     assert run.returncode == 0, run.output[-3000:]
     s = summary(run_dir)

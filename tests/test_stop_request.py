@@ -4,6 +4,7 @@ USR1 to ONE rank must stop BOTH at the same step boundary after one checkpoint (
 stopped alone would leave its peer hanging in the next all-reduce); relaunching continues there
 and every step is trained exactly once.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,13 @@ from launcher.train.stop import EXIT_STOPPED
 def test_usr1_to_one_rank_stops_every_rank_after_a_checkpoint(tiny, tmp_path):
     out = tmp_path / "run"
     args = [str(a) for a in small_run(tiny["bert"], out, "train.max_steps=60", "train.save_every=1000")]
-    proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", *args, "--procs", "2"], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launcher.cli", *args, "--procs", "2"],
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.time() + 180
         while not ((out / "metrics.jsonl").exists() and metric_lines(out)):

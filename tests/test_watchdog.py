@@ -5,6 +5,7 @@ the collective timeout: the watchdog dumps every rank's stack, stops them, and `
 that hung (the one behind) and where the other waits. With the watchdog off, the collective timeout of
 the process group must fire instead, with a message that says what it means.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,9 +33,14 @@ def _gone(pid: int) -> bool:
 
 def test_hung_rank_is_named_with_its_stack_and_every_rank_is_stopped(tiny, tmp_path):
     out = tmp_path / "run"
-    done = launch(*small_run(tiny["bert"], out, f"distributed.hang_timeout={HANG_TIMEOUT_S}",
-                             "distributed.collective_timeout=120"), "--procs", "2",
-                  env={"LAUNCHER_FAULT": f"rank=1,step={HANG_AT_STEP},kind=hang"})
+    done = launch(
+        *small_run(
+            tiny["bert"], out, f"distributed.hang_timeout={HANG_TIMEOUT_S}", "distributed.collective_timeout=120"
+        ),
+        "--procs",
+        "2",
+        env={"LAUNCHER_FAULT": f"rank=1,step={HANG_AT_STEP},kind=hang"},
+    )
     exited = time.time()
     err = done.stderr
     assert done.returncode == 1, err[-3000:]
@@ -63,8 +69,12 @@ def test_hung_rank_is_named_with_its_stack_and_every_rank_is_stopped(tiny, tmp_p
 def test_collective_timeout_fires_when_the_watchdog_is_off(tiny, tmp_path):
     out = tmp_path / "run"
     started = time.time()
-    done = launch(*small_run(tiny["bert"], out, "distributed.hang_timeout=0", "distributed.collective_timeout=4"),
-                  "--procs", "2", env={"LAUNCHER_FAULT": f"rank=1,step={HANG_AT_STEP},kind=hang"})
+    done = launch(
+        *small_run(tiny["bert"], out, "distributed.hang_timeout=0", "distributed.collective_timeout=4"),
+        "--procs",
+        "2",
+        env={"LAUNCHER_FAULT": f"rank=1,step={HANG_AT_STEP},kind=hang"},
+    )
     err = done.stderr
     assert done.returncode == 1, err[-3000:]
     assert "rank 0 (local rank 0 on" in err and "Timed out waiting 4000ms" in err
@@ -85,19 +95,26 @@ def test_the_rank_behind_is_the_stuck_one():
 
 def test_top_frames_come_from_the_training_thread(tmp_path):
     dump = tmp_path / "stack.txt"
-    dump.write_text('Thread 0x1 (most recent call first):\n  File "/x/tqdm/_monitor.py", line 69 in run\n\n'
-                    'Current thread 0x2 (most recent call first):\n  File "/x/launcher/train/run.py", line 79 in _hang\n'
-                    '  File "/x/launcher/train/worker.py", line 44 in main\n')
-    assert top_frames(dump) == ['File "/x/launcher/train/run.py", line 79 in _hang',
-                                'File "/x/launcher/train/worker.py", line 44 in main']
+    dump.write_text(
+        'Thread 0x1 (most recent call first):\n  File "/x/tqdm/_monitor.py", line 69 in run\n\n'
+        'Current thread 0x2 (most recent call first):\n  File "/x/launcher/train/run.py", line 79 in _hang\n'
+        '  File "/x/launcher/train/worker.py", line 44 in main\n'
+    )
+    assert top_frames(dump) == [
+        'File "/x/launcher/train/run.py", line 79 in _hang',
+        'File "/x/launcher/train/worker.py", line 44 in main',
+    ]
     assert top_frames(tmp_path / "missing.txt") == []
 
 
-@pytest.mark.parametrize("overrides, field", [
-    (["distributed.hang_timeout=-1"], "hang_timeout"),
-    (["distributed.collective_timeout=0"], "collective_timeout"),
-    (["distributed.hang_timeout=700"], "hang_timeout (700 s) must be below collective_timeout (600 s)"),
-])
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (["distributed.hang_timeout=-1"], "hang_timeout"),
+        (["distributed.collective_timeout=0"], "collective_timeout"),
+        (["distributed.hang_timeout=700"], "hang_timeout (700 s) must be below collective_timeout (600 s)"),
+    ],
+)
 def test_timeouts_are_validated(tmp_path, overrides, field):
     from conftest import RECIPES
 
@@ -111,8 +128,10 @@ def test_timeouts_have_sane_defaults_and_zero_turns_the_watchdog_off(tmp_path):
 
     recipe = load_recipe(RECIPES / "quickstart.yaml", [f"output_dir={tmp_path}"])
     assert (recipe.distributed.hang_timeout, recipe.distributed.collective_timeout) == (300, 600)
-    off = load_recipe(RECIPES / "quickstart.yaml", [f"output_dir={tmp_path}", "distributed.hang_timeout=0",
-                                                     "distributed.collective_timeout=30"])
+    off = load_recipe(
+        RECIPES / "quickstart.yaml",
+        [f"output_dir={tmp_path}", "distributed.hang_timeout=0", "distributed.collective_timeout=30"],
+    )
     assert off.distributed.hang_timeout == 0
 
 
@@ -141,7 +160,12 @@ def test_groups_made_later_get_the_collective_timeout_too(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    done = subprocess.run([sys.executable, "-c", GROUP_TIMEOUTS, str(RECIPES / "quickstart.yaml"), str(tmp_path),
-                           str(port)], capture_output=True, text=True, timeout=120, cwd=REPO)
+    done = subprocess.run(
+        [sys.executable, "-c", GROUP_TIMEOUTS, str(RECIPES / "quickstart.yaml"), str(tmp_path), str(port)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[7.0, 7.0]"

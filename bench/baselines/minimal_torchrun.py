@@ -5,6 +5,7 @@ batch. Times are measured from BENCH_T0 (set just before torchrun was started) l
 Run: BENCH_T0=$(date +%s.%N) python -m torch.distributed.run --nproc-per-node N \
        -m bench.baselines.minimal_torchrun MODEL SEQ RESULT.json
 """
+
 from __future__ import annotations
 
 import json
@@ -36,10 +37,17 @@ def main(model_path: str, seq_len: str, result_path: str) -> None:
     t_step = time.time()
     if dist.get_rank() == 0:
         with open(result_path, "w") as f:
-            json.dump({"rank_start_s": t_main - t0, "imports_s": t_imports - t_main,
-                       "process_group_s": t_pg - t_imports,
-                       "model_load_s": t_model - t_pg, "first_step_s": t_step - t_model,
-                       "time_to_first_step_s": t_step - t0}, f)
+            json.dump(
+                {
+                    "rank_start_s": t_main - t0,
+                    "imports_s": t_imports - t_main,
+                    "process_group_s": t_pg - t_imports,
+                    "model_load_s": t_model - t_pg,
+                    "first_step_s": t_step - t_model,
+                    "time_to_first_step_s": t_step - t0,
+                },
+                f,
+            )
     dist.destroy_process_group()
 
 

@@ -3,6 +3,7 @@
 Tokenization matches launcher.train.data for causal_lm on the benchmark's fixed-length texts: every row
 is exactly `data.max_length` tokens, so no padding differs between the three trainers.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,10 +43,18 @@ def read(recipe_path: Path) -> Setup:
     ids = tokenizer(rows, truncation=True, max_length=data["max_length"])["input_ids"]
     if {len(r) for r in ids} != {data["max_length"]}:
         raise ValueError("benchmark rows must all fill data.max_length (see bench.common.fixed_length_lm_data)")
-    return Setup(model=model, input_ids=torch.tensor(ids), global_batch=train["batch_size"],
-                 max_steps=train["max_steps"], lr=train["optimizer"]["lr"],
-                 weight_decay=train["optimizer"]["weight_decay"], warmup_steps=train["scheduler"]["warmup_steps"],
-                 grad_clip=train["grad_clip"], precision=train["precision"], output_dir=Path(recipe["output_dir"]))
+    return Setup(
+        model=model,
+        input_ids=torch.tensor(ids),
+        global_batch=train["batch_size"],
+        max_steps=train["max_steps"],
+        lr=train["optimizer"]["lr"],
+        weight_decay=train["optimizer"]["weight_decay"],
+        warmup_steps=train["scheduler"]["warmup_steps"],
+        grad_clip=train["grad_clip"],
+        precision=train["precision"],
+        output_dir=Path(recipe["output_dir"]),
+    )
 
 
 def peak_memory_bytes() -> int:
@@ -56,15 +65,34 @@ def peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def report(path: Path, *, rank: int, steps: int, samples: int, train_wall: float, train_cpu: float,
-           final_loss: float, t_first_step: float, **extra) -> None:
+def report(
+    path: Path,
+    *,
+    rank: int,
+    steps: int,
+    samples: int,
+    train_wall: float,
+    train_cpu: float,
+    final_loss: float,
+    t_first_step: float,
+    **extra,
+) -> None:
     """Rank 0 writes what `launch` writes to summary.json's timings, measured the same way."""
     if rank != 0:
         return
     t0 = float(os.environ["BENCH_T0"]) if "BENCH_T0" in os.environ else None
-    path.write_text(json.dumps({
-        "steps": steps, "training_wall_s": train_wall, "training_cpu_s": train_cpu,
-        "samples_per_s": samples / train_wall,
-        "final_loss": final_loss, "time_to_first_step_s": (t_first_step - t0) if t0 else None,
-        "peak_memory_bytes": peak_memory_bytes(), **extra, "time": time.time(),
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "steps": steps,
+                "training_wall_s": train_wall,
+                "training_cpu_s": train_cpu,
+                "samples_per_s": samples / train_wall,
+                "final_loss": final_loss,
+                "time_to_first_step_s": (t_first_step - t0) if t0 else None,
+                "peak_memory_bytes": peak_memory_bytes(),
+                **extra,
+                "time": time.time(),
+            }
+        )
+    )

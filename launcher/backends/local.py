@@ -4,6 +4,7 @@ Ranks are started by torch.distributed.run, called in-process the way
 `accelerate launch` does, so a failed rank comes back as a structured
 ChildFailedError that names the rank, its host and the cause.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,8 +36,10 @@ class LaunchStopped(Exception):
 
     def __init__(self, signum: int):
         self.signum = signum
-        super().__init__(f"stopped by {signal.Signals(signum).name}; every rank was terminated. Launch the same "
-                         "command again to resume from the newest checkpoint.")
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name}; every rank was terminated. Launch the same "
+            "command again to resume from the newest checkpoint."
+        )
 
 
 def count_gpus() -> int:
@@ -66,8 +69,10 @@ def worker_env(plan: Plan, t0: float) -> dict[str, str]:
     return env
 
 
-COLLECTIVE_TIMEOUT_HINT = (" (a collective waited longer than distributed.collective_timeout: a peer rank hung, died or "
-                           "was far behind; distributed.hang_timeout makes the watchdog name it)")
+COLLECTIVE_TIMEOUT_HINT = (
+    " (a collective waited longer than distributed.collective_timeout: a peer rank hung, died or "
+    "was far behind; distributed.hang_timeout makes the watchdog name it)"
+)
 
 
 def describe_failures(exc) -> str:
@@ -108,13 +113,29 @@ class Layout(NamedTuple):
 def layout(profile: LocalProfile, *, nodes: int, procs: int | None) -> Layout:
     gpus = count_gpus()
     if nodes != 1:
-        raise RecipeError("command line", [Problem("--nodes", f"{nodes} nodes need a cluster profile "
-                                                   "(--cluster cluster/slurm.yaml or cluster/ray.yaml); "
-                                                   "the local backend runs on this machine only")])
+        raise RecipeError(
+            "command line",
+            [
+                Problem(
+                    "--nodes",
+                    f"{nodes} nodes need a cluster profile "
+                    "(--cluster cluster/slurm.yaml or cluster/ray.yaml); "
+                    "the local backend runs on this machine only",
+                )
+            ],
+        )
     if "SLURM_STEP_ID" in os.environ and int(os.environ.get("SLURM_JOB_NUM_NODES", "1")) > 1:
         # one standalone run per node would train each node alone, silently
-        raise RecipeError("cluster profile", [Problem("backend", "local runs on one machine, but this is a step of "
-                                                      "a multi-node Slurm job; drop --cluster (or use a slurm profile)")])
+        raise RecipeError(
+            "cluster profile",
+            [
+                Problem(
+                    "backend",
+                    "local runs on one machine, but this is a step of "
+                    "a multi-node Slurm job; drop --cluster (or use a slurm profile)",
+                )
+            ],
+        )
     if gpus and procs is not None and procs > gpus:
         raise RecipeError("command line", [Problem("--procs", f"{procs} processes but {gpus} GPUs visible")])
     return Layout(1, procs or gpus or 1, "cuda" if gpus else "cpu")
@@ -158,13 +179,20 @@ def run(plan: Plan, spec_dir: Path, t0: float, rendezvous: list[str] = STANDALON
     from torch.distributed.run import run as torchrun
 
     os.environ.update(worker_env(plan, t0))
-    args = get_args_parser().parse_args([
-        *rendezvous,
-        "--nproc-per-node", str(plan.procs_per_node),
-        "--max-restarts", "0",
-        "--monitor-interval", "0.5",
-        "-m", "launcher.train.worker", str(spec_dir),
-    ])
+    args = get_args_parser().parse_args(
+        [
+            *rendezvous,
+            "--nproc-per-node",
+            str(plan.procs_per_node),
+            "--max-restarts",
+            "0",
+            "--monitor-interval",
+            "0.5",
+            "-m",
+            "launcher.train.worker",
+            str(spec_dir),
+        ]
+    )
     watchdog = start_watchdog(spec_dir)
     try:
         torchrun(args)
@@ -172,8 +200,10 @@ def run(plan: Plan, spec_dir: Path, t0: float, rendezvous: list[str] = STANDALON
         if watchdog is not None and watchdog.report is not None:
             raise LaunchFailed(watchdog.report) from None
         if _stopped_on_request(exc.failures.values()):
-            raise RanksStopped(f"all {len(exc.failures)} ranks here stopped on request at a step boundary after "
-                               "writing a checkpoint; launch again to resume") from None
+            raise RanksStopped(
+                f"all {len(exc.failures)} ranks here stopped on request at a step boundary after "
+                "writing a checkpoint; launch again to resume"
+            ) from None
         raise LaunchFailed(describe_failures(exc)) from None
     except SignalException as exc:
         raise LaunchStopped(int(exc.sigval)) from None

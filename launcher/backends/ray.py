@@ -10,6 +10,7 @@ still fails makes `launch` exit 1 naming the failed ranks and their cause.
 `--submit` hands the same `launch` command to Ray Jobs instead, so it runs as
 the driver on the cluster's head node.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -35,15 +36,28 @@ FORWARDED_PREFIXES = ("LAUNCHER_", "HF_")
 def layout(profile: RayProfile, *, nodes: int, procs: int | None) -> Layout:
     problems = []
     if profile.address == "local" and nodes != 1:
-        problems.append(Problem("--nodes", f"{nodes} nodes, but the profile's address is 'local' (a private "
-                                "one-node Ray); give the address of a running cluster"))
+        problems.append(
+            Problem(
+                "--nodes",
+                f"{nodes} nodes, but the profile's address is 'local' (a private "
+                "one-node Ray); give the address of a running cluster",
+            )
+        )
     if profile.gpus_per_node and procs is not None:
-        problems.append(Problem("--procs", "a GPU Ray profile runs one worker per GPU (gpus_per_node); "
-                                "--procs only sets CPU workers"))
+        problems.append(
+            Problem(
+                "--procs", "a GPU Ray profile runs one worker per GPU (gpus_per_node); --procs only sets CPU workers"
+            )
+        )
     per_node = profile.gpus_per_node or procs or profile.cpu_workers_per_node
     if profile.placement_strategy == "STRICT_SPREAD" and per_node > 1:
-        problems.append(Problem("placement_strategy", f"STRICT_SPREAD puts each worker on its own node, but "
-                                f"{per_node} workers per node were asked for; use PACK or SPREAD"))
+        problems.append(
+            Problem(
+                "placement_strategy",
+                f"STRICT_SPREAD puts each worker on its own node, but "
+                f"{per_node} workers per node were asked for; use PACK or SPREAD",
+            )
+        )
     if problems:
         raise RecipeError("cluster profile", problems)
     return Layout(nodes, per_node, "cuda" if profile.gpus_per_node else "cpu")
@@ -77,9 +91,13 @@ def connect(profile: RayProfile, plan: Plan) -> None:
     elif profile.address == "local":
         # A new instance even if one runs here. The dashboard also serves the State API, which Ray Train's
         # placement group cleaner polls every second.
-        ray.init(address="local", num_cpus=plan.world_size * profile.cpus_per_worker,
-                 num_gpus=plan.world_size if profile.gpus_per_node else 0,
-                 object_store_memory=parse_bytes(profile.object_store_memory), runtime_env=profile.runtime_env or None)
+        ray.init(
+            address="local",
+            num_cpus=plan.world_size * profile.cpus_per_worker,
+            num_gpus=plan.world_size if profile.gpus_per_node else 0,
+            object_store_memory=parse_bytes(profile.object_store_memory),
+            runtime_env=profile.runtime_env or None,
+        )
     else:
         ray.init(address=profile.address, runtime_env=profile.runtime_env or None)
 
@@ -108,22 +126,34 @@ def launch(recipe: Recipe, plan: Plan, profile: RayProfile, t0: float, *, follow
             train_loop_config={"recipe": dump_recipe(recipe), "plan": plan.model_dump_json()},
             # Ray Train makes the process group; give it the recipe's collective timeout (Ray's default: 30 min)
             torch_config=TorchConfig(backend=plan.backend, timeout_s=int(recipe.distributed.collective_timeout)),
-            scaling_config=ScalingConfig(num_workers=plan.world_size, use_gpu=bool(profile.gpus_per_node),
-                                         resources_per_worker=resources,
-                                         placement_strategy=profile.placement_strategy),
-            run_config=RunConfig(name=run_name(recipe), storage_path=storage,
-                                 failure_config=FailureConfig(max_failures=profile.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=recipe.train.keep_last),
-                                 worker_runtime_env={"env_vars": ray_worker_env(plan, profile, t0)}),
+            scaling_config=ScalingConfig(
+                num_workers=plan.world_size,
+                use_gpu=bool(profile.gpus_per_node),
+                resources_per_worker=resources,
+                placement_strategy=profile.placement_strategy,
+            ),
+            run_config=RunConfig(
+                name=run_name(recipe),
+                storage_path=storage,
+                failure_config=FailureConfig(max_failures=profile.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=recipe.train.keep_last),
+                worker_runtime_env={"env_vars": ray_worker_env(plan, profile, t0)},
+            ),
         )
         trainer.fit()
     except (ConnectionError, ray.exceptions.AuthenticationError) as exc:  # from connect
-        print(f"error: cannot join the Ray cluster at {profile.address!r} (auth: {profile.auth}): {exc}\n"
-              "Is it up (ray status --address ADDRESS)?", file=sys.stderr)
+        print(
+            f"error: cannot join the Ray cluster at {profile.address!r} (auth: {profile.auth}): {exc}\n"
+            "Is it up (ray status --address ADDRESS)?",
+            file=sys.stderr,
+        )
         return 1
     except ray.train.TrainingFailedError as exc:
-        print(f"error: training failed on Ray (worker group restarts allowed: max_failures {profile.max_failures}):"
-              f"\n{describe_failure(exc)}", file=sys.stderr)
+        print(
+            f"error: training failed on Ray (worker group restarts allowed: max_failures {profile.max_failures}):"
+            f"\n{describe_failure(exc)}",
+            file=sys.stderr,
+        )
         return 1
     except (LaunchStopped, KeyboardInterrupt) as exc:
         signum = exc.signum if isinstance(exc, LaunchStopped) else signal.SIGINT
@@ -169,8 +199,12 @@ def train_worker(config: dict) -> None:
         # checkpoint.save waits for every rank and renames the folder on the shared output_dir, so rank 0's
         # folder holds every rank's files (model, optimizer, each rank's RNG state, and shards).
         checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if rank == 0 else None
-        ray.train.report({"step": state["step"], "loss": state["last_loss"]}, checkpoint=checkpoint,
-                         checkpoint_dir_name=folder.name, delete_local_checkpoint_after_upload=False)
+        ray.train.report(
+            {"step": state["step"], "loss": state["last_loss"]},
+            checkpoint=checkpoint,
+            checkpoint_dir_name=folder.name,
+            delete_local_checkpoint_after_upload=False,
+        )
 
     restored = ray.train.get_checkpoint()  # after a restart: the newest checkpoint Ray has registered
     with restored.as_directory() if restored else nullcontext() as folder:
@@ -179,8 +213,11 @@ def train_worker(config: dict) -> None:
             recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"resume": folder})})
         summary = run(recipe, plan, on_checkpoint=report)
     if rank == 0 and recipe.preflight.run != "only":
-        summary["ray"] = {"node_id_per_rank": nodes, "resumed_from_ray_storage": from_ray,
-                          "torch_threads": torch.get_num_threads()}
+        summary["ray"] = {
+            "node_id_per_rank": nodes,
+            "resumed_from_ray_storage": from_ray,
+            "torch_threads": torch.get_num_threads(),
+        }
         write_json_atomic(Path(recipe.output_dir) / "summary.json", summary)
 
 
@@ -202,11 +239,20 @@ def submit_job(args, profile: RayProfile) -> int:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     if profile.dashboard is None:
-        raise RecipeError("cluster profile", [Problem("dashboard", "--submit goes through Ray Jobs; set "
-                                                      "dashboard: http://HEAD:8265")])
+        raise RecipeError(
+            "cluster profile", [Problem("dashboard", "--submit goes through Ray Jobs; set dashboard: http://HEAD:8265")]
+        )
     os.environ["RAY_AUTH_MODE"] = profile.auth
-    command = ["-m", "launcher.cli", str(args.recipe), *args.overrides, "--nodes", str(args.nodes),
-               "--cluster", str(args.cluster)]
+    command = [
+        "-m",
+        "launcher.cli",
+        str(args.recipe),
+        *args.overrides,
+        "--nodes",
+        str(args.nodes),
+        "--cluster",
+        str(args.cluster),
+    ]
     if args.procs is not None:
         command += ["--procs", str(args.procs)]
     if "working_dir" in profile.runtime_env:  # uploaded by Ray; paths are relative to it
@@ -227,8 +273,10 @@ def submit_job(args, profile: RayProfile) -> int:
     try:
         asyncio.run(stream())
     except KeyboardInterrupt:
-        print(f"\nstopped following; the job keeps running (ray job stop {job_id} --address {profile.dashboard})",
-              file=sys.stderr)
+        print(
+            f"\nstopped following; the job keeps running (ray job stop {job_id} --address {profile.dashboard})",
+            file=sys.stderr,
+        )
         return 128 + signal.SIGINT
     status = client.get_job_status(job_id)
     print(f"Ray job {job_id}: {status.value}", file=sys.stderr if status != JobStatus.SUCCEEDED else sys.stdout)

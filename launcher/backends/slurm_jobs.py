@@ -3,6 +3,7 @@
 Job state comes from `scontrol show job` while the controller remembers the job (MinJobAge,
 typically minutes after it ends), then from `sacct` where accounting is enabled.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,18 @@ from pathlib import Path
 
 from launcher.backends.slurm import JOBS, LOG
 
-ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
-         "PREEMPTED", "SPECIAL_EXIT"}
+ENDED = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+    "SPECIAL_EXIT",
+}
 POLL_S = 1.0
 
 
@@ -28,14 +39,21 @@ def job_info(job_id: str) -> dict[str, str] | None:
     if shown.returncode == 0 and shown.stdout.strip():
         return dict(re.findall(r"(\S+?)=(\S*)", shown.stdout))
     fields = ["JobID", "State", "ExitCode", "NodeList", "Elapsed", "Reason"]
-    acct = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", ",".join(fields)], capture_output=True,
-                          text=True)
+    acct = subprocess.run(
+        ["sacct", "-j", job_id, "-X", "-n", "-P", "-o", ",".join(fields)], capture_output=True, text=True
+    )
     rows = [line.split("|") for line in acct.stdout.splitlines() if line.strip()]
     if acct.returncode or not rows:
         return None
     row = dict(zip(fields, rows[-1]))
-    return {"JobId": row["JobID"], "JobState": row["State"].split()[0], "ExitCode": row["ExitCode"],
-            "NodeList": row["NodeList"], "RunTime": row["Elapsed"], "Reason": row["Reason"]}
+    return {
+        "JobId": row["JobID"],
+        "JobState": row["State"].split()[0],
+        "ExitCode": row["ExitCode"],
+        "NodeList": row["NodeList"],
+        "RunTime": row["Elapsed"],
+        "Reason": row["Reason"],
+    }
 
 
 STOPPED_FROM_OUTSIDE = {"CANCELLED", "TIMEOUT", "PREEMPTED", "DEADLINE"}
@@ -60,8 +78,10 @@ def follow(job_id: str, log: Path) -> int:
                 break
             time.sleep(POLL_S)
     except KeyboardInterrupt:
-        print(f"\nstopped following; job {job_id} goes on (launch status {job_id}, launch cancel {job_id})",
-              file=sys.stderr)
+        print(
+            f"\nstopped following; job {job_id} goes on (launch status {job_id}, launch cancel {job_id})",
+            file=sys.stderr,
+        )
         return 130
     time.sleep(POLL_S)  # the last lines may reach the shared file system just after the state changes
     _print_new(log, offset)
@@ -69,8 +89,11 @@ def follow(job_id: str, log: Path) -> int:
         print(f"error: job {job_id} is unknown to scontrol and sacct", file=sys.stderr)
         return 1
     status = exit_status(info)
-    print(f"job {job_id} {info['JobState']} (exit {info.get('ExitCode', '?')}, restarts {info.get('Restarts', '?')}, "
-          f"nodes {info.get('NodeList', '?')}): launch exits {status}", file=sys.stderr if status else sys.stdout)
+    print(
+        f"job {job_id} {info['JobState']} (exit {info.get('ExitCode', '?')}, restarts {info.get('Restarts', '?')}, "
+        f"nodes {info.get('NodeList', '?')}): launch exits {status}",
+        file=sys.stderr if status else sys.stdout,
+    )
     return status
 
 
@@ -99,8 +122,9 @@ def resolve(target: str) -> tuple[str, Path | None]:
 def progress(run_dir: Path | None) -> str:
     if run_dir is None or not (run_dir / "metrics.jsonl").exists():
         return "-"
-    steps = [json.loads(line).get("step") for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-             if line.strip()]
+    steps = [
+        json.loads(line).get("step") for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()
+    ]
     plan = run_dir / "launch" / "plan.json"
     total = json.loads(plan.read_text())["total_steps"] if plan.exists() else "?"
     return f"step {max((s for s in steps if s is not None), default=0)} of {total}"
@@ -120,8 +144,15 @@ def status_command(argv: list[str]) -> int:
         print(f"error: job {job_id} is unknown to scontrol and sacct", file=sys.stderr)
         return 1
     table = Table(title=f"job {job_id}", show_header=False)
-    for name, key in [("state", "JobState"), ("reason", "Reason"), ("nodes", "NodeList"), ("run time", "RunTime"),
-                      ("time limit", "TimeLimit"), ("restarts", "Restarts"), ("exit code", "ExitCode")]:
+    for name, key in [
+        ("state", "JobState"),
+        ("reason", "Reason"),
+        ("nodes", "NodeList"),
+        ("run time", "RunTime"),
+        ("time limit", "TimeLimit"),
+        ("restarts", "Restarts"),
+        ("exit code", "ExitCode"),
+    ]:
         if info.get(key) not in (None, "", "None"):
             table.add_row(name, info[key])
     table.add_row("progress", progress(run_dir))
@@ -135,9 +166,12 @@ def cancel_command(argv: list[str]) -> int:
     """`launch cancel RUN_DIR|JOBID`: scancel the job; --checkpoint stops it after a checkpoint instead."""
     parser = argparse.ArgumentParser(prog="launch cancel", description=cancel_command.__doc__)
     parser.add_argument("target", help="run directory or job id")
-    parser.add_argument("--checkpoint", action="store_true",
-                        help="send USR1: every rank checkpoints at the next step, then the job requeues itself "
-                             "(what Slurm does before a time limit); cancel later to stop for good")
+    parser.add_argument(
+        "--checkpoint",
+        action="store_true",
+        help="send USR1: every rank checkpoints at the next step, then the job requeues itself "
+        "(what Slurm does before a time limit); cancel later to stop for good",
+    )
     args = parser.parse_args(argv)
     job_id, _ = resolve(args.target)
     command = ["scancel", *(["--signal=USR1"] if args.checkpoint else []), job_id]

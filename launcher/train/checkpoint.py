@@ -8,6 +8,7 @@ manifest (every file's size, and its SHA-256 unless train.checkpoint_hash is off
 verified before resume, so a checkpoint damaged later (a truncated copy, a
 deleted shard, a file swapped in) is found at plan time rather than mid-load.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,17 +31,25 @@ class CheckpointMismatch(Exception):
 def fingerprint(recipe) -> dict:
     # LoRA decides the checkpoint's layout (adapter-only states); so does the strategy, which check_compatible
     # compares as planned (`auto` resolved), not as written in the recipe
-    return {"model": recipe.model.path, "task": recipe.task.type, "num_labels": recipe.task.resolved_num_labels,
-            "global_batch_size": recipe.train.batch_size, "lora": recipe.model.lora is not None}
+    return {
+        "model": recipe.model.path,
+        "task": recipe.task.type,
+        "num_labels": recipe.task.resolved_num_labels,
+        "global_batch_size": recipe.train.batch_size,
+        "lora": recipe.model.lora is not None,
+    }
 
 
 def complete(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     if not run_dir.is_dir():
         return []
-    found = [p for p in run_dir.glob(f"{PREFIX}*")
-             if re.fullmatch(rf"{PREFIX}\d+", p.name) and p.is_dir() and (p / STATE_FILE).exists()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    found = [
+        p
+        for p in run_dir.glob(f"{PREFIX}*")
+        if re.fullmatch(rf"{PREFIX}\d+", p.name) and p.is_dir() and (p / STATE_FILE).exists()
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
 def find_resume(run_dir: Path, resume: str) -> Path | None:
@@ -64,19 +73,25 @@ def check_compatible(folder: Path, recipe, plan) -> dict:
         state = read_state(folder)
         state["fingerprint"], state["world_size"], state["step"]
     except (OSError, ValueError, KeyError, TypeError):
-        raise CheckpointMismatch(f"{folder} is not a readable checkpoint (no valid {STATE_FILE}); point train.resume "
-                                 "at a checkpoint-* folder, or remove it") from None
+        raise CheckpointMismatch(
+            f"{folder} is not a readable checkpoint (no valid {STATE_FILE}); point train.resume "
+            "at a checkpoint-* folder, or remove it"
+        ) from None
     mine = fingerprint(recipe)
     differ = {k: (state["fingerprint"].get(k), v) for k, v in mine.items() if state["fingerprint"].get(k) != v}
     if differ:
         detail = "; ".join(f"{k}: checkpoint {a!r}, recipe {b!r}" for k, (a, b) in differ.items())
-        raise CheckpointMismatch(f"{folder} was written by a different run ({detail}). Use another output_dir, "
-                                 "or train.resume=never to start over in a fresh output_dir.")
+        raise CheckpointMismatch(
+            f"{folder} was written by a different run ({detail}). Use another output_dir, "
+            "or train.resume=never to start over in a fresh output_dir."
+        )
     written = state.get("plan", {}).get("strategy", plan.strategy)
     if written != plan.strategy:  # `strategy: auto` can choose differently on another number of GPUs
-        raise CheckpointMismatch(f"{folder} holds {written} states but this launch plans {plan.strategy} "
-                                 f"({plan.world_size} processes); set distributed.strategy={written} to resume "
-                                 f"it (any number of processes works), or train.resume=never in a fresh output_dir")
+        raise CheckpointMismatch(
+            f"{folder} holds {written} states but this launch plans {plan.strategy} "
+            f"({plan.world_size} processes); set distributed.strategy={written} to resume "
+            f"it (any number of processes works), or train.resume=never in a fresh output_dir"
+        )
     return state
 
 
@@ -84,8 +99,10 @@ def world_size_note(state: dict, world_size: int) -> str | None:
     """What changes when a checkpoint resumes on another number of processes (None: the same)."""
     if state["world_size"] == world_size:
         return None
-    return (f"world size changed: checkpoint written by {state['world_size']} processes, resuming on {world_size}; "
-            f"same global batch, split into other micro-batches (summation order differs: float rounding only)")
+    return (
+        f"world size changed: checkpoint written by {state['world_size']} processes, resuming on {world_size}; "
+        f"same global batch, split into other micro-batches (summation order differs: float rounding only)"
+    )
 
 
 def rank_seed(seed: int, step: int, rank: int) -> int:
@@ -107,8 +124,16 @@ def restore_missing_rng(folder: Path, rank: int, seed: int, step: int) -> bool:
     return True
 
 
-def save(accelerator, run_dir: Path, step: int, state: dict, keep_last: int, engine=None, hash_files: bool = True,
-         written: Callable[[], None] | None = None) -> Path:
+def save(
+    accelerator,
+    run_dir: Path,
+    step: int,
+    state: dict,
+    keep_last: int,
+    engine=None,
+    hash_files: bool = True,
+    written: Callable[[], None] | None = None,
+) -> Path:
     """Every rank calls this; it returns once the checkpoint is in place. `engine` (train.strategy) adds the
     sharded model and optimizer states that Accelerate does not hold. `written()` runs on each rank once its
     own files are written, before the rename (the failure drill's phase=write)."""
@@ -198,8 +223,10 @@ def newest_intact(run_dir: Path, resume: str) -> tuple[Path | None, list[str]]:
             return folder, skipped
         skipped.append(f"{folder} is damaged ({problem})")
     if skipped:
-        raise CheckpointDamaged(f"every checkpoint in {run_dir} is damaged: {'; '.join(skipped)}. Use another "
-                                "output_dir, or train.resume=never to start over in a fresh output_dir.")
+        raise CheckpointDamaged(
+            f"every checkpoint in {run_dir} is damaged: {'; '.join(skipped)}. Use another "
+            "output_dir, or train.resume=never to start over in a fresh output_dir."
+        )
     return None, []
 
 

@@ -4,6 +4,7 @@ The sampler is stateless: the rows of optimizer step s are a function of
 (seed, epoch, s) alone, so a checkpoint only needs the step to resume at the
 exact next batch, and the global batch is identical at any world size.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,7 +35,9 @@ def _tokenizer_fingerprint(tokenizer) -> str:
     digest = hashlib.sha256(tokenizer.name_or_path.encode())
     if folder.is_dir():
         for file in sorted(folder.glob("*")):
-            if file.is_file() and ("token" in file.name or file.name.startswith(("vocab", "merges", "spiece", "special"))):
+            if file.is_file() and (
+                "token" in file.name or file.name.startswith(("vocab", "merges", "spiece", "special"))
+            ):
                 digest.update(file.read_bytes())
     digest.update(json.dumps(tokenizer.init_kwargs, sort_keys=True, default=str).encode())
     return digest.hexdigest()
@@ -89,16 +92,21 @@ class Tokenize:
         else:
             if self.chat:
                 user = [{"role": "user", "content": row["prompt"]}]
-                prompt = list(self.tok.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=False))
-                full = list(self.tok.apply_chat_template(user + [{"role": "assistant", "content": row["response"]}],
-                                                         tokenize=True, return_dict=False))
+                prompt = list(
+                    self.tok.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=False)
+                )
+                full = list(
+                    self.tok.apply_chat_template(
+                        user + [{"role": "assistant", "content": row["response"]}], tokenize=True, return_dict=False
+                    )
+                )
                 if full[: len(prompt)] != prompt:  # templates that re-render the prompt differently
                     full = prompt + self.tok(row["response"], add_special_tokens=False)["input_ids"] + eos
             else:
                 prompt = self.tok(row["prompt"], add_special_tokens=True)["input_ids"]
                 full = prompt + self.tok(row["response"], add_special_tokens=False)["input_ids"] + eos
             ids = full[: self.max_length]
-            labels = [IGNORE] * min(len(prompt), len(ids)) + ids[len(prompt):]
+            labels = [IGNORE] * min(len(prompt), len(ids)) + ids[len(prompt) :]
         weight = sum(1 for x in labels[1:] if x != IGNORE)  # next-token targets
         return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels, "weight": weight}
 
@@ -136,7 +144,9 @@ def prepare(recipe: Recipe, splits: Splits, tokenizer) -> dict[str, list[dict]]:
                 shutil.rmtree(folder)
             os.replace(tmp, folder)
     # Rows as Python lists: batches are then plain indexing, with no per-step arrow calls.
-    return {name: datasets.load_from_disk(str(folder / name)).to_list() if rows else [] for name, rows in splits.items()}
+    return {
+        name: datasets.load_from_disk(str(folder / name)).to_list() if rows else [] for name, rows in splits.items()
+    }
 
 
 @dataclass
@@ -171,10 +181,11 @@ class Sampler:
         """The rows of rank `rank` at optimizer step `step` (0-based, global)."""
         plan = self.plan
         epoch, within = divmod(step, plan.steps_per_epoch)
-        rows = self.order(epoch)[within * plan.global_batch_size:(within + 1) * plan.global_batch_size]
+        rows = self.order(epoch)[within * plan.global_batch_size : (within + 1) * plan.global_batch_size]
         micro, world = plan.micro_batch_size, plan.world_size
-        chunks = [rows[(a * world + rank) * micro:(a * world + rank + 1) * micro].tolist()
-                  for a in range(plan.grad_accum)]
+        chunks = [
+            rows[(a * world + rank) * micro : (a * world + rank + 1) * micro].tolist() for a in range(plan.grad_accum)
+        ]
         return StepBatch(chunks, float(self.weights[rows].sum()))
 
 

@@ -1,4 +1,5 @@
 """Evaluation: each rank scores a strided share of a split; outputs are gathered and scored once."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -29,13 +30,13 @@ class Evaluator:
         from accelerate.utils import gather_object
 
         self.model.eval()
-        mine = rows[self.acc.process_index::self.acc.num_processes]
+        mine = rows[self.acc.process_index :: self.acc.num_processes]
         loss_sum, count, probs, labels = 0.0, 0.0, [], []
         # Under zero3/fsdp a forward is a collective, so every rank runs as many batches as the largest share
         # (a rank with fewer rows runs a discarded filler batch).
         largest_share = -(-len(rows) // self.acc.num_processes)
         for start in range(0, largest_share, self.batch):
-            chunk = mine[start:start + self.batch]
+            chunk = mine[start : start + self.batch]
             batch = to_device(self.collate(chunk or rows[:1]), self.acc.device)
             with self.acc.autocast():
                 logits = forward_logits(self.model, batch, self.task).float()
@@ -50,8 +51,12 @@ class Evaluator:
                 labels.append(y)
         parts = gather_object([(loss_sum, count, probs, labels)])
         self.model.train()
-        out = EvalOutputs(task=self.task, label_names=self.label_names,
-                          loss_sum=sum(p[0] for p in parts), loss_count=sum(p[1] for p in parts))
+        out = EvalOutputs(
+            task=self.task,
+            label_names=self.label_names,
+            loss_sum=sum(p[0] for p in parts),
+            loss_count=sum(p[1] for p in parts),
+        )
         all_probs = [a for p in parts for a in p[2]]
         all_labels = [a for p in parts for a in p[3]]
         if all_probs:

@@ -11,6 +11,7 @@ thread is stuck, in a Python loop or in a collective (both release the GIL).
 Each rank also registers faulthandler on DUMP_SIGNAL, so the watchdog can ask it for a stack dump of
 all its threads (RUN/.heartbeat/stack-rank-R.txt), even while it is blocked inside a C call.
 """
+
 from __future__ import annotations
 
 import faulthandler
@@ -26,8 +27,19 @@ HEARTBEAT_DIR = ".heartbeat"
 FLUSH_S = 0.25  # how stale a note on disk may be; far below any hang_timeout worth setting
 DUMP_SIGNAL = signal.SIGUSR2  # USR1 is the stop request (launcher.train.stop)
 # The phases of a run in the order a rank goes through them; a rank earlier in this order at the same step is behind.
-PHASES = ("data", "forward", "backward", "optimizer", "eval", "save", "stop-sync", "final-save", "final-eval",
-          "export", "done")
+PHASES = (
+    "data",
+    "forward",
+    "backward",
+    "optimizer",
+    "eval",
+    "save",
+    "stop-sync",
+    "final-save",
+    "final-eval",
+    "export",
+    "done",
+)
 
 
 def beat_path(run_dir: Path, rank: int) -> Path:
@@ -53,8 +65,13 @@ class Heartbeat:
         self._stacks = open(stack_path(run_dir, rank), "w")
         faulthandler.register(DUMP_SIGNAL, file=self._stacks, all_threads=True)
         # agent_pid: the launcher process (torchrun's agent) that started this rank and watches it
-        self._who = {"rank": rank, "local_rank": local_rank, "host": socket.gethostname(), "pid": os.getpid(),
-                     "agent_pid": os.getppid()}
+        self._who = {
+            "rank": rank,
+            "local_rank": local_rank,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "agent_pid": os.getppid(),
+        }
         self._written: tuple[int, str, float] | None = None
         self._lock = threading.Lock()
         threading.Thread(target=self._flush_forever, name="heartbeat", daemon=True).start()

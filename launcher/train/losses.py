@@ -5,6 +5,7 @@ batch (known on every rank from the sampler), so the gradient is the same
 whatever the world size, micro-batch or accumulation: a mean over the global
 batch, not a mean of per-rank means.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -32,8 +33,14 @@ def cross_entropy(cfg: CrossEntropy, class_weights: list[float] | None) -> LossF
     def fn(logits, labels):
         logits, labels = _flatten(logits, labels)
         weight = torch.tensor(class_weights, dtype=torch.float32, device=logits.device) if class_weights else None
-        losses = F.cross_entropy(logits.float(), labels, weight=weight, ignore_index=IGNORE,
-                                 label_smoothing=cfg.label_smoothing, reduction="none")
+        losses = F.cross_entropy(
+            logits.float(),
+            labels,
+            weight=weight,
+            ignore_index=IGNORE,
+            label_smoothing=cfg.label_smoothing,
+            reduction="none",
+        )
         return losses.sum()
 
     return fn

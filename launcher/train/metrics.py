@@ -3,6 +3,7 @@
 Evaluation gathers every rank's outputs to one place and computes metrics
 once on the whole split, so they do not depend on the world size.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,7 +53,7 @@ def binary_auc(y_true: np.ndarray, scores: np.ndarray) -> float:
         j = i
         while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
             j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
         i = j + 1
     return float((ranks[y_true].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
@@ -88,8 +89,12 @@ def classification_metrics(out: EvalOutputs, names: list[str]) -> dict:
     if "per_class" in wanted:
         labels_named = out.label_names or [str(i) for i in range(len(tp))]
         result["per_class"] = {
-            labels_named[i]: {"precision": float(precision[i]), "recall": float(recall[i]),
-                              "f1": float(f1[i]), "support": int(support[i])}
+            labels_named[i]: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
             for i in range(len(tp))
         }
     if "roc_auc" in wanted:
@@ -110,7 +115,7 @@ def regression_metrics(out: EvalOutputs, names: list[str]) -> dict:
     if "mae" in names:
         result["mae"] = float(np.abs(errors).mean())
     if "rmse" in names:
-        result["rmse"] = float(np.sqrt((errors ** 2).mean()))
+        result["rmse"] = float(np.sqrt((errors**2).mean()))
     return result
 
 

@@ -4,6 +4,7 @@
 returned: load (bitsandbytes quantizes while loading) → k-bit preparation or
 activation checkpointing → LoRA adapters (the task head trained in full).
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,8 +32,9 @@ def load_tokenizer(recipe: Recipe):
     from transformers import AutoTokenizer
 
     path = resolve_model_path(recipe.model.path)
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=recipe.model.revision,
-                                              trust_remote_code=recipe.model.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
+    )
     if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # decoder-only models ship without a pad token
     return tokenizer
@@ -44,9 +46,12 @@ def bnb_config(recipe: Recipe):
     quant = recipe.model.quantization
     if quant.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type,
-                              bnb_4bit_use_double_quant=quant.double_quant,
-                              bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype])
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype],
+    )
 
 
 HEAD_NAMES = ("classifier", "score")  # the freshly initialised heads of Auto*ForSequence/TokenClassification
@@ -59,8 +64,14 @@ def head_modules(model: torch.nn.Module, task: str) -> list[str]:
     return [name for name, _ in model.named_children() if name in HEAD_NAMES]
 
 
-PEFT_TASKS = {"sequence_classification": "SEQ_CLS", "multi_label_classification": "SEQ_CLS", "regression": "SEQ_CLS",
-              "token_classification": "TOKEN_CLS", "causal_lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
+PEFT_TASKS = {
+    "sequence_classification": "SEQ_CLS",
+    "multi_label_classification": "SEQ_CLS",
+    "regression": "SEQ_CLS",
+    "token_classification": "TOKEN_CLS",
+    "causal_lm": "CAUSAL_LM",
+    "seq2seq": "SEQ_2_SEQ_LM",
+}
 
 
 def add_lora(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
@@ -68,21 +79,32 @@ def add_lora(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
 
     cfg = recipe.model.lora
     to_save = head_modules(model, recipe.task.type) if cfg.modules_to_save == "auto" else list(cfg.modules_to_save)
-    config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_dora=cfg.use_dora,
-                        target_modules=cfg.target_modules, modules_to_save=to_save or None,
-                        task_type=PEFT_TASKS[recipe.task.type])
+    config = LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        use_dora=cfg.use_dora,
+        target_modules=cfg.target_modules,
+        modules_to_save=to_save or None,
+        task_type=PEFT_TASKS[recipe.task.type],
+    )
     return get_peft_model(model, config)
 
 
 def build(recipe: Recipe, tokenizer, device: torch.device | str = "cpu") -> torch.nn.Module:
     """The model to train on `device` (where a quantized model is loaded: bitsandbytes cannot move it later)."""
     task = recipe.task
-    kwargs: dict = {"revision": recipe.model.revision, "trust_remote_code": recipe.model.trust_remote_code,
-                    "dtype": DTYPES[recipe.model.dtype]}
+    kwargs: dict = {
+        "revision": recipe.model.revision,
+        "trust_remote_code": recipe.model.trust_remote_code,
+        "dtype": DTYPES[recipe.model.dtype],
+    }
     if task.type in ("sequence_classification", "multi_label_classification", "token_classification", "regression"):
         kwargs["num_labels"] = task.resolved_num_labels
-        kwargs["problem_type"] = {"multi_label_classification": "multi_label_classification",
-                                  "regression": "regression"}.get(task.type, "single_label_classification")
+        kwargs["problem_type"] = {
+            "multi_label_classification": "multi_label_classification",
+            "regression": "regression",
+        }.get(task.type, "single_label_classification")
         if task.labels:
             kwargs["id2label"] = dict(enumerate(task.labels))
             kwargs["label2id"] = {name: i for i, name in enumerate(task.labels)}

@@ -3,6 +3,7 @@
 Only rank 0 writes files and draws the bar; every rank may log, and its lines
 say which rank they come from.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,15 +44,25 @@ def truncate_metrics(run_dir: Path, last_step: int) -> None:
     path = run_dir / METRICS_FILE
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    kept = [
+        line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= last_step
+    ]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)
 
 
 class Reporter:
-    def __init__(self, run_dir: Path, is_main: bool, total_steps: int, start_step: int, log_every: int,
-                 tensorboard: bool, logger: logging.Logger):
+    def __init__(
+        self,
+        run_dir: Path,
+        is_main: bool,
+        total_steps: int,
+        start_step: int,
+        log_every: int,
+        tensorboard: bool,
+        logger: logging.Logger,
+    ):
         self.is_main = is_main
         self.log_every = log_every
         self.total = total_steps
@@ -77,12 +88,18 @@ class Reporter:
         console = Console(stderr=True)
         if console.is_terminal:
             self.progress = Progress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[speed]:.1f} samples/s"),
-                TimeRemainingColumn(), console=console,
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn(
+                    "loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[speed]:.1f} samples/s"
+                ),
+                TimeRemainingColumn(),
+                console=console,
             )
-            self.task_id = self.progress.add_task("train", total=total_steps, completed=start_step, loss=float("nan"),
-                                                  lr=0.0, speed=0.0)
+            self.task_id = self.progress.add_task(
+                "train", total=total_steps, completed=start_step, loss=float("nan"), lr=0.0, speed=0.0
+            )
             self.progress.start()
             # Log lines print above the live bar instead of tearing through it.
             self.plain_handlers = logger.handlers[:]
@@ -92,11 +109,20 @@ class Reporter:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def step(self, step: int, epoch: int, loss: float, lr: float, grad_norm: float | None, samples_per_s: float) -> None:
+    def step(
+        self, step: int, epoch: int, loss: float, lr: float, grad_norm: float | None, samples_per_s: float
+    ) -> None:
         if not self.is_main:
             return
-        record = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                  "samples_per_s": samples_per_s, "time": time.time()}
+        record = {
+            "step": step,
+            "epoch": epoch,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "samples_per_s": samples_per_s,
+            "time": time.time(),
+        }
         self._append(record)
         if self.writer:
             self.writer.add_scalar("train/loss", loss, step)
@@ -104,8 +130,9 @@ class Reporter:
         if self.progress:
             self.progress.update(self.task_id, loss=loss, lr=lr, speed=samples_per_s)
         if step % self.log_every == 0 or step == self.total:
-            self.logger.info(f"step {step}/{self.total} epoch {epoch} loss {loss:.4f} lr {lr:.2e} "
-                             f"{samples_per_s:.1f} samples/s")
+            self.logger.info(
+                f"step {step}/{self.total} epoch {epoch} loss {loss:.4f} lr {lr:.2e} {samples_per_s:.1f} samples/s"
+            )
 
     def tick(self, step: int) -> None:
         """Advance the bar every step; the numbers on it refresh at each flush of the step losses."""
@@ -158,7 +185,13 @@ class StepLosses:
                 raise FloatingPointError(f"loss is {loss} at step {step}; lower train.optimizer.lr or check the data")
             self.first = loss if self.first is None else self.first
             self.last = loss
-            self.reporter.step(step, math.ceil(step / self.plan.steps_per_epoch), loss, lr,
-                               None if grad_norm is None else float(grad_norm), speed)
+            self.reporter.step(
+                step,
+                math.ceil(step / self.plan.steps_per_epoch),
+                loss,
+                lr,
+                None if grad_norm is None else float(grad_norm),
+                speed,
+            )
         self.pending = []
         self.window_start = time.time()

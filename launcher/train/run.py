@@ -3,6 +3,7 @@
 Order: accelerator → pre-flight checks (launcher.preflight) → tokenizer and data → model → loss → optimizer/scheduler
 → resume → loop (train, evaluate, checkpoint, log) → export → summary.
 """
+
 from __future__ import annotations
 
 import os
@@ -53,8 +54,10 @@ def make_accelerator(recipe: Recipe, plan: Plan):
     )
     # The silent trap of CPU launches: N processes that each believe they are alone.
     if accelerator.num_processes != plan.world_size:
-        raise WorldMismatch(f"planned world size {plan.world_size} but this process sees {accelerator.num_processes} "
-                            f"(distributed type {accelerator.distributed_type}); were the ranks started by torchrun?")
+        raise WorldMismatch(
+            f"planned world size {plan.world_size} but this process sees {accelerator.num_processes} "
+            f"(distributed type {accelerator.distributed_type}); were the ranks started by torchrun?"
+        )
     return accelerator
 
 
@@ -137,8 +140,10 @@ def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] 
     if recipe.preflight.run == "only":
         _shutdown(accelerator)
         return {"status": "preflight passed", "hosts": hosts}
-    log.info(f"world size {world} ({accelerator.distributed_type.value}, backend {plan.backend}), device "
-             f"{accelerator.device}, strategy {plan.strategy_label}, hosts {', '.join(hosts)}")
+    log.info(
+        f"world size {world} ({accelerator.distributed_type.value}, backend {plan.backend}), device "
+        f"{accelerator.device}, strategy {plan.strategy_label}, hosts {', '.join(hosts)}"
+    )
     run_dir = Path(recipe.output_dir)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -159,8 +164,11 @@ def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] 
     loss_cfg = recipe.task.resolved_loss
     class_weights = None
     if isinstance(loss_cfg, CrossEntropy) and loss_cfg.class_weights is not None:
-        class_weights = (class_weights_from_counts(label_counts(splits.train, recipe.task.resolved_num_labels))
-                         if loss_cfg.class_weights == "auto" else list(loss_cfg.class_weights))
+        class_weights = (
+            class_weights_from_counts(label_counts(splits.train, recipe.task.resolved_num_labels))
+            if loss_cfg.class_weights == "auto"
+            else list(loss_cfg.class_weights)
+        )
         log.info(f"class weights: {[round(w, 4) for w in class_weights]}")
     loss_fn = build_loss(task, loss_cfg, class_weights)
     model = engine.prepare(model, lambda m: _optimizer(m, recipe))
@@ -192,8 +200,15 @@ def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] 
     weights = np.array([r["weight"] for r in train_rows], dtype=np.float64)
     row_probs = balanced_row_probs([r["labels"] for r in train_rows]) if recipe.data.balance else None
     sampler = Sampler(plan, recipe.data.seed, weights, row_probs)
-    reporter = Reporter(run_dir, accelerator.is_main_process, plan.total_steps, start_step,
-                        recipe.train.log_every, recipe.train.tensorboard, log)
+    reporter = Reporter(
+        run_dir,
+        accelerator.is_main_process,
+        plan.total_steps,
+        start_step,
+        recipe.train.log_every,
+        recipe.train.tensorboard,
+        log,
+    )
     eval_every = plan.steps_per_epoch if recipe.train.eval_every == "epoch" else recipe.train.eval_every
     model.train()
     losses = StepLosses(accelerator, reporter, plan, first_loss, last_loss)
@@ -201,17 +216,32 @@ def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] 
     cpu_train = time.process_time()
 
     def state_at(step: int) -> dict:
-        return {"step": step, "epoch": step / plan.steps_per_epoch, "samples_seen": step * plan.global_batch_size,
-                "world_size": world, "first_loss": losses.first, "last_loss": losses.last,
-                "fingerprint": checkpoint.fingerprint(recipe), "plan": plan.model_dump()}
+        return {
+            "step": step,
+            "epoch": step / plan.steps_per_epoch,
+            "samples_seen": step * plan.global_batch_size,
+            "world_size": world,
+            "first_loss": losses.first,
+            "last_loss": losses.last,
+            "fingerprint": checkpoint.fingerprint(recipe),
+            "plan": plan.model_dump(),
+        }
 
     def save(step: int, phase: str = "save") -> None:
         beat(step, phase)
         losses.flush()
         _fault(rank, step, "save")
         state = state_at(step)
-        folder = checkpoint.save(accelerator, run_dir, step, state, recipe.train.keep_last, engine=engine,
-                                 hash_files=recipe.train.checkpoint_hash, written=lambda: _fault(rank, step, "write"))
+        folder = checkpoint.save(
+            accelerator,
+            run_dir,
+            step,
+            state,
+            recipe.train.keep_last,
+            engine=engine,
+            hash_files=recipe.train.checkpoint_hash,
+            written=lambda: _fault(rank, step, "write"),
+        )
         if on_checkpoint is not None:
             on_checkpoint(folder, state)
 
@@ -274,8 +304,12 @@ def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] 
     reporter.close()
     beat(plan.total_steps, "export")
 
-    checksums = [float(x) for x in accelerator.gather(torch.tensor(
-        [_param_checksum(engine.local_tensors())], dtype=torch.float64, device=accelerator.device)).tolist()]
+    checksums = [
+        float(x)
+        for x in accelerator.gather(
+            torch.tensor([_param_checksum(engine.local_tensors())], dtype=torch.float64, device=accelerator.device)
+        ).tolist()
+    ]
     held = accelerator.gather(torch.tensor([engine.held()], dtype=torch.int64, device=accelerator.device)).tolist()
     adapter_norms = engine.trainable_norms() if recipe.model.lora is not None else None
     final_dir = run_dir / "final"
@@ -307,9 +341,13 @@ def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] 
         "adapter_norms": adapter_norms,  # LoRA: the trained values, to check the saved adapter against
         "plan": plan.model_dump(),
         # Peak bytes per rank (CUDA: allocated by torch; CPU: resident set), before the model and after training.
-        "memory": {name: [int(x) for x in accelerator.gather(torch.tensor([value], device=accelerator.device)).tolist()]
-                   for name, value in (("before_model_bytes_per_rank", memory_before_model),
-                                       ("peak_bytes_per_rank", memory_peak))},
+        "memory": {
+            name: [int(x) for x in accelerator.gather(torch.tensor([value], device=accelerator.device)).tolist()]
+            for name, value in (
+                ("before_model_bytes_per_rank", memory_before_model),
+                ("peak_bytes_per_rank", memory_peak),
+            )
+        },
         "timings": {
             "time_to_first_step_s": (t_first_step - t_launch) if t_first_step else None,
             "recipe_and_plan_s": t_planned - t_launch,

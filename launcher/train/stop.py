@@ -5,6 +5,7 @@ Schedulers warn before they preempt a job or hit its time limit (Slurm: `--signa
 their notes, so all of them agree on the step, write one checkpoint together and exit with
 EXIT_STOPPED. What happens next (requeue, relaunch) is the backend's business, not the trainer's.
 """
+
 from __future__ import annotations
 
 import signal

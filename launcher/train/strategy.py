@@ -17,6 +17,7 @@ Sharded checkpoints: DeepSpeed's own (`save_checkpoint`) and torch.distributed.
 checkpoint for FSDP2, written beside Accelerate's RNG and scheduler states in
 the same atomic checkpoint folder.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -103,8 +104,9 @@ class Engine:
         the trained values, independent of how the export gathers them."""
         self._settle()
         named = [(n, p) for n, p in self.unwrapped().named_parameters() if p.requires_grad]
-        squares = torch.tensor([float(self._local(p).double().pow(2).sum()) for _, p in named],
-                               dtype=torch.float64, device=self.acc.device)
+        squares = torch.tensor(
+            [float(self._local(p).double().pow(2).sum()) for _, p in named], dtype=torch.float64, device=self.acc.device
+        )
         if self.sharded == "parameters":
             torch.distributed.all_reduce(squares)
         return {n: float(v) for (n, _), v in zip(named, squares.sqrt().tolist())}
@@ -139,8 +141,9 @@ class DeepSpeedEngine(Engine):
         import deepspeed
 
         self.base_optimizer = make_optimizer(model)
-        self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=self.base_optimizer,
-                                                                config=self.config)
+        self.model, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=self.base_optimizer, config=self.config
+        )
         return self.model
 
     def accumulating(self, sync):
@@ -158,14 +161,19 @@ class DeepSpeedEngine(Engine):
         return float(norm) if norm is not None and self.recipe.train.grad_clip is not None else None
 
     def save(self, folder):
-        self.model.save_checkpoint(str(folder / "deepspeed"), tag="state",
-                                   exclude_frozen_parameters=self.recipe.model.lora is not None)
+        self.model.save_checkpoint(
+            str(folder / "deepspeed"), tag="state", exclude_frozen_parameters=self.recipe.model.lora is not None
+        )
 
     def load(self, folder, saved_world_size):
         if saved_world_size != self.acc.num_processes:
             return self._load_resharded(folder)
-        path, _ = self.model.load_checkpoint(str(folder / "deepspeed"), tag="state", load_lr_scheduler_states=False,
-                                             load_module_strict=self.recipe.model.lora is None)
+        path, _ = self.model.load_checkpoint(
+            str(folder / "deepspeed"),
+            tag="state",
+            load_lr_scheduler_states=False,
+            load_module_strict=self.recipe.model.lora is None,
+        )
         if path is None:
             raise RuntimeError(f"no DeepSpeed state in {folder}; was it written with another strategy?")
 
@@ -179,22 +187,36 @@ class DeepSpeedEngine(Engine):
 
         universal = folder.parent / f".universal-{folder.name}"
         if self.acc.is_main_process:
-            print(f"resharding the ZeRO states of {folder.name} for {self.acc.num_processes} processes through "
-                  "DeepSpeed's universal checkpoint", flush=True)
+            print(
+                f"resharding the ZeRO states of {folder.name} for {self.acc.num_processes} processes through "
+                "DeepSpeed's universal checkpoint",
+                flush=True,
+            )
             shutil.rmtree(universal, ignore_errors=True)
             # inject_missing_state: a plain (non-Megatron) model has no UNIVERSAL_CHECKPOINT_INFO; 1 worker: no
             # process pool. Its progress prints would flood the rank's log.
             with contextlib.redirect_stdout(io.StringIO()):
-                ds_to_universal.main(Namespace(input_folder=str(folder / "deepspeed" / "state"),
-                                               output_folder=str(universal / "state"), num_extract_workers=1,
-                                               num_merge_workers=1, keep_temp_folder=False, strict=True,
-                                               inject_missing_state=True))
+                ds_to_universal.main(
+                    Namespace(
+                        input_folder=str(folder / "deepspeed" / "state"),
+                        output_folder=str(universal / "state"),
+                        num_extract_workers=1,
+                        num_merge_workers=1,
+                        keep_temp_folder=False,
+                        strict=True,
+                        inject_missing_state=True,
+                    )
+                )
         self.acc.wait_for_everyone()
         config = self.model._config
         config.load_universal_checkpoint = True
         try:
-            path, _ = self.model.load_checkpoint(str(universal), tag="state", load_lr_scheduler_states=False,
-                                                 load_module_strict=self.recipe.model.lora is None)
+            path, _ = self.model.load_checkpoint(
+                str(universal),
+                tag="state",
+                load_lr_scheduler_states=False,
+                load_module_strict=self.recipe.model.lora is None,
+            )
         finally:
             config.load_universal_checkpoint = False
         self.acc.wait_for_everyone()
@@ -219,8 +241,10 @@ class DeepSpeedEngine(Engine):
 
     def held(self):
         if self.stage == 3:
-            return (sum(p.ds_tensor.numel() for p in self.model.module.parameters()),
-                    sum(p.ds_numel for p in self.model.module.parameters()))
+            return (
+                sum(p.ds_tensor.numel() for p in self.model.module.parameters()),
+                sum(p.ds_numel for p in self.model.module.parameters()),
+            )
         # ZeRO-1/2: each rank keeps the fp32 master weights and Adam states of its partition only
         local = sum(t.numel() for t in self.optimizer.single_partition_of_fp32_groups)
         return local, sum(p.numel() for p in self.model.module.parameters() if p.requires_grad)
@@ -314,8 +338,10 @@ def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     names = set(getattr(base, "_no_split_modules", None) or [])
     blocks = [m for m in model.modules() if type(m).__name__ in names]
     if not blocks:
-        raise RuntimeError(f"{type(base).__name__} names no transformer block class (_no_split_modules); "
-                           "fsdp cannot find the units to shard; use zero3")
+        raise RuntimeError(
+            f"{type(base).__name__} names no transformer block class (_no_split_modules); "
+            "fsdp cannot find the units to shard; use zero3"
+        )
     return blocks
 
 

@@ -3,6 +3,7 @@
 `@record` makes torchrun collect this rank's exception into an error file, so
 the launcher can name the rank and the cause when it fails.
 """
+
 from __future__ import annotations
 
 import argparse

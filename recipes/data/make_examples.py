@@ -4,6 +4,7 @@ They exist so every shipped recipe runs offline on a fresh clone; they are
 tiny and rule-generated, good for checking plumbing and learning curves,
 not for judging model quality. Run: python recipes/data/make_examples.py
 """
+
 import json
 import random
 from pathlib import Path
@@ -49,8 +50,12 @@ def arithmetic(rng: random.Random, n: int) -> list[dict]:
     rows = []
     for _ in range(n):
         x, y = rng.randint(0, 4), rng.randint(0, 5)
-        rows.append({"prompt": f"What is {NUMBERS[x]} plus {NUMBERS[y]}?",
-                     "response": f"{NUMBERS[x]} plus {NUMBERS[y]} is {NUMBERS[x + y]}."})
+        rows.append(
+            {
+                "prompt": f"What is {NUMBERS[x]} plus {NUMBERS[y]}?",
+                "response": f"{NUMBERS[x]} plus {NUMBERS[y]} is {NUMBERS[x + y]}.",
+            }
+        )
     return rows
 
 
