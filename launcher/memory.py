@@ -193,9 +193,8 @@ def model_shape(recipe: Recipe) -> ModelShape:
     import torch
 
     from launcher.checks import resolve_model_path
-    from launcher.train.model import DTYPES
-
     from launcher.loading import Problem, RecipeError
+    from launcher.train.model import DTYPES
 
     try:
         config, model = _meta_model(

@@ -118,10 +118,10 @@ def print_table(recipe, shape, *, num_nodes: int, gpus_per_node: int, micro_batc
 
 def main(argv: list[str]) -> int:
     args = parser().parse_intermixed_args(argv)
+    from launcher import memory
     from launcher.checks import check_model
     from launcher.cluster import load_profile, parse_bytes
     from launcher.loading import Problem, RecipeError, load_recipe
-    from launcher import memory
     from launcher.plan import micro_batch_size
 
     try:

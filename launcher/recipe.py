@@ -7,7 +7,7 @@ code reads typed attributes and never falls back to defaults of its own.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -124,7 +124,7 @@ class Huber(Strict):
     delta: float = Field(1.0, gt=0.0)
 
 
-LossConfig = Annotated[Union[CrossEntropy, Focal, BCE, MSE, MAE, Huber], Field(discriminator="name")]
+LossConfig = Annotated[CrossEntropy | Focal | BCE | MSE | MAE | Huber, Field(discriminator="name")]
 
 CLASSIFICATION_LOSSES = {"cross_entropy", "focal"}
 LOSSES_BY_TASK: dict[str, set[str]] = {
@@ -175,7 +175,7 @@ class TaskConfig(Strict):
     )
 
     @model_validator(mode="after")
-    def _consistent(self) -> "TaskConfig":
+    def _consistent(self) -> TaskConfig:
         errors = []
         if self.labels is not None:
             if len(set(self.labels)) != len(self.labels):
@@ -231,7 +231,7 @@ class SplitRatios(Strict):
     test: float = Field(0.0, ge=0.0, lt=1.0)
 
     @model_validator(mode="after")
-    def _leaves_training_rows(self) -> "SplitRatios":
+    def _leaves_training_rows(self) -> SplitRatios:
         if self.validation + self.test >= 1.0:
             raise ValueError("validation + test must leave rows for training (sum < 1)")
         return self
@@ -313,7 +313,7 @@ class TrainConfig(Strict):
     tensorboard: bool = Field(False, description="Also write TensorBoard events to output_dir/tensorboard.")
 
     @model_validator(mode="after")
-    def _eval_every(self) -> "TrainConfig":
+    def _eval_every(self) -> TrainConfig:
         if isinstance(self.eval_every, int) and self.eval_every < 1:
             raise ValueError("eval_every must be >= 1, 'epoch' or null")
         return self
@@ -353,7 +353,7 @@ class DistributedConfig(Strict):
     )
 
     @model_validator(mode="after")
-    def _watchdog_first(self) -> "DistributedConfig":
+    def _watchdog_first(self) -> DistributedConfig:
         if self.hang_timeout and self.hang_timeout >= self.collective_timeout:
             raise ValueError(
                 f"hang_timeout ({self.hang_timeout:g} s) must be below collective_timeout "
@@ -399,7 +399,7 @@ class Recipe(Strict):
     output_dir: str = Field(description="Run directory: checkpoints, metrics.jsonl, final/, summary.json.")
 
     @model_validator(mode="after")
-    def _fields_fit_task(self) -> "Recipe":
+    def _fields_fit_task(self) -> Recipe:
         task, data = self.task.type, self.data
         if task in ("seq2seq",) and not (data.prompt_field and data.response_field):
             raise ValueError("seq2seq needs data.prompt_field (source) and data.response_field (target)")

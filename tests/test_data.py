@@ -79,7 +79,7 @@ def test_sft_masks_the_prompt_with_and_without_chat_template(tmp_path, tiny):
         row = {"prompt": "What is one plus two?", "response": "one plus two is three."}
         encoded = Tokenize(recipe, tokenizer)(row)
         labels, ids = encoded["labels"], encoded["input_ids"]
-        answer = [t for t, l in zip(ids, labels) if l != IGNORE]
+        answer = [t for t, label in zip(ids, labels) if label != IGNORE]
         assert tokenizer.decode(answer, skip_special_tokens=True).strip() == "one plus two is three."
         assert answer[-1] == tokenizer.eos_token_id
         assert encoded["weight"] == len(answer)
@@ -97,8 +97,8 @@ def test_token_labels_on_first_subword_only(tmp_path, tiny):
     tokenizer = load_tokenizer(recipe)
     encoded = Tokenize(recipe, tokenizer)({"text": ["Quito", "is", "unforgettable"], "label": [1, 0, 0]})
     pieces = tokenizer.convert_ids_to_tokens(encoded["input_ids"])
-    kept = [(p, l) for p, l in zip(pieces, encoded["labels"]) if l != IGNORE]
-    assert [l for _, l in kept] == [1, 0, 0] and encoded["weight"] == 3
+    kept = [(p, label) for p, label in zip(pieces, encoded["labels"]) if label != IGNORE]
+    assert [label for _, label in kept] == [1, 0, 0] and encoded["weight"] == 3
     assert len(pieces) > 5  # sub-words and specials exist and are ignored
 
 

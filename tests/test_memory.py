@@ -8,8 +8,8 @@ import re
 import time
 
 import pytest
-
 from conftest import RECIPES, launch
+
 from launcher import memory
 from launcher.loading import RecipeError, load_recipe
 from launcher.memory import Choice

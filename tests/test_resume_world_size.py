@@ -6,7 +6,8 @@ order). This module is `slow` (make test-all). The default suite covers the same
 tests/test_strategies.py resumes ZeRO-2 and FSDP 2→1 and checks the refusals that remain, and
 tests/test_slurm_jobs.py finishes a 2-node job's checkpoint with a 1-node job.
 Slow: ZeRO-2 2→1 (an uninterrupted 2-rank run, checkpoints at steps 2, 4, 6, is the reference; its step-2
-checkpoint resumed on 1 rank: the optimizer partitions resharded through DeepSpeed's universal checkpoint), 1→2 (that 1-rank run's own step-4 checkpoint resumed on 2 ranks), DDP 2→1 and 1→2 on local
+checkpoint resumed on 1 rank: the optimizer partitions resharded through DeepSpeed's universal checkpoint),
+1→2 (that 1-rank run's own step-4 checkpoint resumed on 2 ranks), DDP 2→1 and 1→2 on local
 processes, LoRA, ZeRO-3 (also with LoRA) and FSDP 2→1, and a dropout run resumed 1→2 twice (the ranks the
 checkpoint had no random state for are seeded from (seed, step, rank): reproducible).
 """

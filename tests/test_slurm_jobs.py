@@ -15,14 +15,13 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import yaml
-from conftest import REPO, RECIPES, final_weights, launch, metric_lines, summary
+from conftest import RECIPES, REPO, final_weights, launch, metric_lines, summary
 
 SECRET = "s3cr3t-" + secrets.token_hex(8)
 HF_SECRET = "hf_" + secrets.token_hex(8)

@@ -54,12 +54,13 @@ def convert_smollm2(out: Path) -> Path:
 
 def held_out_perplexity(model_path: Path, recipe_overrides: list[str]) -> float:
     """Validation perplexity computed with the launcher's data preparation, loss and collation."""
+    from transformers import AutoModelForCausalLM
+
     from launcher.checks import check_recipe
     from launcher.loading import load_recipe
     from launcher.train.data import Collate, prepare
     from launcher.train.losses import build_loss
     from launcher.train.model import forward_logits, load_tokenizer
-    from transformers import AutoModelForCausalLM
 
     recipe = load_recipe(RECIPES / "llama-lora.yaml", recipe_overrides)
     splits = check_recipe(recipe)

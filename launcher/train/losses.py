@@ -8,7 +8,7 @@ batch, not a mean of per-rank means.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

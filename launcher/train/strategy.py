@@ -24,8 +24,8 @@ import contextlib
 import importlib
 import io
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
