@@ -47,7 +47,7 @@ def make_data(path: Path, num_rows: int) -> Path:
 
 def launcher_side(recipe, cache: Path) -> dict:
     """Seconds of each stage of what a rank does to get its rows (read, then prepare)."""
-    from launcher.dataset import load_splits
+    from launcher.planning.data_files import load_splits
     from launcher.train.data import cache_key, prepare
     from launcher.train.model import load_tokenizer
 
@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
 
     datasets.disable_progress_bars()
     transformers.utils.logging.set_verbosity_error()
-    from launcher.checks import resolve_model_path
-    from launcher.loading import load_recipe
+    from launcher.config.loading import load_recipe
+    from launcher.planning.checks import resolve_model_path
 
     data = work / f"texts-{size['rows']}.jsonl"
     if not data.exists():

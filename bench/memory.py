@@ -68,9 +68,9 @@ def planner_estimate(recipe, plan) -> int | None:
 
     The one place this benchmark reads the planner: adapt the call here if its API differs.
     """
-    if importlib.util.find_spec("launcher.memory") is None:
+    if importlib.util.find_spec("launcher.planning.memory") is None:
         return None
-    from launcher import memory
+    from launcher.planning import memory
 
     dist = recipe.distributed
     choice = memory.Choice(dist.strategy, dist.offload, dist.offload_parameters)
@@ -86,9 +86,9 @@ def planner_estimate(recipe, plan) -> int | None:
 
 def plan_for(recipe_path, procs: int):
     """The plan `launch` would make, or the plan's refusal as text."""
-    from launcher.checks import check_recipe
-    from launcher.loading import RecipeError, load_recipe
-    from launcher.plan import make_plan
+    from launcher.config.loading import RecipeError, load_recipe
+    from launcher.planning.checks import check_recipe
+    from launcher.planning.plan import make_plan
 
     try:
         recipe = load_recipe(recipe_path)
@@ -174,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             "shards over.",
             "planner estimate: "
             + (
-                "launcher.memory"
-                if importlib.util.find_spec("launcher.memory")
+                "launcher.planning.memory"
+                if importlib.util.find_spec("launcher.planning.memory")
                 else "– (launcher/memory.py from issue 3 is not on this branch)"
             ),
             *refusals,

@@ -64,7 +64,7 @@ def parser() -> argparse.ArgumentParser:
 def resume_point(recipe, plan) -> str:
     """Where training will start; a checkpoint that cannot continue this recipe, or whose files do not match its
     manifest, is refused here, before launch (resume: auto passes over damaged ones with a warning)."""
-    from launcher.loading import Problem, RecipeError
+    from launcher.config.loading import Problem, RecipeError
     from launcher.train.checkpoint import (
         CheckpointMismatch,
         check_compatible,
@@ -89,7 +89,7 @@ def print_plan(recipe, plan, resume: str, gpu_memory: int | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from launcher.plan_table import estimate_line
+    from launcher.commands.plan import estimate_line
 
     table = Table(title=f"plan: {recipe.task.type} on {recipe.model.path}", show_header=False)
     table.add_column("what", style="bold")
@@ -109,11 +109,11 @@ def fail(message: str, code: int) -> int:
 
 # `launch NAME ...` runs a subcommand instead of a recipe: name → "module:function(argv) -> int"
 SUBCOMMANDS: dict[str, str] = {
-    "status": "launcher.backends.slurm_jobs:status_command",
-    "cancel": "launcher.backends.slurm_jobs:cancel_command",
-    "export": "launcher.export:main",
-    "plan": "launcher.plan_table:main",
-    "preflight": "launcher.preflight:main",
+    "status": "launcher.backends.slurm.jobs:status_command",
+    "cancel": "launcher.backends.slurm.jobs:cancel_command",
+    "export": "launcher.commands.export:main",
+    "plan": "launcher.commands.plan:main",
+    "preflight": "launcher.commands.preflight:main",
 }
 
 
@@ -124,10 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         module, function = SUBCOMMANDS[argv[0]].split(":")
         return getattr(importlib.import_module(module), function)(argv[1:])
     args = parser().parse_intermixed_args(argv)
-    from launcher.checks import check_recipe, ignored_settings, missing_weights
-    from launcher.cluster import load_profile, parse_bytes
-    from launcher.loading import RecipeError, load_recipe
-    from launcher.plan import make_plan
+    from launcher.config.cluster import load_profile, parse_bytes
+    from launcher.config.loading import RecipeError, load_recipe
+    from launcher.planning.checks import check_recipe, ignored_settings, missing_weights
+    from launcher.planning.plan import make_plan
 
     if args.procs is not None and args.procs < 1:
         return fail("--procs must be at least 1", EXIT_USAGE)

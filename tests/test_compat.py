@@ -7,10 +7,10 @@ import json
 import pytest
 from conftest import RECIPES, launch
 
-from launcher.compat import incompatibilities
-from launcher.loading import RecipeError
-from launcher.plan import make_plan
-from launcher.recipe import Recipe
+from launcher.config.loading import RecipeError
+from launcher.config.recipe import Recipe
+from launcher.planning.compat import incompatibilities
+from launcher.planning.plan import make_plan
 
 
 def recipe(dist: dict | None = None, model: dict | None = None, train: dict | None = None) -> Recipe:

@@ -7,8 +7,8 @@ import json
 import pytest
 from conftest import RECIPES
 
-from launcher.checks import check_recipe
-from launcher.loading import load_recipe
+from launcher.config.loading import load_recipe
+from launcher.planning.checks import check_recipe
 from launcher.train.data import IGNORE, Tokenize, cache_root, prepare
 from launcher.train.model import load_tokenizer
 

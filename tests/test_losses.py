@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from launcher.recipe import BCE, MAE, MSE, CrossEntropy, Focal, Huber
+from launcher.config.recipe import BCE, MAE, MSE, CrossEntropy, Focal, Huber
 from launcher.train.losses import build_loss, class_weights_from_counts
 
 torch.manual_seed(0)

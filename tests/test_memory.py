@@ -10,11 +10,11 @@ import time
 import pytest
 from conftest import RECIPES, launch
 
-from launcher import memory
-from launcher.loading import RecipeError, load_recipe
-from launcher.memory import Choice
-from launcher.plan import make_plan
-from launcher.recipe import Recipe
+from launcher.config.loading import RecipeError, load_recipe
+from launcher.config.recipe import Recipe
+from launcher.planning import memory
+from launcher.planning.memory import Choice
+from launcher.planning.plan import make_plan
 
 GiB = 2**30
 LLAMA_70B = RECIPES / "models" / "llama-2-70b-config"
@@ -277,7 +277,7 @@ def test_layer_activations_match_what_autograd_saves(config, seq, tmp_path):
 
 
 def plan_for(r: Recipe, *, nodes: int, gpus: int, gpu_memory: str = "80GiB"):
-    from launcher.cluster import parse_bytes
+    from launcher.config.cluster import parse_bytes
 
     return make_plan(
         r,
@@ -385,7 +385,7 @@ def test_dry_run_of_the_70b_recipe_shows_its_estimate_and_training_is_refused_wi
 
 
 def test_offload_settings_beside_auto_are_warned_as_ignored(tmp_path):
-    from launcher.checks import ignored_settings
+    from launcher.planning.checks import ignored_settings
 
     r = recipe(llama_folder(tmp_path, **SMALL), distributed={"strategy": "auto", "offload": "cpu"})
     assert (

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from launcher.loading import RecipeError
-from launcher.plan import make_plan
-from launcher.recipe import Recipe
+from launcher.config.loading import RecipeError
+from launcher.config.recipe import Recipe
+from launcher.planning.plan import make_plan
 
 
 def recipe(**train) -> Recipe:

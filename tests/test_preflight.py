@@ -19,7 +19,7 @@ import pytest
 import yaml
 from conftest import RECIPES, REPO, launch
 
-from launcher.preflight import PROBE, REPORT, evaluate, rounds
+from launcher.train.preflight import PROBE, REPORT, evaluate, rounds
 
 
 def tiny_recipe(model: str, out: Path, *extra: str) -> list:

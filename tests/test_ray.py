@@ -205,7 +205,7 @@ def test_ray_profile_dry_run_and_errors(tmp_path):
 def test_resume_prefers_the_newer_of_output_dir_and_ray_storage(tmp_path):
     """Ray registers a reported checkpoint only when it next polls the workers: output_dir may be ahead."""
     from launcher.backends.ray import newer_than_output_dir
-    from launcher.loading import load_recipe
+    from launcher.config.loading import load_recipe
 
     def checkpoint(folder, step):
         folder.mkdir(parents=True)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import RECIPES, REPO, launch
 
-from launcher.checks import check_recipe
-from launcher.loading import RecipeError, load_recipe
+from launcher.config.loading import RecipeError, load_recipe
+from launcher.planning.checks import check_recipe
 
 GOOD = """\
 model:

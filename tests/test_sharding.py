@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from launcher.plan import make_plan
-from launcher.recipe import Recipe
+from launcher.config.recipe import Recipe
+from launcher.planning.plan import make_plan
 from launcher.train.data import Sampler, balanced_row_probs
 
 

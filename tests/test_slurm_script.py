@@ -15,7 +15,7 @@ import yaml
 from conftest import RECIPES, REPO, launch
 
 from launcher.backends.slurm import SlurmEnvironment
-from launcher.backends.slurm_jobs import exit_status
+from launcher.backends.slurm.jobs import exit_status
 
 GOLDEN = REPO / "tests" / "slurm" / "golden"
 SECRETS = {"HF_TOKEN": "hf_golden_secret_value", "WANDB_API_KEY": "wandb-golden-secret", "MY_TOKEN": "my-golden-secret"}

@@ -56,8 +56,8 @@ def held_out_perplexity(model_path: Path, recipe_overrides: list[str]) -> float:
     """Validation perplexity computed with the launcher's data preparation, loss and collation."""
     from transformers import AutoModelForCausalLM
 
-    from launcher.checks import check_recipe
-    from launcher.loading import load_recipe
+    from launcher.config.loading import load_recipe
+    from launcher.planning.checks import check_recipe
     from launcher.train.data import Collate, prepare
     from launcher.train.losses import build_loss
     from launcher.train.model import forward_logits, load_tokenizer

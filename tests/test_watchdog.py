@@ -16,9 +16,9 @@ import pytest
 from conftest import launch
 from test_distributed import small_run
 
-from launcher.loading import RecipeError, load_recipe
+from launcher.backends.watchdog import behind, top_frames
+from launcher.config.loading import RecipeError, load_recipe
 from launcher.train.heartbeat import beat_path, stack_path
-from launcher.watchdog import behind, top_frames
 
 HANG_AT_STEP = 5
 HANG_TIMEOUT_S = 5
@@ -137,7 +137,7 @@ def test_timeouts_have_sane_defaults_and_zero_turns_the_watchdog_off(tmp_path):
 
 GROUP_TIMEOUTS = """
 import os, sys, torch, torch.distributed as dist
-from launcher.loading import load_recipe
+from launcher.config.loading import load_recipe
 from launcher.train.run import collective_timeout
 recipe = load_recipe(sys.argv[1], ["output_dir=" + sys.argv[2], "distributed.hang_timeout=0",
                                    "distributed.collective_timeout=7"])

@@ -16,10 +16,10 @@ import sys
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-from launcher.cluster import LocalProfile
-from launcher.loading import Problem, RecipeError
-from launcher.plan import Plan
-from launcher.recipe import Recipe
+from launcher.config.cluster import LocalProfile
+from launcher.config.loading import Problem, RecipeError
+from launcher.config.recipe import Recipe
+from launcher.planning.plan import Plan
 from launcher.train.stop import EXIT_STOPPED
 
 
@@ -213,9 +213,9 @@ def run(plan: Plan, spec_dir: Path, t0: float, rendezvous: list[str] = STANDALON
 
 
 def start_watchdog(spec_dir: Path):
-    """The hang watchdog over the ranks this process starts (launcher.watchdog); None when the recipe turns it off."""
+    """The hang watchdog over the ranks this process starts (backends.watchdog); None when the recipe turns it off."""
+    from launcher.backends.watchdog import Watchdog
     from launcher.train.worker import read_spec
-    from launcher.watchdog import Watchdog
 
     recipe, _ = read_spec(spec_dir)
     if not recipe.distributed.hang_timeout:

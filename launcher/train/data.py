@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from filelock import FileLock
 
-from launcher.dataset import Splits
-from launcher.plan import Plan
-from launcher.recipe import Recipe
+from launcher.config.recipe import Recipe
+from launcher.planning.data_files import Splits
+from launcher.planning.plan import Plan
 
 IGNORE = -100
 CACHE_VERSION = "1"

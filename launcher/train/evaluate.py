@@ -7,8 +7,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from launcher.plan import Plan
-from launcher.recipe import Recipe
+from launcher.config.recipe import Recipe
+from launcher.planning.plan import Plan
 from launcher.train.data import to_device
 from launcher.train.metrics import EvalOutputs, compute
 from launcher.train.model import forward_logits

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from launcher.recipe import BCE, MAE, MSE, CrossEntropy, Focal, Huber
+from launcher.config.recipe import BCE, MAE, MSE, CrossEntropy, Focal, Huber
 
 IGNORE = -100
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from launcher.checks import resolve_model_path
-from launcher.recipe import Recipe
+from launcher.config.recipe import Recipe
+from launcher.planning.checks import resolve_model_path
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -1,6 +1,6 @@
 """train.run(recipe, plan): the one training entry point every backend ends in.
 
-Order: accelerator → pre-flight checks (launcher.preflight) → tokenizer and data → model → loss → optimizer/scheduler
+Order: accelerator → pre-flight checks (train.preflight) → tokenizer and data → model → loss → optimizer/scheduler
 → resume → loop (train, evaluate, checkpoint, log) → export → summary.
 """
 
@@ -15,19 +15,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from launcher import preflight
-from launcher.dataset import label_counts, load_splits
-from launcher.plan import Plan
-from launcher.recipe import CrossEntropy, Recipe
-from launcher.train import checkpoint
+from launcher.config.recipe import CrossEntropy, Recipe
+from launcher.planning.data_files import label_counts, load_splits
+from launcher.planning.plan import Plan
+from launcher.train import checkpoint, preflight
 from launcher.train.data import Collate, Sampler, balanced_row_probs, prepare, to_device
+from launcher.train.engines import make_engine
 from launcher.train.evaluate import Evaluator
 from launcher.train.heartbeat import Heartbeat
 from launcher.train.losses import build_loss, class_weights_from_counts
 from launcher.train.model import build, forward_logits, load_tokenizer
 from launcher.train.report import Reporter, StepLosses, rank_logger, truncate_metrics
 from launcher.train.stop import EXIT_STOPPED, StopRequest
-from launcher.train.strategy import make_engine
 
 # Failure drills: "rank=R,step=S,phase=step|eval|save|write[,kind=kill|raise|hang][,once=PATH]" makes that rank
 # die there (SIGKILL, or an exception) or hang for ever (for the watchdog); write: inside checkpoint.save, this

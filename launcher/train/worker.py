@@ -12,9 +12,9 @@ from pathlib import Path
 import yaml
 from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
 
-from launcher.loading import dump_recipe
-from launcher.plan import Plan
-from launcher.recipe import Recipe
+from launcher.config.loading import dump_recipe
+from launcher.config.recipe import Recipe
+from launcher.planning.plan import Plan
 
 SPEC_DIR = "launch"
 
@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("spec", type=Path, help="folder holding recipe.yaml and plan.json")
     args = parser.parse_args(argv)
-    from launcher.preflight import PreflightFailed
     from launcher.train.checkpoint import CheckpointMismatch
+    from launcher.train.preflight import PreflightFailed
     from launcher.train.run import WorldMismatch, run
 
     recipe, plan = read_spec(args.spec)

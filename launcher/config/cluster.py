@@ -15,8 +15,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from launcher.loading import Problem, RecipeError, Source, read_yaml, validate
-from launcher.recipe import MemorySize, Strict
+from launcher.config.loading import Problem, RecipeError, Source, read_yaml, validate
+from launcher.config.recipe import MemorySize, Strict
 
 BYTES = {
     "": 1,

@@ -41,7 +41,7 @@ def estimate_line(recipe, plan, gpu_memory: int | None) -> str:
     """One line for the dry-run table: the estimate of the plan's own strategy. Plain ddp on CPU processes has
     no GPU to fit, and is left out: building the model on the meta device imports torch and transformers,
     which would make every dry run many times slower."""
-    from launcher.loading import RecipeError
+    from launcher.config.loading import RecipeError
 
     if (
         plan.device == "cpu"
@@ -51,7 +51,7 @@ def estimate_line(recipe, plan, gpu_memory: int | None) -> str:
         and gpu_memory is None
     ):
         return "not estimated for CPU processes; see `launch plan RECIPE --gpus-per-node G --gpu-memory SIZE`"
-    from launcher import memory
+    from launcher.planning import memory
 
     try:
         shape = memory.model_shape(recipe)
@@ -79,7 +79,7 @@ def print_table(recipe, shape, *, num_nodes: int, gpus_per_node: int, micro_batc
     from rich.console import Console
     from rich.table import Table
 
-    from launcher import memory
+    from launcher.planning import memory
 
     g = memory.gib
     trainable = (
@@ -118,11 +118,11 @@ def print_table(recipe, shape, *, num_nodes: int, gpus_per_node: int, micro_batc
 
 def main(argv: list[str]) -> int:
     args = parser().parse_intermixed_args(argv)
-    from launcher import memory
-    from launcher.checks import check_model
-    from launcher.cluster import load_profile, parse_bytes
-    from launcher.loading import Problem, RecipeError, load_recipe
-    from launcher.plan import micro_batch_size
+    from launcher.config.cluster import load_profile, parse_bytes
+    from launcher.config.loading import Problem, RecipeError, load_recipe
+    from launcher.planning import memory
+    from launcher.planning.checks import check_model
+    from launcher.planning.plan import micro_batch_size
 
     try:
         profile = load_profile(args.cluster)

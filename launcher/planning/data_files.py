@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launcher.loading import Problem, RecipeError
-from launcher.recipe import Recipe
+from launcher.config.loading import Problem, RecipeError
+from launcher.config.recipe import Recipe
 
 SPLITS = ("train", "validation", "test")
 READERS = ".jsonl .json .csv .tsv .parquet, or a folder written by datasets' save_to_disk"

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from launcher.plan import Plan
-from launcher.recipe import Recipe
+from launcher.config.recipe import Recipe
+from launcher.planning.plan import Plan
 
 OptimizerFactory = Callable[[torch.nn.Module], torch.optim.Optimizer]
 

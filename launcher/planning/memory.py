@@ -47,7 +47,7 @@ from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 
-from launcher.recipe import Recipe
+from launcher.config.recipe import Recipe
 
 GiB = 2**30
 HEADROOM = 0.10  # of GPU memory kept free for the CUDA context, NCCL buffers and fragmentation
@@ -192,8 +192,8 @@ def model_shape(recipe: Recipe) -> ModelShape:
     """Count parameters from the config on the meta device; apply LoRA and quantization by their rules."""
     import torch
 
-    from launcher.checks import resolve_model_path
-    from launcher.loading import Problem, RecipeError
+    from launcher.config.loading import Problem, RecipeError
+    from launcher.planning.checks import resolve_model_path
     from launcher.train.model import DTYPES
 
     try:
@@ -348,7 +348,7 @@ def estimates(
     recipe: Recipe, shape: ModelShape, *, num_nodes: int, gpus_per_node: int, micro_batch: int
 ) -> list[tuple[Estimate, list]]:
     """Every choice of the table with its estimate and the compatibility problems that refuse it."""
-    from launcher.compat import incompatibilities
+    from launcher.planning.compat import incompatibilities
 
     return [
         (
@@ -363,8 +363,8 @@ def choose(
     recipe: Recipe, shape: ModelShape, *, num_nodes: int, gpus_per_node: int, micro_batch: int, gpu_memory: int
 ) -> tuple[Choice, str]:
     """`strategy: auto`: the first of AUTO_ORDER (fastest first) that the rules allow and that fits, and why."""
-    from launcher.compat import incompatibilities
-    from launcher.loading import Problem, RecipeError
+    from launcher.config.loading import Problem, RecipeError
+    from launcher.planning.compat import incompatibilities
 
     budget = usable(gpu_memory)
     over = []

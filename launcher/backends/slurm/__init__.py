@@ -21,13 +21,13 @@ from pathlib import Path
 import yaml
 
 from launcher.backends.local import Layout, count_gpus
-from launcher.cluster import SlurmProfile, parse_bytes
-from launcher.loading import Problem, RecipeError
-from launcher.plan import Plan
-from launcher.recipe import Recipe
+from launcher.config.cluster import SlurmProfile, parse_bytes
+from launcher.config.loading import Problem, RecipeError
+from launcher.config.recipe import Recipe
+from launcher.planning.plan import Plan
 from launcher.train.stop import EXIT_STOPPED
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "slurm"
+TEMPLATES = Path(__file__).resolve().parent
 SCRIPT, LOG, JOBS = "job.sbatch", "slurm.log", "jobs"  # in the run directory; JOBS under launch/
 RENDEZVOUS_JOIN_TIMEOUT_S = 300
 

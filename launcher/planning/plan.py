@@ -13,9 +13,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from launcher import compat, dsconfig
-from launcher.loading import Problem, RecipeError
-from launcher.recipe import Recipe
+from launcher.config.loading import Problem, RecipeError
+from launcher.config.recipe import Recipe
+from launcher.planning import compat, dsconfig
 
 
 class Plan(BaseModel):
@@ -31,7 +31,7 @@ class Plan(BaseModel):
     offload_parameters: bool = False
     # the DeepSpeed config every rank uses (ZeRO strategies): generated, or the user's checked against the plan
     deepspeed_config: dict | None = None
-    # rewrites of the recipe's settings to working equivalents (launcher.compat), shown before launch
+    # rewrites of the recipe's settings to working equivalents (launcher.planning.compat), shown before launch
     warnings: list[str] = []
     strategy_reason: str | None = None  # why `strategy: auto` chose it
     global_batch_size: int
@@ -48,7 +48,7 @@ class Plan(BaseModel):
 
     @property
     def choice(self):
-        from launcher.memory import Choice
+        from launcher.planning.memory import Choice
 
         return Choice(self.strategy, self.offload, self.offload_parameters)
 
@@ -101,7 +101,7 @@ def _auto(recipe: Recipe, num_nodes: int, procs_per_node: int, micro: int, devic
                 )
             ],
         )
-    from launcher import memory
+    from launcher.planning import memory
 
     return memory.choose(
         recipe,

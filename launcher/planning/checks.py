@@ -10,9 +10,9 @@ import importlib.util
 import json
 from pathlib import Path
 
-from launcher.dataset import Splits, load_splits
-from launcher.loading import Problem, RecipeError
-from launcher.recipe import Recipe
+from launcher.config.loading import Problem, RecipeError
+from launcher.config.recipe import Recipe
+from launcher.planning.data_files import Splits, load_splits
 
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 

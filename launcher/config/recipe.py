@@ -363,7 +363,7 @@ class DistributedConfig(Strict):
         return self
 
 
-# "80GiB", "512MiB", "141GB" (launcher.cluster.parse_bytes reads it); also used by the cluster profiles
+# "80GiB", "512MiB", "141GB" (launcher.config.cluster.parse_bytes reads it); also used by the cluster profiles
 MemorySize = Annotated[str, Field(pattern=r"^\s*[0-9]*\.?[0-9]+\s*([KMGT]i?B|[kmgt]i?b|B|b)?\s*$")]
 
 

@@ -9,7 +9,7 @@ the model or the data is loaded, so a bad node or a mixed environment costs seco
    the same time). A node whose pairs are far below the median is named, with what to do.
 3. shared filesystem: a file rank 0 writes (a random token) into output_dir is read back, identical,
    by every rank; the first rank of each node writes and removes a probe file of its own.
-4. free host RAM and free disk at output_dir on each node against the planner's needs (launcher.memory).
+4. free host RAM and free disk at output_dir on each node against the planner's needs (launcher.planning.memory).
 
 Every rank evaluates the same all-gathered facts, so all ranks reach the same verdict without a
 further collective: all go on, or all raise PreflightFailed (no rank is left waiting). Rank 0 prints
@@ -19,7 +19,6 @@ with preflight.run=only: the same backend starts the ranks, which run the checks
 
 from __future__ import annotations
 
-import argparse
 import secrets
 import shutil
 import socket
@@ -217,7 +216,7 @@ def _ram_free() -> int:
 
 
 def _parse_size(text: str | None) -> int | None:
-    from launcher.cluster import parse_bytes
+    from launcher.config.cluster import parse_bytes
 
     return parse_bytes(text) if text else None
 
@@ -225,8 +224,8 @@ def _parse_size(text: str | None) -> int | None:
 def needs(recipe, plan) -> dict:
     """Host RAM and disk each node needs, from the planner (the model's config on the meta device).
     CPU ranks keep the model states in host RAM too, so they count with the host's share."""
-    from launcher import memory
-    from launcher.loading import RecipeError
+    from launcher.config.loading import RecipeError
+    from launcher.planning import memory
 
     try:
         shape = memory.model_shape(recipe)
@@ -355,7 +354,7 @@ def _gbps(bps: float | None) -> str:
 
 
 def _gib(num_bytes: int | None) -> str:
-    from launcher.memory import gib
+    from launcher.planning.memory import gib
 
     return "-" if num_bytes is None else gib(num_bytes)
 
@@ -412,36 +411,3 @@ def show(report: dict) -> None:
 
 def _bps(gbps: float | None) -> float | None:
     return None if gbps is None else gbps * 1e9
-
-
-# ----------------------------------------------------------------------------- `launch preflight`
-def main(argv: list[str]) -> int:
-    """`launch preflight RECIPE`: start the ranks exactly as `launch RECIPE` would (same backend, same
-    layout), with preflight.run=only; exit 0 when every check passes, 1 when one fails, 2 on a bad recipe."""
-    parser = argparse.ArgumentParser(
-        prog="launch preflight",
-        description="Run the pre-flight checks alone: "
-        "versions, all-reduce bandwidth per node pair, shared output_dir, free RAM "
-        "and disk per node. Writes OUTPUT_DIR/preflight.json.",
-    )
-    parser.add_argument("recipe", type=Path, help="recipe YAML file")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe fields")
-    parser.add_argument("--cluster", type=Path, default=None, metavar="PROFILE", help="cluster profile YAML")
-    parser.add_argument("--nodes", type=int, default=1, metavar="N")
-    parser.add_argument("--procs", type=int, default=None, metavar="N", help="processes per node")
-    args = parser.parse_intermixed_args(argv)
-    from launcher import cli
-    from launcher.cluster import load_profile
-    from launcher.loading import RecipeError
-
-    forwarded = [str(args.recipe), *args.overrides, "preflight.run=only", "--nodes", str(args.nodes)]
-    if args.procs is not None:
-        forwarded += ["--procs", str(args.procs)]
-    if args.cluster is not None:
-        forwarded += ["--cluster", str(args.cluster)]
-        try:
-            if load_profile(args.cluster).backend == "slurm":
-                forwarded.append("--follow")  # the verdict is the job's exit status: wait for it
-        except RecipeError as exc:
-            return cli.fail(str(exc), cli.EXIT_USAGE)
-    return cli.main(forwarded)

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from launcher.recipe import Recipe
+from launcher.config.recipe import Recipe
 
 # Input paths travel with the recipe (relative to its folder); outputs land where you run.
 INPUT_PATHS = [

@@ -22,10 +22,10 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from launcher.backends.local import LaunchStopped, Layout, result_file, worker_env
-from launcher.cluster import RayProfile
-from launcher.loading import Problem, RecipeError
-from launcher.plan import Plan
-from launcher.recipe import Recipe
+from launcher.config.cluster import RayProfile
+from launcher.config.loading import Problem, RecipeError
+from launcher.config.recipe import Recipe
+from launcher.planning.plan import Plan
 
 # Set by Ray Jobs for the entrypoint: the driver is already on the cluster, with the job's runtime_env.
 IN_RAY_JOB = "RAY_JOB_CONFIG_JSON_ENV_VAR"
@@ -84,7 +84,7 @@ def ray_worker_env(plan: Plan, profile: RayProfile, t0: float) -> dict[str, str]
 def connect(profile: RayProfile, plan: Plan) -> None:
     import ray
 
-    from launcher.cluster import parse_bytes
+    from launcher.config.cluster import parse_bytes
 
     if IN_RAY_JOB in os.environ:
         ray.init()
@@ -104,7 +104,7 @@ def connect(profile: RayProfile, plan: Plan) -> None:
 
 def launch(recipe: Recipe, plan: Plan, profile: RayProfile, t0: float, *, follow: bool = True) -> int:
     """Run every rank as a Ray Train worker; the exit status of `launch` (see launcher.cli)."""
-    from launcher.loading import dump_recipe
+    from launcher.config.loading import dump_recipe
     from launcher.train.worker import write_spec
 
     write_spec(Path(recipe.output_dir), recipe, plan)
