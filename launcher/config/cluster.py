@@ -15,8 +15,9 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from launcher.config.loading import Problem, RecipeError, Source, read_yaml, validate
+from launcher.config.loading import Source, read_yaml, validate
 from launcher.config.recipe import MemorySize, Strict
+from launcher.errors import Problem, ProfileError
 
 BYTES = {
     "": 1,
@@ -157,15 +158,15 @@ def load_profile(path: Path | None) -> Strict:
     allocation (srun in salloc or in your own sbatch script) the Slurm profile, else this machine."""
     if path is None:
         return SlurmProfile() if os.environ.get("SLURM_JOB_ID") else LocalProfile()
-    data, lines = read_yaml(Path(path), what="cluster profile")
+    data, lines = read_yaml(Path(path), what="cluster profile", error=ProfileError)
     source = Source(str(path), lines)
     backend = data.get("backend")
     if not isinstance(backend, str) or backend not in PROFILES:
         close = difflib.get_close_matches(str(backend), PROFILES, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         valid = ", ".join(PROFILES)
-        raise RecipeError(
+        raise ProfileError(
             str(path),
             [Problem("backend", f"{backend!r} is not a backend{hint}; valid: {valid}", source.where(("backend",)))],
         )
-    return validate(PROFILES[backend], data, source)
+    return validate(PROFILES[backend], data, source, error=ProfileError)

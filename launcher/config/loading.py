@@ -9,6 +9,7 @@ edit instead of one launch per mistake.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from launcher.config.recipe import Recipe
+from launcher.errors import Problem, RecipeError, UsageError, UserError
 
 # Input paths travel with the recipe (relative to its folder); outputs land where you run.
 INPUT_PATHS = [
@@ -28,28 +30,6 @@ INPUT_PATHS = [
     ("distributed", "deepspeed_config"),
 ]
 MAX_YAML_BYTES = 1_000_000
-
-
-@dataclass
-class Problem:
-    path: str
-    message: str
-    where: str = ""  # "line 12" or "override train.lr=..."
-
-    def render(self) -> str:
-        where = f" ({self.where})" if self.where else ""
-        return f"  - {self.path or '<recipe>'}{where}: {self.message}"
-
-
-class RecipeError(Exception):
-    """A user's recipe (or its data) is wrong; carries every problem found."""
-
-    def __init__(self, source: str, problems: list[Problem]):
-        self.source = source
-        self.problems = problems
-        count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
-        lines = [f"{source}: {count}; nothing was started."] + [p.render() for p in problems]
-        super().__init__("\n".join(lines))
 
 
 @dataclass
@@ -84,7 +64,7 @@ def _line_map(node: yaml.Node, prefix: tuple = ()) -> dict[tuple, int]:
     return lines
 
 
-def read_yaml(path: Path, what: str = "recipe") -> tuple[dict, dict[tuple, int]]:
+def read_yaml(path: Path, what: str = "recipe", error: type[UserError] = RecipeError) -> tuple[dict, dict[tuple, int]]:
     """Safe-load a YAML mapping with the line of every key.
 
     Hostile input is refused before it can cost time or memory: only a regular file is opened (a FIFO
@@ -92,43 +72,39 @@ def read_yaml(path: Path, what: str = "recipe") -> tuple[dict, dict[tuple, int]]
     MAX_YAML_NODES nodes (a "billion laughs" file is a few hundred bytes that expands exponentially)."""
     name = str(path)
     if not path.exists():
-        raise RecipeError(name, [Problem("", f"{what} file not found")])
+        raise error(name, [Problem("", f"{what} file not found")])
     if path.is_dir():
-        raise RecipeError(name, [Problem("", f"{what} path is a folder, not a YAML file")])
+        raise error(name, [Problem("", f"{what} path is a folder, not a YAML file")])
     if not path.is_file():
-        raise RecipeError(
-            name, [Problem("", f"{what} path is not a regular file (a pipe or device?); give a YAML file")]
-        )
+        raise error(name, [Problem("", f"{what} path is not a regular file (a pipe or device?); give a YAML file")])
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_YAML_BYTES + 1)
     except OSError as exc:
-        raise RecipeError(name, [Problem("", f"{what} file cannot be read: {exc.strerror}")]) from None
+        raise error(name, [Problem("", f"{what} file cannot be read: {exc.strerror}")]) from None
     if len(raw) > MAX_YAML_BYTES:
-        raise RecipeError(
-            name, [Problem("", f"{what} file is over {MAX_YAML_BYTES} bytes; recipes are small text files")]
-        )
+        raise error(name, [Problem("", f"{what} file is over {MAX_YAML_BYTES} bytes; recipes are small text files")])
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise RecipeError(name, [Problem("", f"{what} file is not UTF-8 text (binary file?)")]) from None
+        raise error(name, [Problem("", f"{what} file is not UTF-8 text (binary file?)")]) from None
     if "\x00" in text:
-        raise RecipeError(name, [Problem("", f"{what} file holds NUL bytes (binary file?)")])
+        raise error(name, [Problem("", f"{what} file holds NUL bytes (binary file?)")])
     try:
         node, data = _safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise RecipeError(name, [Problem("", f"not valid YAML: {problem}", where)]) from None
+        raise error(name, [Problem("", f"not valid YAML: {problem}", where)]) from None
     except ValueError as exc:  # e.g. an integer of thousands of digits (Python's int() limit)
-        raise RecipeError(name, [Problem("", f"value out of range: {str(exc).splitlines()[0]}")]) from None
+        raise error(name, [Problem("", f"value out of range: {str(exc).splitlines()[0]}")]) from None
     except RecursionError:
-        raise RecipeError(name, [Problem("", "not valid YAML: nested too deeply")]) from None
+        raise error(name, [Problem("", "not valid YAML: nested too deeply")]) from None
     if data is None:
-        raise RecipeError(name, [Problem("", f"{what} file is empty")])
+        raise error(name, [Problem("", f"{what} file is empty")])
     if not isinstance(data, dict):
-        raise RecipeError(name, [Problem("", f"{what} must be a YAML mapping of sections, got {type(data).__name__}")])
+        raise error(name, [Problem("", f"{what} must be a YAML mapping of sections, got {type(data).__name__}")])
     return data, _line_map(node)
 
 
@@ -170,12 +146,10 @@ def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
 
 def parse_override(text: str) -> tuple[tuple, Any]:
     if "=" not in text:
-        raise RecipeError(
-            "command line", [Problem(text, "an override is key.sub=value (e.g. train.optimizer.lr=1e-5)")]
-        )
+        raise UsageError("command line", [Problem(text, "an override is key.sub=value (e.g. train.optimizer.lr=1e-5)")])
     key, value = text.split("=", 1)
     if not key or any(not part for part in key.split(".")):
-        raise RecipeError("command line", [Problem(key, f"malformed override key in {text!r}")])
+        raise UsageError("command line", [Problem(key, f"malformed override key in {text!r}")])
     try:
         parsed = _safe_load(value)[1] if value != "" else ""
     except (yaml.YAMLError, ValueError, RecursionError):
@@ -290,14 +264,14 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, cwd: Path 
     return validate(Recipe, data, source, extra=_missing_inputs)
 
 
-def validate(schema: type[BaseModel], data: dict, source: Source, extra=None):
+def validate(schema: type[BaseModel], data: dict, source: Source, extra=None, error: type[UserError] = RecipeError):
     """schema.model_validate, with every problem rendered for a user (plus extra(data, source) ones)."""
     try:
         return schema.model_validate(data)
     except ValidationError as exc:
         problems = [_problem(e, data, source, schema) for e in exc.errors(include_url=False)]
         problems += extra(data, source) if extra else []
-        raise RecipeError(source.name, problems) from None
+        raise error(source.name, problems) from None
 
 
 def _missing_inputs(data: dict, source: Source) -> list[Problem]:
@@ -313,3 +287,23 @@ def _missing_inputs(data: dict, source: Source) -> list[Problem]:
 
 def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def resolve_model_path(path: str) -> str:
+    """A local folder, a hub id (returned unchanged), or pkg:PACKAGE/SUB → the folder inside the package."""
+    if not path.startswith("pkg:"):
+        return path
+    package, _, sub = path[len("pkg:") :].partition("/")
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise RecipeError(
+            "model",
+            [Problem("model.path", f"package {package!r} is not installed; pip install {package.replace('_', '-')}")],
+        )
+    folder = Path(list(spec.submodule_search_locations)[0]) / sub
+    if not folder.is_dir():
+        raise RecipeError("model", [Problem("model.path", f"package {package!r} has no folder {sub!r} ({folder})")])
+    return str(folder)

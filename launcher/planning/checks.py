@@ -6,35 +6,15 @@ or a label outside the classes is reported in seconds, not after allocation.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
-from launcher.config.loading import Problem, RecipeError
+from launcher.config.loading import resolve_model_path
 from launcher.config.recipe import Recipe
+from launcher.errors import Problem, RecipeError
 from launcher.planning.data_files import Splits, load_splits
 
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
-
-
-def resolve_model_path(path: str) -> str:
-    """A local folder, a hub id (returned unchanged), or pkg:PACKAGE/SUB → the folder inside the package."""
-    if not path.startswith("pkg:"):
-        return path
-    package, _, sub = path[len("pkg:") :].partition("/")
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise RecipeError(
-            "model",
-            [Problem("model.path", f"package {package!r} is not installed; pip install {package.replace('_', '-')}")],
-        )
-    folder = Path(list(spec.submodule_search_locations)[0]) / sub
-    if not folder.is_dir():
-        raise RecipeError("model", [Problem("model.path", f"package {package!r} has no folder {sub!r} ({folder})")])
-    return str(folder)
 
 
 def is_local(path: str) -> bool:
@@ -114,15 +94,7 @@ def check_paths(recipe: Recipe) -> list[Problem]:
 
 def ignored_settings(recipe: Recipe) -> list[str]:
     """Settings that are valid but have no effect for this task: said, not silently dropped."""
-    task, data, notes = recipe.task, recipe.data, []
-    if task.type in ("regression", "causal_lm", "seq2seq") and (task.labels or task.num_labels):
-        notes.append(f"task.labels/num_labels are ignored for {task.type}")
-    if task.chat_template and task.type != "causal_lm":
-        notes.append(f"task.chat_template is ignored for {task.type}")
-    if data.text_pair_field and task.type in ("token_classification", "causal_lm", "seq2seq"):
-        notes.append(f"data.text_pair_field is ignored for {task.type}")
-    if data.prompt_field and task.type not in ("causal_lm", "seq2seq"):
-        notes.append(f"data.prompt_field/response_field are ignored for {task.type}")
+    notes = recipe.task.spec.ignored_settings(recipe)
     if recipe.train.max_steps is not None and "epochs" in recipe.train.model_fields_set:
         notes.append("train.epochs is ignored: train.max_steps sets the length of the run")
     dist = recipe.distributed
@@ -130,7 +102,7 @@ def ignored_settings(recipe: Recipe) -> list[str]:
         notes.append(
             "distributed.offload/offload_parameters are ignored with strategy: auto, which chooses the offload"
         )
-    if recipe.train.eval_every is not None and data.validation is None and data.split.validation == 0:
+    if recipe.train.eval_every is not None and recipe.data.validation is None and recipe.data.split.validation == 0:
         notes.append("train.eval_every is ignored: there is no validation split")
     return notes
 

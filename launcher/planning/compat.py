@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Literal, NamedTuple
 
-from launcher.config.loading import Problem, RecipeError
 from launcher.config.recipe import Recipe
+from launcher.errors import Problem, RecipeError
 
 ZERO = ("zero1", "zero2", "zero3")
 SHARDS_PARAMETERS = ("zero3", "fsdp")

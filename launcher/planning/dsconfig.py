@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from launcher.config.loading import Problem
+from launcher.errors import Problem
 
 STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
 FIELD = "distributed.deepspeed_config"

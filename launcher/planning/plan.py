@@ -13,8 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from launcher.config.loading import Problem, RecipeError
 from launcher.config.recipe import Recipe
+from launcher.errors import Problem, RecipeError
 from launcher.planning import compat, dsconfig
 
 
@@ -214,3 +214,39 @@ def make_plan(
     if ds_problems:
         raise RecipeError("plan", ds_problems)
     return plan.model_copy(update={"deepspeed_config": ds_config})
+
+
+def estimate_line(recipe, plan, gpu_memory: int | None) -> str:
+    """One line for the dry-run table: the estimate of the plan's own strategy. Plain ddp on CPU processes has
+    no GPU to fit, and is left out: building the model on the meta device imports torch and transformers,
+    which would make every dry run many times slower."""
+    if (
+        plan.device == "cpu"
+        and plan.choice == ("ddp", "none", False)
+        and recipe.model.lora is None
+        and recipe.model.quantization is None
+        and gpu_memory is None
+    ):
+        return "not estimated for CPU processes; see `launch plan RECIPE --gpus-per-node G --gpu-memory SIZE`"
+    from launcher.planning import memory
+
+    try:
+        shape = memory.model_shape(recipe)
+    except RecipeError as exc:
+        return f"not estimated: {exc.problems[0].message}"
+    est = memory.estimate(
+        shape,
+        recipe,
+        plan.choice,
+        num_nodes=plan.num_nodes,
+        gpus_per_node=plan.procs_per_node,
+        micro_batch=plan.micro_batch_size,
+    )
+    g = memory.gib
+    line = (
+        f"{g(est.per_gpu)} = parameters {g(est.parameters)} + gradients {g(est.gradients)} + optimizer "
+        f"{g(est.optimizer)} + activations {g(est.activations)}; host RAM per node {g(est.host_per_node)}"
+    )
+    if gpu_memory is not None:
+        line += "; fits" if est.fits(gpu_memory) else f"; does NOT fit in {g(memory.usable(gpu_memory))} usable"
+    return line
