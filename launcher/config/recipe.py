@@ -11,15 +11,12 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-TaskType = Literal[
-    "sequence_classification",
-    "multi_label_classification",
-    "regression",
-    "token_classification",
-    "causal_lm",
-    "seq2seq",
-]
+from launcher.config.tasks import TASKS, TaskSpec
+
+# the task types are the registry's (config.tasks); Literal[...] of its names keeps the schema's error messages
+TaskType = Literal[tuple(TASKS)]  # type: ignore[valid-type]
 Precision = Literal["fp32", "bf16", "fp16"]
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}  # bytes per value of each Precision
 
 
 class Strict(BaseModel):
@@ -126,40 +123,10 @@ class Huber(Strict):
 
 LossConfig = Annotated[CrossEntropy | Focal | BCE | MSE | MAE | Huber, Field(discriminator="name")]
 
-CLASSIFICATION_LOSSES = {"cross_entropy", "focal"}
-LOSSES_BY_TASK: dict[str, set[str]] = {
-    "sequence_classification": CLASSIFICATION_LOSSES,
-    "multi_label_classification": {"bce", "focal"},
-    "regression": {"mse", "mae", "huber"},
-    "token_classification": CLASSIFICATION_LOSSES,
-    "causal_lm": {"cross_entropy"},
-    "seq2seq": {"cross_entropy"},
+# loss name → its config class: the union above, by name (the default loss of a task is built from it)
+LOSS_CONFIGS: dict[str, type[Strict]] = {
+    cls.model_fields["name"].annotation.__args__[0]: cls for cls in (CrossEntropy, Focal, BCE, MSE, MAE, Huber)
 }
-DEFAULT_LOSS = {
-    "sequence_classification": "cross_entropy",
-    "multi_label_classification": "bce",
-    "regression": "mse",
-    "token_classification": "cross_entropy",
-    "causal_lm": "cross_entropy",
-    "seq2seq": "cross_entropy",
-}
-METRICS_BY_TASK: dict[str, set[str]] = {
-    "sequence_classification": {"accuracy", "precision", "recall", "f1", "per_class", "roc_auc"},
-    "multi_label_classification": {"accuracy", "precision", "recall", "f1", "per_class", "roc_auc"},
-    "regression": {"mae", "rmse"},
-    "token_classification": {"accuracy", "precision", "recall", "f1", "per_class"},
-    "causal_lm": {"perplexity"},
-    "seq2seq": {"perplexity"},
-}
-DEFAULT_METRICS = {
-    "sequence_classification": ["accuracy", "f1"],
-    "multi_label_classification": ["accuracy", "f1"],
-    "regression": ["mae", "rmse"],
-    "token_classification": ["accuracy", "f1"],
-    "causal_lm": ["perplexity"],
-    "seq2seq": ["perplexity"],
-}
-NEEDS_LABELS = {"sequence_classification", "multi_label_classification", "token_classification"}
 
 
 class TaskConfig(Strict):
@@ -171,7 +138,7 @@ class TaskConfig(Strict):
     loss: LossConfig | None = Field(None, description="Loss from the registry; a sensible one per task when omitted.")
     metrics: list[str] | None = Field(None, description="Metrics from the registry; defaults per task.")
     chat_template: bool = Field(
-        False, description="causal_lm prompt/response: format with the tokenizer's chat template."
+        False, description="Language-model prompt/response pairs: format with the tokenizer's chat template."
     )
 
     @model_validator(mode="after")
@@ -182,10 +149,11 @@ class TaskConfig(Strict):
                 errors.append("labels: names must be unique")
             if self.num_labels is not None and self.num_labels != len(self.labels):
                 errors.append(f"num_labels is {self.num_labels} but labels names {len(self.labels)} classes")
-        if self.type in NEEDS_LABELS and self.labels is None and self.num_labels is None:
+        spec = self.spec
+        if spec.needs_classes and self.labels is None and self.num_labels is None:
             errors.append(f"task type {self.type!r} needs num_labels or labels")
-        if self.loss is not None and self.loss.name not in LOSSES_BY_TASK[self.type]:
-            valid = ", ".join(sorted(LOSSES_BY_TASK[self.type]))
+        if self.loss is not None and self.loss.name not in spec.losses:
+            valid = ", ".join(sorted(spec.losses))
             errors.append(f"loss {self.loss.name!r} does not fit task {self.type!r}; valid: {valid}")
         classes = self.resolved_num_labels
         weights = getattr(self.loss, "class_weights", None)
@@ -194,11 +162,11 @@ class TaskConfig(Strict):
         pos_weight = getattr(self.loss, "pos_weight", None)
         if isinstance(pos_weight, list) and len(pos_weight) != classes:
             errors.append(f"loss.pos_weight has {len(pos_weight)} values for {classes} labels")
-        if getattr(self.loss, "alpha", None) is not None and self.type != "multi_label_classification" and classes != 2:
+        if getattr(self.loss, "alpha", None) is not None and spec.label != "multi_hot" and classes != 2:
             errors.append("focal alpha weighs the positive class: it needs 2 classes or multi_label_classification")
         for metric in self.metrics or []:
-            if metric not in METRICS_BY_TASK[self.type]:
-                valid = ", ".join(sorted(METRICS_BY_TASK[self.type]))
+            if metric not in spec.metrics:
+                valid = ", ".join(sorted(spec.metrics))
                 errors.append(f"metric {metric!r} does not fit task {self.type!r}; valid: {valid}")
         if errors:
             raise ValueError("; ".join(errors))
@@ -216,13 +184,17 @@ class TaskConfig(Strict):
     def resolved_loss(self) -> CrossEntropy | Focal | BCE | MSE | MAE | Huber:
         if self.loss is not None:
             return self.loss
-        return {"cross_entropy": CrossEntropy, "bce": BCE, "mse": MSE}[DEFAULT_LOSS[self.type]](
-            name=DEFAULT_LOSS[self.type]
-        )
+        name = self.spec.losses[0]
+        return LOSS_CONFIGS[name](name=name)
 
     @property
     def resolved_metrics(self) -> list[str]:
-        return list(self.metrics) if self.metrics is not None else list(DEFAULT_METRICS[self.type])
+        return list(self.metrics) if self.metrics is not None else list(self.spec.default_metrics)
+
+    @property
+    def spec(self) -> TaskSpec:
+        """This task type's entry in the task registry (config.tasks)."""
+        return TASKS[self.type]
 
 
 # ----------------------------------------------------------------------------- data
@@ -245,11 +217,11 @@ class DataConfig(Strict):
         default_factory=SplitRatios,
         description="Seeded split of `train` for the splits that have no file of their own.",
     )
-    text_field: str = Field("text", description="Text column (token_classification: a list of words).")
+    text_field: str = Field("text", description="Text column (tagging tasks: a list of words).")
     text_pair_field: str | None = Field(None, description="Second text column for pair tasks (NLI, similarity).")
-    label_field: str = Field("label", description="Label column (token_classification: a list of tags).")
-    prompt_field: str | None = Field(None, description="causal_lm SFT / seq2seq: the prompt (source) column.")
-    response_field: str | None = Field(None, description="causal_lm SFT / seq2seq: the response (target) column.")
+    label_field: str = Field("label", description="Label column (tagging tasks: a list of tags, one per word).")
+    prompt_field: str | None = Field(None, description="SFT / sequence-to-sequence: the prompt (source) column.")
+    response_field: str | None = Field(None, description="SFT / sequence-to-sequence: the response (target) column.")
     csv_delimiter: str | None = Field(None, description="CSV delimiter; ',' for .csv and tab for .tsv when omitted.")
     csv_header: bool = Field(
         True, description="Whether a CSV file has a header row (without one, name columns with csv_columns)."
@@ -258,7 +230,7 @@ class DataConfig(Strict):
     max_length: int = Field(128, ge=8, description="Tokens per example after truncation.")
     balance: bool = Field(
         False,
-        description="sequence_classification: draw each epoch so every class is seen equally often "
+        description="Single-label classification: draw each epoch so every class is seen equally often "
         "(a weighted sampler, with replacement), for imbalanced data.",
     )
     on_missing: Literal["error", "drop"] = Field(
@@ -369,7 +341,7 @@ MemorySize = Annotated[str, Field(pattern=r"^\s*[0-9]*\.?[0-9]+\s*([KMGT]i?B|[km
 
 class PreflightConfig(Strict):
     """Checks run on every rank after the process group is up and before the model or data is loaded
-    (launcher/preflight.py): versions agree, all-reduce bandwidth per node pair, output_dir shared by
+    (launcher/train/preflight.py): versions agree, all-reduce bandwidth per node pair, output_dir shared by
     every node, free host RAM and disk against the planner's needs. `launch preflight RECIPE` runs them alone."""
 
     run: Literal["before_training", "only", "never"] = Field(
@@ -400,15 +372,11 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _fields_fit_task(self) -> Recipe:
-        task, data = self.task.type, self.data
-        if task in ("seq2seq",) and not (data.prompt_field and data.response_field):
-            raise ValueError("seq2seq needs data.prompt_field (source) and data.response_field (target)")
-        if bool(data.prompt_field) != bool(data.response_field):
-            raise ValueError("data.prompt_field and data.response_field go together")
-        if data.balance and task != "sequence_classification":
-            raise ValueError(f"data.balance needs single-label classes; task {task!r} has none to balance")
-        if task == "causal_lm" and self.task.chat_template and not data.prompt_field:
-            raise ValueError("task.chat_template needs data.prompt_field and data.response_field")
+        problems = self.task.spec.recipe_problems(self)
+        if bool(self.data.prompt_field) != bool(self.data.response_field):
+            problems.insert(min(1, len(problems)), "data.prompt_field and data.response_field go together")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     @property

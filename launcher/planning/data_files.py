@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launcher.config.loading import Problem, RecipeError
 from launcher.config.recipe import Recipe
+from launcher.errors import Problem, RecipeError
 
 SPLITS = ("train", "validation", "test")
 READERS = ".jsonl .json .csv .tsv .parquet, or a folder written by datasets' save_to_disk"
@@ -149,18 +149,19 @@ class _LabelMapper:
         raise ValueError
 
     def __call__(self, value: Any) -> Any:
-        kind = self.task.type
-        if kind == "sequence_classification":
+        """The label as the task's label kind (config.tasks.LabelKind) has it."""
+        kind = self.task.spec.label
+        if kind == "class":
             return self.one(value)
-        if kind == "regression":
+        if kind == "number":
             return float(value)
-        if kind == "multi_label_classification":
+        if kind == "multi_hot":
             items = value if isinstance(value, list) else [v for v in str(value).split(",") if v.strip()]
             hot = [0.0] * self.num_labels
             for item in items:
                 hot[self.one(item.strip() if isinstance(item, str) else item)] = 1.0
             return hot
-        if kind == "token_classification":
+        if kind == "tags":
             if not isinstance(value, list):
                 raise ValueError
             return [self.one(v) for v in value]
@@ -169,15 +170,8 @@ class _LabelMapper:
 
 def _clean(rows: list[dict], recipe: Recipe, field_prefix: str) -> tuple[list[dict], list[Problem], int]:
     """Keep the columns the task uses, map labels, apply the missing-value policy."""
-    data, task = recipe.data, recipe.task.type
-    if task in ("seq2seq",) or (task == "causal_lm" and data.prompt_field):
-        columns = {"prompt": data.prompt_field, "response": data.response_field}
-    else:
-        columns = {"text": data.text_field}
-        if data.text_pair_field:
-            columns["text_pair"] = data.text_pair_field
-    if task != "causal_lm" and task != "seq2seq":
-        columns["label"] = data.label_field
+    spec = recipe.task.spec
+    columns = spec.columns(recipe.data)
     problems: list[Problem] = []
     if rows:
         absent = [src for src in columns.values() if src not in rows[0]]
@@ -201,7 +195,7 @@ def _clean(rows: list[dict], recipe: Recipe, field_prefix: str) -> tuple[list[di
         if any(_missing(v) for v in values.values()):
             missing_rows.append(number)
             continue
-        if task == "token_classification" and not isinstance(values["text"], list):
+        if spec.words and not isinstance(values["text"], list):
             bad_labels.append((number, "text is not a list of words"))
             continue
         if mapper is not None:
@@ -210,7 +204,7 @@ def _clean(rows: list[dict], recipe: Recipe, field_prefix: str) -> tuple[list[di
             except (ValueError, TypeError, IndexError):
                 bad_labels.append((number, values["label"]))
                 continue
-            if task == "token_classification" and len(values["label"]) != len(values["text"]):
+            if spec.words and len(values["label"]) != len(values["text"]):
                 bad_labels.append((number, f"{len(values['text'])} words but {len(values['label'])} tags"))
                 continue
         clean.append(values)
@@ -218,7 +212,7 @@ def _clean(rows: list[dict], recipe: Recipe, field_prefix: str) -> tuple[list[di
         shown = "; ".join(f"row {n}: {v!r}" for n, v in bad_labels[:5])
         more = f" (and {len(bad_labels) - 5} more)" if len(bad_labels) > 5 else ""
         valid = mapper.valid() if mapper else ""
-        if task == "regression":
+        if spec.label == "number":
             valid = "a number"
         problems.append(
             Problem(

@@ -47,12 +47,12 @@ from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 
-from launcher.config.recipe import Recipe
+from launcher.config.recipe import DTYPE_BYTES, Recipe
+from launcher.config.tasks import TASKS
 
 GiB = 2**30
 HEADROOM = 0.10  # of GPU memory kept free for the CUDA context, NCCL buffers and fragmentation
 HOST_BUFFER = 1.5  # DeepSpeed's additional_buffer_factor for host-side (offloaded) states
-LM_TASKS = ("causal_lm", "seq2seq")
 
 
 class Choice(NamedTuple):
@@ -176,15 +176,14 @@ def _head_names(model) -> set[str]:
 @functools.lru_cache(maxsize=16)
 def _meta_model(path: str, task: str, num_labels: int, trust_remote_code: bool):
     import torch
-    from transformers import AutoConfig
+    import transformers
 
-    from launcher.train.model import _auto_class
-
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if task not in LM_TASKS:
+    spec = TASKS[task]
+    config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if not spec.language_model:
         config.num_labels = num_labels
     with torch.device("meta"):
-        model = _auto_class(task).from_config(config, trust_remote_code=trust_remote_code)
+        model = getattr(transformers, spec.auto_class).from_config(config, trust_remote_code=trust_remote_code)
     return config, model
 
 
@@ -192,9 +191,8 @@ def model_shape(recipe: Recipe) -> ModelShape:
     """Count parameters from the config on the meta device; apply LoRA and quantization by their rules."""
     import torch
 
-    from launcher.config.loading import Problem, RecipeError
-    from launcher.planning.checks import resolve_model_path
-    from launcher.train.model import DTYPES
+    from launcher.config.loading import resolve_model_path
+    from launcher.errors import Problem, RecipeError
 
     try:
         config, model = _meta_model(
@@ -204,17 +202,9 @@ def model_shape(recipe: Recipe) -> ModelShape:
             recipe.model.trust_remote_code,
         )
     except (OSError, ValueError, KeyError) as exc:  # a hub id offline, an unknown model_type, a broken config
-        raise RecipeError(
-            "plan",
-            [
-                Problem(
-                    "model.path",
-                    "the memory estimate needs the model's config, which could "
-                    f"not be read: {str(exc).splitlines()[0][:160]}",
-                )
-            ],
-        ) from None
-    weight_bytes = DTYPES[recipe.model.dtype].itemsize
+        why = f"the memory estimate needs the model's config, which could not be read: {str(exc).splitlines()[0][:160]}"
+        raise RecipeError("plan", [Problem("model.path", why)]) from None
+    weight_bytes = DTYPE_BYTES[recipe.model.dtype]
     lora, quant = recipe.model.lora, recipe.model.quantization
     heads = _head_names(model)
     num_params = frozen_bytes = num_trainable = largest = 0
@@ -233,7 +223,7 @@ def model_shape(recipe: Recipe) -> ModelShape:
             and (lora.target_modules == "all-linear" or _matches(name, lora.target_modules))
         )
         saved = lora is not None and (
-            (lora.modules_to_save == "auto" and is_head and recipe.task.type not in LM_TASKS)
+            (lora.modules_to_save == "auto" and is_head and not recipe.task.spec.language_model)
             or (lora.modules_to_save != "auto" and _matches(name, lora.modules_to_save))
         )
         if lora is None or saved:
@@ -260,7 +250,7 @@ def model_shape(recipe: Recipe) -> ModelShape:
         frozen_bytes -= tied * weight_bytes
     hidden = _config_value(config, "hidden_size", "d_model", "n_embd")
     layers = _config_value(config, "num_hidden_layers", "n_layer", "num_layers") + (
-        _config_value(config, "num_decoder_layers", default=0) if recipe.task.type == "seq2seq" else 0
+        _config_value(config, "num_decoder_layers", default=0) if getattr(config, "is_encoder_decoder", False) else 0
     )
     gated = any(name.endswith(("gate_proj", "wi_0", "w1")) for name, _ in model.named_modules())
     return ModelShape(
@@ -287,7 +277,7 @@ def activation_bytes(shape: ModelShape, recipe: Recipe, micro_batch: int) -> int
         layers = shape.num_layers * 2 * s * b * h * scale + per_layer
     else:
         layers = shape.num_layers * per_layer
-    head = s * b * shape.vocab_size * (2 * scale + 8) if recipe.task.type in LM_TASKS else 0
+    head = s * b * shape.vocab_size * (2 * scale + 8) if recipe.task.spec.language_model else 0
     return layers + head
 
 
@@ -338,9 +328,7 @@ def estimate(
 def host_load_bytes(shape: ModelShape, recipe: Recipe, strategy: str, gpus_per_node: int) -> int:
     """Host RAM per node while loading: every rank reads the whole checkpoint, except under zero3/fsdp,
     where the weights are loaded once per node and scattered into shards (zero.Init / rank-0 loading)."""
-    from launcher.train.model import DTYPES
-
-    whole = shape.frozen_bytes + shape.num_trainable * DTYPES[recipe.model.dtype].itemsize
+    whole = shape.frozen_bytes + shape.num_trainable * DTYPE_BYTES[recipe.model.dtype]
     return whole * (1 if strategy in ("zero3", "fsdp") else gpus_per_node)
 
 
@@ -363,7 +351,7 @@ def choose(
     recipe: Recipe, shape: ModelShape, *, num_nodes: int, gpus_per_node: int, micro_batch: int, gpu_memory: int
 ) -> tuple[Choice, str]:
     """`strategy: auto`: the first of AUTO_ORDER (fastest first) that the rules allow and that fits, and why."""
-    from launcher.config.loading import Problem, RecipeError
+    from launcher.errors import Problem, RecipeError
     from launcher.planning.compat import incompatibilities
 
     budget = usable(gpu_memory)
@@ -399,9 +387,7 @@ def disk_bytes(shape: ModelShape, recipe: Recipe) -> int:
     oldest goes only once it is complete), and the exported final model. A checkpoint holds the whole
     model in its load dtype and the optimizer's fp32 moments (+ fp32 master weights under mixed precision)
     of the trainable parameters, whatever the strategy: sharded states add up to the same bytes."""
-    from launcher.train.model import DTYPES
-
-    model = shape.frozen_bytes + shape.num_trainable * DTYPES[recipe.model.dtype].itemsize
+    model = shape.frozen_bytes + shape.num_trainable * DTYPE_BYTES[recipe.model.dtype]
     half = recipe.train.precision != "fp32" or recipe.model.dtype != "fp32"
     optimizer = shape.num_trainable * (8 + (4 if half else 0))
     return (recipe.train.keep_last + 1) * (model + optimizer) + model

@@ -20,10 +20,9 @@ from filelock import FileLock
 from launcher.config.recipe import Recipe
 from launcher.planning.data_files import Splits
 from launcher.planning.plan import Plan
+from launcher.train.tasks import TaskHooks, hooks
 
-IGNORE = -100
 CACHE_VERSION = "1"
-TOKEN_LEVEL = {"token_classification", "causal_lm", "seq2seq"}
 
 
 def cache_root() -> Path:
@@ -54,68 +53,6 @@ def cache_key(recipe: Recipe, splits: Splits, tokenizer) -> str:
     return digest.hexdigest()[:24]
 
 
-class Tokenize:
-    """One row → model inputs, `labels`, and `weight` (how many loss terms it contributes)."""
-
-    def __init__(self, recipe: Recipe, tokenizer):
-        self.task = recipe.task.type
-        self.chat = recipe.task.chat_template
-        self.max_length = recipe.data.max_length
-        self.tok = tokenizer
-
-    def __call__(self, row: dict) -> dict:
-        handler = {
-            "token_classification": self._tokens,
-            "causal_lm": self._causal,
-            "seq2seq": self._seq2seq,
-        }.get(self.task, self._sequence)
-        return handler(row)
-
-    def _sequence(self, row):
-        enc = self.tok(row["text"], row.get("text_pair"), truncation=True, max_length=self.max_length)
-        return {**dict(enc), "labels": row["label"], "weight": 1}
-
-    def _tokens(self, row):
-        enc = self.tok(row["text"], is_split_into_words=True, truncation=True, max_length=self.max_length)
-        labels, previous = [], None
-        for word in enc.word_ids():
-            labels.append(IGNORE if word is None or word == previous else row["label"][word])
-            previous = word
-        return {**dict(enc), "labels": labels, "weight": sum(1 for x in labels if x != IGNORE)}
-
-    def _causal(self, row):
-        eos = [self.tok.eos_token_id] if self.tok.eos_token_id is not None else []
-        if "prompt" not in row:
-            ids = self.tok(row["text"], add_special_tokens=True)["input_ids"] + eos
-            ids = ids[: self.max_length]
-            labels = list(ids)
-        else:
-            if self.chat:
-                user = [{"role": "user", "content": row["prompt"]}]
-                prompt = list(
-                    self.tok.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=False)
-                )
-                full = list(
-                    self.tok.apply_chat_template(
-                        user + [{"role": "assistant", "content": row["response"]}], tokenize=True, return_dict=False
-                    )
-                )
-                if full[: len(prompt)] != prompt:  # templates that re-render the prompt differently
-                    full = prompt + self.tok(row["response"], add_special_tokens=False)["input_ids"] + eos
-            else:
-                prompt = self.tok(row["prompt"], add_special_tokens=True)["input_ids"]
-                full = prompt + self.tok(row["response"], add_special_tokens=False)["input_ids"] + eos
-            ids = full[: self.max_length]
-            labels = [IGNORE] * min(len(prompt), len(ids)) + ids[len(prompt) :]
-        weight = sum(1 for x in labels[1:] if x != IGNORE)  # next-token targets
-        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels, "weight": weight}
-
-    def _seq2seq(self, row):
-        enc = self.tok(row["prompt"], truncation=True, max_length=self.max_length)
-        target = self.tok(text_target=row["response"], truncation=True, max_length=self.max_length)["input_ids"]
-        return {**dict(enc), "labels": target, "weight": len(target)}
-
-
 def prepare(recipe: Recipe, splits: Splits, tokenizer) -> dict[str, list[dict]]:
     """Tokenized splits from the cache, tokenizing once under a file lock if absent.
 
@@ -133,7 +70,7 @@ def prepare(recipe: Recipe, splits: Splits, tokenizer) -> dict[str, list[dict]]:
     with FileLock(str(root / f"{key}.lock")):
         if not (folder / "COMPLETE").exists():
             tmp = root / f".{key}.tmp-{os.getpid()}"
-            fn = Tokenize(recipe, tokenizer)
+            fn = hooks(recipe, tokenizer).tokenize
             for name, rows in splits.items():
                 encoded = [fn(row) for row in rows]
                 datasets.Dataset.from_list(encoded or [{"weight": 0}]).save_to_disk(str(tmp / name))
@@ -198,7 +135,10 @@ def balanced_row_probs(labels: list[int]) -> np.ndarray:
 
 
 class Collate:
-    def __init__(self, tokenizer, task: str):
+    """Rows → a padded batch: model inputs padded to the longest row, labels as the task collates them."""
+
+    def __init__(self, task: TaskHooks):
+        tokenizer = task.tok
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         self.task = task
 
@@ -209,13 +149,7 @@ class Collate:
             if key in rows[0]:
                 fill = self.pad_id if key == "input_ids" else 0
                 batch[key] = torch.tensor([r[key] + [fill] * (width - len(r[key])) for r in rows])
-        if self.task in TOKEN_LEVEL:
-            label_width = max(len(r["labels"]) for r in rows)
-            batch["labels"] = torch.tensor([r["labels"] + [IGNORE] * (label_width - len(r["labels"])) for r in rows])
-        elif self.task == "sequence_classification":
-            batch["labels"] = torch.tensor([r["labels"] for r in rows], dtype=torch.long)
-        else:
-            batch["labels"] = torch.tensor([r["labels"] for r in rows], dtype=torch.float32)
+        batch["labels"] = self.task.collate_labels(rows)
         return batch
 
 

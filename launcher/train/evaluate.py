@@ -12,14 +12,14 @@ from launcher.planning.plan import Plan
 from launcher.train.data import to_device
 from launcher.train.metrics import EvalOutputs, compute
 from launcher.train.model import forward_logits
+from launcher.train.tasks import TaskHooks
 
 
 class Evaluator:
     """Metrics do not depend on the world size: they are computed on the whole gathered split."""
 
-    def __init__(self, accelerator, model, loss_fn, collate, recipe: Recipe, plan: Plan):
-        self.acc, self.model, self.loss_fn, self.collate = accelerator, model, loss_fn, collate
-        self.task = recipe.task.type
+    def __init__(self, accelerator, model, loss_fn, collate, task: TaskHooks, recipe: Recipe, plan: Plan):
+        self.acc, self.model, self.loss_fn, self.collate, self.task = accelerator, model, loss_fn, collate, task
         self.metric_names = recipe.task.resolved_metrics
         self.label_names = recipe.task.labels or []
         self.batch = plan.micro_batch_size * 2
@@ -45,14 +45,14 @@ class Evaluator:
                 continue
             loss_sum += float(self.loss_fn(logits, batch["labels"]))
             count += float(sum(r["weight"] for r in chunk))
-            p, y = self._outputs(logits, batch["labels"])
-            if p is not None:
-                probs.append(p)
-                labels.append(y)
+            kept = self.task.eval_outputs(logits, batch["labels"])
+            if kept is not None:
+                probs.append(kept[0])
+                labels.append(kept[1])
         parts = gather_object([(loss_sum, count, probs, labels)])
         self.model.train()
         out = EvalOutputs(
-            task=self.task,
+            task=self.task.spec.name,
             label_names=self.label_names,
             loss_sum=sum(p[0] for p in parts),
             loss_count=sum(p[1] for p in parts),
@@ -60,20 +60,8 @@ class Evaluator:
         all_probs = [a for p in parts for a in p[2]]
         all_labels = [a for p in parts for a in p[3]]
         if all_probs:
-            if self.task == "regression":
+            if self.task.spec.label == "number":  # predictions, not class probabilities
                 out.preds, out.labels = np.concatenate(all_probs), np.concatenate(all_labels)
             else:
                 out.probs, out.labels = np.concatenate(all_probs), np.concatenate(all_labels)
         return compute(out, self.metric_names)
-
-    def _outputs(self, logits: torch.Tensor, labels: torch.Tensor):
-        if self.task == "sequence_classification":
-            return logits.softmax(-1).cpu().numpy(), labels.cpu().numpy()
-        if self.task == "multi_label_classification":
-            return logits.sigmoid().cpu().numpy(), labels.cpu().numpy()
-        if self.task == "regression":
-            return logits.reshape(-1).cpu().numpy(), labels.cpu().numpy()
-        if self.task == "token_classification":
-            keep = labels != -100
-            return logits[keep].softmax(-1).cpu().numpy(), labels[keep].cpu().numpy()
-        return None, None

@@ -9,23 +9,18 @@ from __future__ import annotations
 
 import torch
 
+from launcher.config.loading import resolve_model_path
 from launcher.config.recipe import Recipe
-from launcher.planning.checks import resolve_model_path
+from launcher.train.tasks import TaskHooks
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _auto_class(task: str):
-    import transformers as tf
+def auto_class(recipe: Recipe):
+    """transformers' Auto* class of the recipe's task type (config.tasks: the head it adds)."""
+    import transformers
 
-    return {
-        "sequence_classification": tf.AutoModelForSequenceClassification,
-        "multi_label_classification": tf.AutoModelForSequenceClassification,
-        "regression": tf.AutoModelForSequenceClassification,
-        "token_classification": tf.AutoModelForTokenClassification,
-        "causal_lm": tf.AutoModelForCausalLM,
-        "seq2seq": tf.AutoModelForSeq2SeqLM,
-    }[task]
+    return getattr(transformers, recipe.task.spec.auto_class)
 
 
 def load_tokenizer(recipe: Recipe):
@@ -57,28 +52,18 @@ def bnb_config(recipe: Recipe):
 HEAD_NAMES = ("classifier", "score")  # the freshly initialised heads of Auto*ForSequence/TokenClassification
 
 
-def head_modules(model: torch.nn.Module, task: str) -> list[str]:
-    """The task head, which LoRA must train in full: it starts random. Causal-LM/seq2seq heads are pretrained."""
-    if task in ("causal_lm", "seq2seq"):
+def head_modules(model: torch.nn.Module, recipe: Recipe) -> list[str]:
+    """The task head, which LoRA must train in full: it starts random. A language model's head is pretrained."""
+    if recipe.task.spec.language_model:
         return []
     return [name for name, _ in model.named_children() if name in HEAD_NAMES]
-
-
-PEFT_TASKS = {
-    "sequence_classification": "SEQ_CLS",
-    "multi_label_classification": "SEQ_CLS",
-    "regression": "SEQ_CLS",
-    "token_classification": "TOKEN_CLS",
-    "causal_lm": "CAUSAL_LM",
-    "seq2seq": "SEQ_2_SEQ_LM",
-}
 
 
 def add_lora(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
     cfg = recipe.model.lora
-    to_save = head_modules(model, recipe.task.type) if cfg.modules_to_save == "auto" else list(cfg.modules_to_save)
+    to_save = head_modules(model, recipe) if cfg.modules_to_save == "auto" else list(cfg.modules_to_save)
     config = LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
@@ -86,7 +71,7 @@ def add_lora(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
         use_dora=cfg.use_dora,
         target_modules=cfg.target_modules,
         modules_to_save=to_save or None,
-        task_type=PEFT_TASKS[recipe.task.type],
+        task_type=recipe.task.spec.peft_task_type,
     )
     return get_peft_model(model, config)
 
@@ -99,19 +84,16 @@ def build(recipe: Recipe, tokenizer, device: torch.device | str = "cpu") -> torc
         "trust_remote_code": recipe.model.trust_remote_code,
         "dtype": DTYPES[recipe.model.dtype],
     }
-    if task.type in ("sequence_classification", "multi_label_classification", "token_classification", "regression"):
+    if task.spec.hf_problem_type is not None:  # a classifier head, sized to the classes
         kwargs["num_labels"] = task.resolved_num_labels
-        kwargs["problem_type"] = {
-            "multi_label_classification": "multi_label_classification",
-            "regression": "regression",
-        }.get(task.type, "single_label_classification")
+        kwargs["problem_type"] = task.spec.hf_problem_type
         if task.labels:
             kwargs["id2label"] = dict(enumerate(task.labels))
             kwargs["label2id"] = {name: i for i, name in enumerate(task.labels)}
     if recipe.model.quantization is not None:
         kwargs["quantization_config"] = bnb_config(recipe)
         kwargs["device_map"] = {"": device}
-    model = _auto_class(task.type).from_pretrained(resolve_model_path(recipe.model.path), **kwargs)
+    model = auto_class(recipe).from_pretrained(resolve_model_path(recipe.model.path), **kwargs)
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     checkpointing = {"use_reentrant": False}  # the reentrant variant needs inputs that require grad
@@ -127,10 +109,5 @@ def build(recipe: Recipe, tokenizer, device: torch.device | str = "cpu") -> torc
     return model
 
 
-def forward_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    if task == "seq2seq":
-        inner = getattr(model, "module", model)
-        labels = batch["labels"]
-        inputs["decoder_input_ids"] = inner.prepare_decoder_input_ids_from_labels(labels=labels)
-    return model(**inputs).logits
+def forward_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], task: TaskHooks) -> torch.Tensor:
+    return model(**task.model_inputs(model, batch)).logits
