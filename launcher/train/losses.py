@@ -1,22 +1,37 @@
-"""Loss registry. Each loss returns the SUM of its terms over a micro-batch.
+"""Loss registry: loss config class (config.recipe's LossConfig union) → builder. Each loss returns the SUM
+of its terms over a micro-batch.
 
 The training loop divides by the number of loss terms in the whole global
 batch (known on every rank from the sampler), so the gradient is the same
 whatever the world size, micro-batch or accumulation: a mean over the global
 batch, not a mean of per-rank means.
+
+What a loss needs from the data (class weights `auto`: the training split's class counts) comes in through a
+`LossContext`, so the run builds every loss the same way and knows none by name.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from launcher.config.recipe import BCE, MAE, MSE, CrossEntropy, Focal, Huber
+from launcher.config.tasks import TaskSpec
+from launcher.train.tasks import IGNORE
 
-IGNORE = -100
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class LossContext:
+    """What a loss may need beyond its config: the task, and facts of the training data, computed on demand."""
+
+    task: TaskSpec
+    label_counts: Callable[[], list[int]] = field(default=lambda: [])  # rows per class in the training split
+    log: Callable[[str], None] = field(default=lambda message: None)
 
 
 def class_weights_from_counts(counts: list[int]) -> list[float]:
@@ -29,7 +44,14 @@ def _flatten(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
     return logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
 
 
-def cross_entropy(cfg: CrossEntropy, class_weights: list[float] | None) -> LossFn:
+def cross_entropy(cfg: CrossEntropy, ctx: LossContext) -> LossFn:
+    class_weights = None
+    if cfg.class_weights == "auto":
+        class_weights = class_weights_from_counts(ctx.label_counts())
+        ctx.log(f"class weights: {[round(w, 4) for w in class_weights]}")
+    elif cfg.class_weights is not None:
+        class_weights = list(cfg.class_weights)
+
     def fn(logits, labels):
         logits, labels = _flatten(logits, labels)
         weight = torch.tensor(class_weights, dtype=torch.float32, device=logits.device) if class_weights else None
@@ -46,8 +68,9 @@ def cross_entropy(cfg: CrossEntropy, class_weights: list[float] | None) -> LossF
     return fn
 
 
-def focal(cfg: Focal, multi_label: bool) -> LossFn:
+def focal(cfg: Focal, ctx: LossContext) -> LossFn:
     """Lin et al. 2017. Multi-label: per-label sigmoid focal, averaged over labels per example."""
+    multi_label = ctx.task.label == "multi_hot"
 
     def fn(logits, labels):
         if multi_label:
@@ -71,7 +94,7 @@ def focal(cfg: Focal, multi_label: bool) -> LossFn:
     return fn
 
 
-def bce(cfg: BCE) -> LossFn:
+def bce(cfg: BCE, ctx: LossContext) -> LossFn:
     def fn(logits, labels):
         pos = cfg.pos_weight
         pos_weight = None
@@ -83,16 +106,18 @@ def bce(cfg: BCE) -> LossFn:
     return fn
 
 
-def regression(kind: str, delta: float = 1.0) -> LossFn:
-    def fn(logits, labels):
-        preds = logits.float().reshape(-1)
-        if kind == "mse":
-            return F.mse_loss(preds, labels, reduction="sum")
-        if kind == "mae":
-            return F.l1_loss(preds, labels, reduction="sum")
-        return F.huber_loss(preds, labels, delta=delta, reduction="sum")
+def _pointwise(distance: Callable[..., torch.Tensor]) -> Callable[..., LossFn]:
+    """A regression loss: `distance(predictions, targets, reduction="sum", **settings)` on one output each."""
 
-    return fn
+    def build(cfg, ctx: LossContext) -> LossFn:
+        settings = {"delta": cfg.delta} if isinstance(cfg, Huber) else {}
+
+        def fn(logits, labels):
+            return distance(logits.float().reshape(-1), labels, reduction="sum", **settings)
+
+        return fn
+
+    return build
 
 
 def causal(inner: LossFn) -> LossFn:
@@ -108,17 +133,18 @@ def causal(inner: LossFn) -> LossFn:
     return fn
 
 
-def build_loss(task: str, cfg, class_weights: list[float] | None = None) -> LossFn:
-    if isinstance(cfg, CrossEntropy):
-        fn = cross_entropy(cfg, class_weights)
-    elif isinstance(cfg, Focal):
-        fn = focal(cfg, multi_label=task == "multi_label_classification")
-    elif isinstance(cfg, BCE):
-        fn = bce(cfg)
-    elif isinstance(cfg, (MSE, MAE)):
-        fn = regression(cfg.name)
-    elif isinstance(cfg, Huber):
-        fn = regression("huber", cfg.delta)
-    else:
-        raise AssertionError(f"no loss for {cfg!r}")
-    return causal(fn) if task == "causal_lm" else fn
+# loss config class → builder(cfg, ctx); total over the schema's LossConfig union (tests/unit/test_registries.py)
+LOSSES: dict[type, Callable[..., LossFn]] = {
+    CrossEntropy: cross_entropy,
+    Focal: focal,
+    BCE: bce,
+    MSE: _pointwise(F.mse_loss),
+    MAE: _pointwise(F.l1_loss),
+    Huber: _pointwise(F.huber_loss),
+}
+
+
+def build_loss(cfg, ctx: LossContext) -> LossFn:
+    """The loss `cfg` configures, for the task of `ctx` (next-token tasks score the following token)."""
+    fn = LOSSES[type(cfg)](cfg, ctx)
+    return causal(fn) if ctx.task.next_token else fn

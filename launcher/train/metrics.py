@@ -1,15 +1,41 @@
-"""Metric registry on gathered predictions (NumPy; checked against scikit-learn in the tests).
+"""Metric registry on gathered predictions: metric name → function (NumPy; checked against scikit-learn).
 
 Evaluation gathers every rank's outputs to one place and computes metrics
-once on the whole split, so they do not depend on the world size.
+once on the whole split, so they do not depend on the world size. Which
+metrics fit a task is the task registry's business (config.tasks); a metric
+here only reads the outputs it needs.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
+
+from launcher.config.tasks import TASKS
+
+
+@dataclass
+class ClassCounts:
+    """Per-class true positives, false positives, false negatives and support, and exact-match accuracy."""
+
+    tp: np.ndarray
+    fp: np.ndarray
+    fn: np.ndarray
+    support: np.ndarray
+    accuracy: float
+
+    @cached_property
+    def prf(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        tp, fp, fn = self.tp, self.fp, self.fn
+        with np.errstate(divide="ignore", invalid="ignore"):
+            precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), 0.0)
+            recall = np.where(tp + fn > 0, tp / np.maximum(tp + fn, 1), 0.0)
+            f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0.0)
+        return precision, recall, f1
 
 
 @dataclass
@@ -24,19 +50,34 @@ class EvalOutputs:
     preds: np.ndarray | None = None  # regression predictions
     label_names: list[str] = field(default_factory=list)
 
+    @property
+    def multi_label(self) -> bool:
+        return TASKS[self.task].label == "multi_hot"
 
-def _confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
-    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(matrix, (y_true, y_pred), 1)
-    return matrix
-
-
-def _prf(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), 0.0)
-        recall = np.where(tp + fn > 0, tp / np.maximum(tp + fn, 1), 0.0)
-        f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0.0)
-    return precision, recall, f1
+    @cached_property
+    def counts(self) -> ClassCounts:
+        probs, labels = self.probs, self.labels
+        if self.multi_label:
+            preds = (probs >= 0.5).astype(np.int64)
+            truth = labels.astype(np.int64)
+            return ClassCounts(
+                tp=(preds & truth).sum(0),
+                fp=(preds & (1 - truth)).sum(0),
+                fn=((1 - preds) & truth).sum(0),
+                support=truth.sum(0),
+                accuracy=float((preds == truth).all(axis=1).mean()),
+            )
+        preds = probs.argmax(axis=1)
+        matrix = np.zeros((probs.shape[1], probs.shape[1]), dtype=np.int64)
+        np.add.at(matrix, (labels, preds), 1)
+        tp = np.diag(matrix)
+        return ClassCounts(
+            tp=tp,
+            fp=matrix.sum(0) - tp,
+            fn=matrix.sum(1) - tp,
+            support=matrix.sum(1),
+            accuracy=float((preds == labels).mean()),
+        )
 
 
 def binary_auc(y_true: np.ndarray, scores: np.ndarray) -> float:
@@ -58,77 +99,80 @@ def binary_auc(y_true: np.ndarray, scores: np.ndarray) -> float:
     return float((ranks[y_true].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def classification_metrics(out: EvalOutputs, names: list[str]) -> dict:
-    probs, labels = out.probs, out.labels
-    multi_label = out.task == "multi_label_classification"
-    if multi_label:
-        preds = (probs >= 0.5).astype(np.int64)
-        truth = labels.astype(np.int64)
-        tp = (preds & truth).sum(0)
-        fp = (preds & (1 - truth)).sum(0)
-        fn = ((1 - preds) & truth).sum(0)
-        support = truth.sum(0)
-        accuracy = float((preds == truth).all(axis=1).mean())
-    else:
-        num_classes = probs.shape[1]
-        preds = probs.argmax(axis=1)
-        matrix = _confusion(labels, preds, num_classes)
-        tp = np.diag(matrix)
-        fp = matrix.sum(0) - tp
-        fn = matrix.sum(1) - tp
-        support = matrix.sum(1)
-        accuracy = float((preds == labels).mean())
-    precision, recall, f1 = _prf(tp, fp, fn)
-    result: dict = {}
-    wanted = set(names)
-    if "accuracy" in wanted:
-        result["accuracy"] = accuracy
-    for name, values in (("precision", precision), ("recall", recall), ("f1", f1)):
-        if name in wanted:
-            result[f"{name}_macro"] = float(values.mean())
-    if "per_class" in wanted:
-        labels_named = out.label_names or [str(i) for i in range(len(tp))]
-        result["per_class"] = {
-            labels_named[i]: {
+def accuracy(out: EvalOutputs) -> dict:
+    return {"accuracy": out.counts.accuracy}
+
+
+def _macro(index: int, name: str) -> Callable[[EvalOutputs], dict]:
+    def metric(out: EvalOutputs) -> dict:
+        return {f"{name}_macro": float(out.counts.prf[index].mean())}
+
+    return metric
+
+
+def per_class(out: EvalOutputs) -> dict:
+    counts = out.counts
+    precision, recall, f1 = counts.prf
+    names = out.label_names or [str(i) for i in range(len(counts.tp))]
+    return {
+        "per_class": {
+            names[i]: {
                 "precision": float(precision[i]),
                 "recall": float(recall[i]),
                 "f1": float(f1[i]),
-                "support": int(support[i]),
+                "support": int(counts.support[i]),
             }
-            for i in range(len(tp))
+            for i in range(len(counts.tp))
         }
-    if "roc_auc" in wanted:
-        if multi_label:
-            columns = [binary_auc(labels[:, k], probs[:, k]) for k in range(probs.shape[1])]
-        elif probs.shape[1] == 2:
-            columns = [binary_auc(labels == 1, probs[:, 1])]
-        else:
-            columns = [binary_auc(labels == k, probs[:, k]) for k in range(probs.shape[1])]
-        valid = [c for c in columns if not math.isnan(c)]
-        result["roc_auc"] = float(np.mean(valid)) if valid else float("nan")
-    return result
+    }
 
 
-def regression_metrics(out: EvalOutputs, names: list[str]) -> dict:
-    errors = out.preds.astype(np.float64) - out.labels.astype(np.float64)
-    result = {}
-    if "mae" in names:
-        result["mae"] = float(np.abs(errors).mean())
-    if "rmse" in names:
-        result["rmse"] = float(np.sqrt((errors**2).mean()))
-    return result
+def roc_auc(out: EvalOutputs) -> dict:
+    """Macro one-vs-rest over classes (multi-label: over labels); binary: the positive class."""
+    probs, labels = out.probs, out.labels
+    if out.multi_label:
+        columns = [binary_auc(labels[:, k], probs[:, k]) for k in range(probs.shape[1])]
+    elif probs.shape[1] == 2:
+        columns = [binary_auc(labels == 1, probs[:, 1])]
+    else:
+        columns = [binary_auc(labels == k, probs[:, k]) for k in range(probs.shape[1])]
+    valid = [c for c in columns if not math.isnan(c)]
+    return {"roc_auc": float(np.mean(valid)) if valid else float("nan")}
 
 
-def perplexity(out: EvalOutputs) -> float:
-    return float(math.exp(min(out.loss_sum / max(out.loss_count, 1.0), 50.0)))
+def _errors(out: EvalOutputs) -> np.ndarray:
+    return out.preds.astype(np.float64) - out.labels.astype(np.float64)
+
+
+def mae(out: EvalOutputs) -> dict:
+    return {"mae": float(np.abs(_errors(out)).mean())}
+
+
+def rmse(out: EvalOutputs) -> dict:
+    return {"rmse": float(np.sqrt((_errors(out) ** 2).mean()))}
+
+
+def perplexity(out: EvalOutputs) -> dict:
+    return {"perplexity": float(math.exp(min(out.loss_sum / max(out.loss_count, 1.0), 50.0)))}
+
+
+# metric name (as a recipe writes it) → function of the outputs; total over the task registry's metrics
+METRICS: dict[str, Callable[[EvalOutputs], dict]] = {
+    "accuracy": accuracy,
+    "precision": _macro(0, "precision"),
+    "recall": _macro(1, "recall"),
+    "f1": _macro(2, "f1"),
+    "per_class": per_class,
+    "roc_auc": roc_auc,
+    "mae": mae,
+    "rmse": rmse,
+    "perplexity": perplexity,
+}
 
 
 def compute(out: EvalOutputs, names: list[str]) -> dict:
+    """The split's mean loss per loss term, then each named metric, in the order named."""
     result = {"loss": out.loss_sum / max(out.loss_count, 1.0)}
-    if out.task in ("sequence_classification", "multi_label_classification", "token_classification"):
-        result.update(classification_metrics(out, names))
-    elif out.task == "regression":
-        result.update(regression_metrics(out, names))
-    if "perplexity" in names:
-        result["perplexity"] = perplexity(out)
+    for name in names:
+        result.update(METRICS[name](out))
     return result
