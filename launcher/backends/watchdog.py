@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from launcher.train.heartbeat import DUMP_SIGNAL, PHASES, read_beats, stack_path
+from launcher.records import DUMP_SIGNAL, PHASES, read_beats, stack_path
 
 DUMP_WAIT_S = 5.0  # how long the dumps may take to appear before the ranks are stopped anyway
 KILL_AFTER_S = 10.0  # SIGTERM first; SIGKILL what is still alive after this
@@ -40,7 +40,7 @@ class Watchdog(threading.Thread):
     def run(self) -> None:
         host, me = socket.gethostname(), os.getpid()
         while not self._done.wait(self._poll_s):
-            beats = [b for b in read_beats(self.run_dir, self._since) if b["phase"] != "done"]
+            beats = [b.model_dump() for b in read_beats(self.run_dir, self._since) if b.phase != "done"]
             mine = [b for b in beats if b["host"] == host and b["agent_pid"] == me]
             now = time.time()
             if any(now - b["time"] > self.limit_s for b in mine):

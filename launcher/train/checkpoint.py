@@ -19,6 +19,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from launcher.records import CheckpointState, RecordError, write_json_atomic
+
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"
@@ -61,31 +63,32 @@ def find_resume(run_dir: Path, resume: str) -> Path | None:
     return found[-1] if found else None
 
 
-def read_state(folder: Path) -> dict:
-    return json.loads((folder / STATE_FILE).read_text())
+def read_state(folder: Path) -> CheckpointState:
+    return CheckpointState.read(folder / STATE_FILE)
 
 
-def check_compatible(folder: Path, recipe, plan) -> dict:
+def check_compatible(folder: Path, recipe, plan) -> CheckpointState:
     """The checkpoint's state if it can continue this recipe under this plan. The world size may differ: the
     data position is in samples and the global batch is the recipe's, so only the split into micro-batches
-    changes (ZeRO states are resharded at load: train.strategy). The strategy may not: its states' layout."""
+    changes (ZeRO states are resharded at load: train.engines). The strategy may not: its states' layout."""
     try:
         state = read_state(folder)
-        state["fingerprint"], state["world_size"], state["step"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except RecordError:
+        state = None
+    if state is None or state.fingerprint is None or state.world_size is None:
         raise CheckpointMismatch(
             f"{folder} is not a readable checkpoint (no valid {STATE_FILE}); point train.resume "
             "at a checkpoint-* folder, or remove it"
-        ) from None
+        )
     mine = fingerprint(recipe)
-    differ = {k: (state["fingerprint"].get(k), v) for k, v in mine.items() if state["fingerprint"].get(k) != v}
+    differ = {k: (state.fingerprint.get(k), v) for k, v in mine.items() if state.fingerprint.get(k) != v}
     if differ:
         detail = "; ".join(f"{k}: checkpoint {a!r}, recipe {b!r}" for k, (a, b) in differ.items())
         raise CheckpointMismatch(
             f"{folder} was written by a different run ({detail}). Use another output_dir, "
             "or train.resume=never to start over in a fresh output_dir."
         )
-    written = state.get("plan", {}).get("strategy", plan.strategy)
+    written = state.plan.get("strategy", plan.strategy)
     if written != plan.strategy:  # `strategy: auto` can choose differently on another number of GPUs
         raise CheckpointMismatch(
             f"{folder} holds {written} states but this launch plans {plan.strategy} "
@@ -95,12 +98,12 @@ def check_compatible(folder: Path, recipe, plan) -> dict:
     return state
 
 
-def world_size_note(state: dict, world_size: int) -> str | None:
+def world_size_note(state: CheckpointState, world_size: int) -> str | None:
     """What changes when a checkpoint resumes on another number of processes (None: the same)."""
-    if state["world_size"] == world_size:
+    if state.world_size == world_size:
         return None
     return (
-        f"world size changed: checkpoint written by {state['world_size']} processes, resuming on {world_size}; "
+        f"world size changed: checkpoint written by {state.world_size} processes, resuming on {world_size}; "
         f"same global batch, split into other micro-batches (summation order differs: float rounding only)"
     )
 
@@ -128,7 +131,7 @@ def save(
     accelerator,
     run_dir: Path,
     step: int,
-    state: dict,
+    state: CheckpointState,
     keep_last: int,
     engine=None,
     hash_files: bool = True,
@@ -151,7 +154,7 @@ def save(
         written()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_json_atomic(tmp / STATE_FILE, state)
+        state.write(tmp / STATE_FILE)
         write_manifest(tmp, hash_files)
         if final.exists():  # the same step saved again (e.g. end of run after a save_every hit)
             shutil.rmtree(final)
@@ -242,15 +245,6 @@ def prune(run_dir: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
     for stale in run_dir.glob(f".tmp-{PREFIX}*"):
         shutil.rmtree(stale, ignore_errors=True)
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _fsync_dir(folder: Path) -> None:

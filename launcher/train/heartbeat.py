@@ -15,39 +15,15 @@ all its threads (RUN/.heartbeat/stack-rank-R.txt), even while it is blocked insi
 from __future__ import annotations
 
 import faulthandler
-import json
 import os
-import signal
 import socket
 import threading
 import time
 from pathlib import Path
 
-HEARTBEAT_DIR = ".heartbeat"
+from launcher.records import DUMP_SIGNAL, Beat, beat_path, stack_path
+
 FLUSH_S = 0.25  # how stale a note on disk may be; far below any hang_timeout worth setting
-DUMP_SIGNAL = signal.SIGUSR2  # USR1 is the stop request (launcher.train.stop)
-# The phases of a run in the order a rank goes through them; a rank earlier in this order at the same step is behind.
-PHASES = (
-    "data",
-    "forward",
-    "backward",
-    "optimizer",
-    "eval",
-    "save",
-    "stop-sync",
-    "final-save",
-    "final-eval",
-    "export",
-    "done",
-)
-
-
-def beat_path(run_dir: Path, rank: int) -> Path:
-    return Path(run_dir) / HEARTBEAT_DIR / f"rank-{rank}.json"
-
-
-def stack_path(run_dir: Path, rank: int) -> Path:
-    return Path(run_dir) / HEARTBEAT_DIR / f"stack-rank-{rank}.txt"
 
 
 class Heartbeat:
@@ -97,19 +73,6 @@ class Heartbeat:
         with self._lock:  # the training thread writes "done" itself
             note = self._note
             step, phase, since = note
-            self._tmp.write_text(json.dumps({**self._who, "step": step, "phase": phase, "time": since}))
+            self._tmp.write_text(Beat(**self._who, step=step, phase=phase, time=since).model_dump_json())
             os.replace(self._tmp, self._path)
             self._written = note
-
-
-def read_beats(run_dir: Path, since: float) -> list[dict]:
-    """Every rank's last note written after `since` (older files are from an earlier launch)."""
-    beats = []
-    for path in (Path(run_dir) / HEARTBEAT_DIR).glob("rank-*.json"):
-        try:
-            beat = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue  # replaced between glob and read: the next poll sees the new one
-        if beat["time"] >= since:
-            beats.append(beat)
-    return sorted(beats, key=lambda b: b["rank"])

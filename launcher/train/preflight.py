@@ -94,11 +94,13 @@ def check(recipe, plan, rank: int, world: int, device) -> list[str]:
         )
     }
     if rank == 0:
-        show(report)
-        from launcher.train.checkpoint import write_json_atomic
+        from launcher.records import PreflightReport
+        from launcher.train.report import show_preflight
+
+        show_preflight(report)
 
         try:
-            write_json_atomic(out / REPORT, report)
+            PreflightReport.model_validate(report).write(out / REPORT)
         except OSError as exc:
             print(f"preflight: cannot write {out / REPORT}: {exc}", flush=True)
     if report["failures"]:
@@ -224,7 +226,7 @@ def _parse_size(text: str | None) -> int | None:
 def needs(recipe, plan) -> dict:
     """Host RAM and disk each node needs, from the planner (the model's config on the meta device).
     CPU ranks keep the model states in host RAM too, so they count with the host's share."""
-    from launcher.config.loading import RecipeError
+    from launcher.errors import RecipeError
     from launcher.planning import memory
 
     try:
@@ -280,8 +282,8 @@ def evaluate(
         for node in nodes:
             if node_bw[node] < slow_factor * median:
                 failures.append(
-                    f"node {node}: all-reduce bus bandwidth {_gbps(node_bw[node])} with its peers, "
-                    f"below {slow_factor:g} x the median {_gbps(median)} of all node pairs; {EXCLUDE_HINT}"
+                    f"node {node}: all-reduce bus bandwidth {gbps(node_bw[node])} with its peers, "
+                    f"below {slow_factor:g} x the median {gbps(median)} of all node pairs; {EXCLUDE_HINT}"
                 )
 
     fs_bad = {}
@@ -304,7 +306,7 @@ def evaluate(
             if need[what] is not None and have < need[what]:
                 where = "free host RAM" if what == "ram" else "free disk at output_dir"
                 failures.append(
-                    f"node {node}: {where} {_gib(have)}, the run needs {_gib(need[what])}: free some, "
+                    f"node {node}: {where} {gib_or_dash(have)}, the run needs {gib_or_dash(need[what])}: free some, "
                     f"{'use another output_dir' if what == 'disk' else 'use a node with more memory'}, "
                     f"or {EXCLUDE_HINT}"
                 )
@@ -349,65 +351,11 @@ def _round_gb(bps: float | None) -> float | None:
     return None if bps is None else round(bps / 1e9, 4)
 
 
-def _gbps(bps: float | None) -> str:
+def gbps(bps: float | None) -> str:
     return "-" if bps is None else f"{bps / 1e9:.3g} GB/s"
 
 
-def _gib(num_bytes: int | None) -> str:
+def gib_or_dash(num_bytes: int | None) -> str:
     from launcher.planning.memory import gib
 
     return "-" if num_bytes is None else gib(num_bytes)
-
-
-def show(report: dict) -> None:
-    """Rank 0's table: one row per node; then who differs, when versions do."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(width=160)
-    table = Table(
-        title=f"pre-flight: {report['world_size']} ranks, all-reduce of {_gib(report['allreduce']['bytes'])}"
-        f" at {_gbps(_bps(report['allreduce']['bus_bandwidth_GBps']))} bus bandwidth"
-    )
-    for column in (
-        "node",
-        "ranks",
-        "versions",
-        "bandwidth",
-        "shared FS",
-        "RAM free / needed",
-        "disk free / needed",
-        "status",
-    ):
-        table.add_column(column)
-    for row in report["nodes"]:
-        table.add_row(
-            row["node"],
-            ",".join(map(str, row["ranks"])),
-            "ok" if row["versions_ok"] else "DIFFER",
-            _gbps(_bps(row["bus_bandwidth_GBps"])),
-            "ok" if row["shared_fs_ok"] else "FAIL",
-            f"{_gib(row['ram_free'])} / {_gib(row['ram_needed'])}",
-            f"{_gib(row['disk_free'])} / {_gib(row['disk_needed'])}",
-            "ok" if row["ok"] else "[bold red]FAIL[/]",
-        )
-    console.print(table)
-    if report["version_mismatch"]:
-        differ = Table(title="versions that differ between ranks")
-        columns = list(report["version_mismatch"][0])
-        for column in columns:
-            differ.add_column(column)
-        for group in report["version_mismatch"]:
-            differ.add_row(*(",".join(map(str, v)) if isinstance(v, list) else str(v) for v in group.values()))
-        console.print(differ)
-    if report["note"]:
-        console.print(f"pre-flight: {report['note']}")
-    elif report["slowest_pair"]:
-        console.print(f"pre-flight: slowest node pair {' - '.join(report['slowest_pair'])}")
-    for failure in report["failures"]:
-        console.print(f"[bold red]pre-flight failed[/]: {failure}", soft_wrap=True)
-    console.print(f"pre-flight {report['status']} in {report['seconds']:.2f} s", soft_wrap=True)
-
-
-def _bps(gbps: float | None) -> float | None:
-    return None if gbps is None else gbps * 1e9

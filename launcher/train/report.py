@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from launcher.train.preflight import gbps, gib_or_dash
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -195,3 +197,57 @@ class StepLosses:
             )
         self.pending = []
         self.window_start = time.time()
+
+
+def show_preflight(report: dict) -> None:
+    """Rank 0's table: one row per node; then who differs, when versions do."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=160)
+    table = Table(
+        title=f"pre-flight: {report['world_size']} ranks, all-reduce of {gib_or_dash(report['allreduce']['bytes'])}"
+        f" at {gbps(_bps(report['allreduce']['bus_bandwidth_GBps']))} bus bandwidth"
+    )
+    for column in (
+        "node",
+        "ranks",
+        "versions",
+        "bandwidth",
+        "shared FS",
+        "RAM free / needed",
+        "disk free / needed",
+        "status",
+    ):
+        table.add_column(column)
+    for row in report["nodes"]:
+        table.add_row(
+            row["node"],
+            ",".join(map(str, row["ranks"])),
+            "ok" if row["versions_ok"] else "DIFFER",
+            gbps(_bps(row["bus_bandwidth_GBps"])),
+            "ok" if row["shared_fs_ok"] else "FAIL",
+            f"{gib_or_dash(row['ram_free'])} / {gib_or_dash(row['ram_needed'])}",
+            f"{gib_or_dash(row['disk_free'])} / {gib_or_dash(row['disk_needed'])}",
+            "ok" if row["ok"] else "[bold red]FAIL[/]",
+        )
+    console.print(table)
+    if report["version_mismatch"]:
+        differ = Table(title="versions that differ between ranks")
+        columns = list(report["version_mismatch"][0])
+        for column in columns:
+            differ.add_column(column)
+        for group in report["version_mismatch"]:
+            differ.add_row(*(",".join(map(str, v)) if isinstance(v, list) else str(v) for v in group.values()))
+        console.print(differ)
+    if report["note"]:
+        console.print(f"pre-flight: {report['note']}")
+    elif report["slowest_pair"]:
+        console.print(f"pre-flight: slowest node pair {' - '.join(report['slowest_pair'])}")
+    for failure in report["failures"]:
+        console.print(f"[bold red]pre-flight failed[/]: {failure}", soft_wrap=True)
+    console.print(f"pre-flight {report['status']} in {report['seconds']:.2f} s", soft_wrap=True)
+
+
+def _bps(gbps: float | None) -> float | None:
+    return None if gbps is None else gbps * 1e9

@@ -1,0 +1,55 @@
+"""The launch spec: what the launcher decided, written once for every rank to read (torch-free).
+
+`OUTPUT_DIR/launch/` holds the resolved recipe (recipe.yaml), the plan (plan.json) and the launch facts
+(facts.json: when `launch` started and when planning ended, so each rank can split its time to first step).
+Ranks read these instead of environment variables or deciding again; a Slurm node's agent writes its own
+copy into a node-local folder, and Ray hands the same three texts to its workers.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict
+
+from launcher.config.loading import dump_recipe
+from launcher.config.recipe import Recipe
+from launcher.planning.plan import Plan
+
+SPEC_DIR = "launch"
+
+
+class LaunchFacts(BaseModel):
+    """When this launch started and when its checks and plan were done (Unix time)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    started_at: float
+    planned_at: float
+
+    @classmethod
+    def now(cls, started_at: float | None = None) -> LaunchFacts:
+        now = time.time()
+        return cls(started_at=now if started_at is None else started_at, planned_at=now)
+
+
+def write_spec(run_dir: Path, recipe: Recipe, plan: Plan, facts: LaunchFacts) -> Path:
+    """The resolved recipe, plan and launch facts, as every rank will read them."""
+    folder = Path(run_dir) / SPEC_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "recipe.yaml").write_text(dump_recipe(recipe))
+    (folder / "plan.json").write_text(plan.model_dump_json(indent=2))
+    (folder / "facts.json").write_text(facts.model_dump_json(indent=2))
+    return folder
+
+
+def read_spec(folder: Path) -> tuple[Recipe, Plan, LaunchFacts | None]:
+    """What write_spec wrote; facts are None in a spec written before they existed (export of an old run)."""
+    folder = Path(folder)
+    recipe = Recipe.model_validate(yaml.safe_load((folder / "recipe.yaml").read_text()))
+    plan = Plan.model_validate_json((folder / "plan.json").read_text())
+    facts_file = folder / "facts.json"
+    facts = LaunchFacts.model_validate_json(facts_file.read_text()) if facts_file.exists() else None
+    return recipe, plan, facts
