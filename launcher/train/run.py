@@ -1,393 +1,305 @@
-"""train.run(recipe, plan): the one training entry point every backend ends in.
+"""The run lifecycle every backend ends in, on every rank: start → set up → train → finish.
 
-Order: accelerator → pre-flight checks (train.preflight) → tokenizer and data → model → loss → optimizer/scheduler
-→ resume → loop (train, evaluate, checkpoint, log) → export → summary.
+    start     the process group, then the pre-flight checks (train.preflight) before anything heavy
+    set up    tokenizer and data, model and its engine (train.engines), loss, optimizer, resume point
+    train     for each step: a train step, maybe evaluate, maybe save, stop requested?
+    finish    the final checkpoint, validation and test evaluation, the export, summary.json
+
+Each concept has its own helper: the engine holds and updates the model, the task hooks (train.tasks)
+tokenize and collate, `phase` keeps the heartbeat (train.heartbeat) and the failure drill (train.drills),
+the clock (train.clock) the timings, the reporter (train.report) the logs and metrics.
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from launcher.config.recipe import CrossEntropy, Recipe
+from launcher.config.recipe import Recipe
+from launcher.errors import ExitCode
 from launcher.planning.data_files import label_counts, load_splits
 from launcher.planning.plan import Plan
+from launcher.records import CheckpointState, LossEnds, Summary
+from launcher.spec import LaunchFacts
 from launcher.train import checkpoint, preflight
+from launcher.train.clock import Clock
+from launcher.train.components import (
+    make_accelerator,
+    make_optimizer,
+    make_scheduler,
+    peak_memory_bytes,
+    quiet_libraries,
+    shutdown,
+)
 from launcher.train.data import Collate, Sampler, balanced_row_probs, prepare, to_device
+from launcher.train.drills import Drill
 from launcher.train.engines import make_engine
 from launcher.train.evaluate import Evaluator
 from launcher.train.heartbeat import Heartbeat
-from launcher.train.losses import build_loss, class_weights_from_counts
+from launcher.train.losses import LossContext, build_loss
 from launcher.train.model import build, forward_logits, load_tokenizer
 from launcher.train.report import Reporter, StepLosses, rank_logger, truncate_metrics
-from launcher.train.stop import EXIT_STOPPED, StopRequest
+from launcher.train.stop import StopRequest
+from launcher.train.tasks import hooks
 
-# Failure drills: "rank=R,step=S,phase=step|eval|save|write[,kind=kill|raise|hang][,once=PATH]" makes that rank
-# die there (SIGKILL, or an exception) or hang for ever (for the watchdog); write: inside checkpoint.save, this
-# rank's files written, the folder not yet renamed. With once=PATH only the first time (PATH marks it done), so a
-# backend that restarts the ranks by itself (Ray) gets past it. Used by the tests; also handy to rehearse recovery.
-FAULT_ENV = "LAUNCHER_FAULT"
-
-
-class WorldMismatch(RuntimeError):
-    pass
+OnCheckpoint = Callable[[Path, CheckpointState], None]
+# heartbeat phase → the failure drill that fires on entering it (train.drills; "write" fires inside the save)
+DRILL_POINTS = {"data": "step", "eval": "eval", "final-eval": "eval", "save": "save", "final-save": "save"}
 
 
-def make_accelerator(recipe: Recipe, plan: Plan):
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+def run(
+    recipe: Recipe, plan: Plan, facts: LaunchFacts | None = None, on_checkpoint: OnCheckpoint | None = None
+) -> Summary | None:
+    """Train on this rank; the summary (None when only the pre-flight checks ran). `on_checkpoint(folder,
+    state)` is called on every rank once a checkpoint is complete (Ray reports it)."""
+    return Run(recipe, plan, facts or LaunchFacts.now(), on_checkpoint).execute()
 
-    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[recipe.train.precision]
-    if plan.deepspeed_config is not None:
-        mixed = "no"  # DeepSpeed runs the model in bf16/fp16 itself, from its config
-    accelerator = Accelerator(
-        cpu=plan.device == "cpu",
-        mixed_precision=mixed,
-        kwargs_handlers=[InitProcessGroupKwargs(backend=plan.backend, timeout=collective_timeout(recipe))],
-    )
-    # The silent trap of CPU launches: N processes that each believe they are alone.
-    if accelerator.num_processes != plan.world_size:
-        raise WorldMismatch(
-            f"planned world size {plan.world_size} but this process sees {accelerator.num_processes} "
-            f"(distributed type {accelerator.distributed_type}); were the ranks started by torchrun?"
+
+class Run:
+    def __init__(self, recipe: Recipe, plan: Plan, facts: LaunchFacts, on_checkpoint: OnCheckpoint | None):
+        self.recipe, self.plan, self.on_checkpoint = recipe, plan, on_checkpoint
+        self.clock = Clock(facts)
+        self.stop = StopRequest()  # early: the default action of USR1 kills
+        self.run_dir = Path(recipe.output_dir)
+
+    def execute(self) -> Summary | None:
+        self.start()
+        if self.recipe.preflight.run == "only":
+            shutdown(self.acc)
+            return None
+        self.set_up()
+        self.train()
+        return self.finish()
+
+    # ----------------------------------------------------------------------------- start
+    def start(self) -> None:
+        recipe, plan = self.recipe, self.plan
+        self.acc = make_accelerator(recipe, plan)
+        self.clock.mark("process_group")
+        self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        self.log = rank_logger(self.rank)
+        quiet_libraries(self.acc.is_main_process)
+        # the peers, checked before anything heavy is loaded; PreflightFailed on every rank when a check fails
+        self.clock.mark("preflight_start")
+        self.hosts = preflight.check(recipe, plan, self.rank, self.world, self.acc.device)
+        self.clock.mark("preflight_end")
+
+    # ----------------------------------------------------------------------------- set up
+    def set_up(self) -> None:
+        recipe, plan, acc = self.recipe, self.plan, self.acc
+        self.log.info(
+            f"world size {self.world} ({acc.distributed_type.value}, backend {plan.backend}), device "
+            f"{acc.device}, strategy {plan.strategy_label}, hosts {', '.join(self.hosts)}"
         )
-    return accelerator
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.beat = Heartbeat(self.run_dir, self.rank, acc.local_process_index, bool(recipe.distributed.hang_timeout))
+        self.drill = Drill(self.rank)
+        from accelerate.utils import set_seed
 
+        set_seed(recipe.train.seed)
+        self.tokenizer = load_tokenizer(recipe)
+        self.task = hooks(recipe, self.tokenizer)
+        self.splits = load_splits(recipe)
+        self.data = prepare(recipe, self.splits, self.tokenizer)
+        self.clock.mark("data")
+        self.memory_before_model = peak_memory_bytes()
+        self.engine = make_engine(acc, recipe, plan)
+        model = build(recipe, self.tokenizer, acc.device)
+        self.clock.mark("model")
+        context = LossContext(recipe.task.spec, self.train_label_counts, self.log.info)
+        self.loss_fn = build_loss(recipe.task.resolved_loss, context)
+        self.model = self.engine.prepare(model, lambda m: make_optimizer(m, recipe))
+        self.scheduler = make_scheduler(self.engine.base_optimizer, recipe, plan)
+        acc.register_for_checkpointing(self.scheduler)
+        self.collate = Collate(self.task)
+        self.evaluator = Evaluator(acc, self.model, self.loss_fn, self.collate, self.task, recipe, plan)
+        first, last = self.resume()
+        train_rows = self.data["train"]
+        weights = np.array([r["weight"] for r in train_rows], dtype=np.float64)
+        row_probs = balanced_row_probs([r["labels"] for r in train_rows]) if recipe.data.balance else None
+        self.sampler = Sampler(plan, recipe.data.seed, weights, row_probs)
+        self.reporter = Reporter(
+            self.run_dir, acc.is_main_process, plan.total_steps, self.start_step, recipe.train.log_every,
+            recipe.train.tensorboard, self.log,
+        )  # fmt: skip
+        self.losses = StepLosses(acc, self.reporter, plan, first, last)
+        self.eval_every = plan.steps_per_epoch if recipe.train.eval_every == "epoch" else recipe.train.eval_every
 
-def collective_timeout(recipe: Recipe):
-    """distributed.collective_timeout, for the world group and for every group created later.
+    def train_label_counts(self) -> list[int]:
+        return label_counts(self.splits.train, self.recipe.task.resolved_num_labels)
 
-    DeepSpeed and FSDP reuse the world group Accelerate made, but a group made by `new_group` without a
-    timeout (DeepSpeed's, a device mesh's) takes torch's module default (30 minutes), so that default is
-    set too.
-    """
-    from datetime import timedelta
+    def resume(self) -> tuple[float | None, float | None]:
+        """Load the checkpoint the launcher chose (chosen again here, by the same rule); the first and last
+        losses it recorded. Metric lines of steps after it are forgotten: those steps run again."""
+        self.start_step, self.resumed_from, self.resumed_world_size = 0, None, None
+        first = last = None
+        found, _ = checkpoint.newest_intact(self.run_dir, self.recipe.train.resume)
+        if found is not None:
+            state = checkpoint.check_compatible(found, self.recipe, self.plan)
+            self.acc.load_state(str(found))
+            self.engine.load(found, state.world_size)
+            self.start_step, self.resumed_from, self.resumed_world_size = state.step, str(found), state.world_size
+            first, last = state.first_loss, state.last_loss
+            self.log.info(f"resumed from {found} at step {self.start_step}")
+            note = checkpoint.world_size_note(state, self.world)
+            if note:
+                self.log.info(note)
+            if checkpoint.restore_missing_rng(found, self.rank, self.recipe.train.seed, self.start_step):
+                self.log.info(f"no saved random state for rank {self.rank}: seeded from (seed, step, rank)")
+        if self.acc.is_main_process:  # steps after the checkpoint (all, when a killed run had none) are run again
+            truncate_metrics(self.run_dir, self.start_step)
+        self.acc.wait_for_everyone()
+        return first, last
 
-    import torch.distributed.distributed_c10d as c10d
+    # ----------------------------------------------------------------------------- train
+    def train(self) -> None:
+        total = self.plan.total_steps
+        self.model.train()
+        self.clock.mark("train_start")
+        self.clock.mark_cpu("train_start")
+        for step in range(self.start_step, total):
+            done = step + 1
+            self.train_step(step)
+            if self.eval_every and done % self.eval_every == 0 and done != total and self.splits.validation:
+                self.losses.flush()
+                self.phase(done, "eval")
+                self.reporter.evaluation(done, "validation", self.evaluator(self.data["validation"], self.beat.advance))
+            saved = bool(self.recipe.train.save_every) and done % self.recipe.train.save_every == 0 and done != total
+            if saved:
+                self.save(done)
+            self.phase(done, "stop-sync")
+            if done != total and self.stop.agreed(self.acc.device):
+                self.stop_here(done, saved)
+        self.clock.mark("train_end")
+        self.clock.mark_cpu("train_end")
+        self.memory_peak = peak_memory_bytes()
 
-    timeout = timedelta(seconds=recipe.distributed.collective_timeout)
-    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
-    return timeout
-
-
-def _hang() -> None:
-    """The hang drill: a plain Python loop, so that the rank's stack dump shows this frame."""
-    while True:
-        time.sleep(0.05)
-
-
-def _fault(rank: int, step: int, phase: str) -> None:
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    want = dict(part.split("=", 1) for part in spec.split(","))
-    if int(want.get("rank", -1)) == rank and int(want.get("step", -1)) == step and want.get("phase", "step") == phase:
-        if "once" in want:
-            if os.path.exists(want["once"]):
-                return
-            Path(want["once"]).touch()
-        if want.get("kind", "kill") == "raise":
-            raise RuntimeError(f"injected failure at step {step} ({FAULT_ENV})")
-        if want.get("kind") == "hang":
-            _hang()
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    cfg = recipe.train.optimizer
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-
-
-def _scheduler(optimizer, recipe: Recipe, plan: Plan):
-    from transformers import get_scheduler
-
-    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[recipe.train.scheduler.name]
-    return get_scheduler(name, optimizer, num_warmup_steps=plan.warmup_steps, num_training_steps=plan.total_steps)
-
-
-def _param_checksum(tensors) -> float:
-    return float(sum(t.double().sum().item() for t in tensors))
-
-
-def run(recipe: Recipe, plan: Plan, on_checkpoint: Callable[[Path, dict], None] | None = None) -> dict:
-    """on_checkpoint(folder, state) is called on every rank once a checkpoint is complete (Ray reports it)."""
-    t_launch = float(os.environ.get("LAUNCHER_T0", time.time()))
-    t_planned = float(os.environ.get("LAUNCHER_T_PLANNED", t_launch))
-    t0 = time.time()
-    stop = StopRequest()
-    accelerator = make_accelerator(recipe, plan)
-    t_pg = time.time()
-    rank, world = accelerator.process_index, accelerator.num_processes
-    log = rank_logger(rank)
-    _quiet_libraries(accelerator.is_main_process)
-    # the peers, checked before anything heavy is loaded; PreflightFailed on every rank when a check fails
-    t_checks = time.time()
-    hosts = preflight.check(recipe, plan, rank, world, accelerator.device)
-    t_preflight = time.time()
-    if recipe.preflight.run == "only":
-        _shutdown(accelerator)
-        return {"status": "preflight passed", "hosts": hosts}
-    log.info(
-        f"world size {world} ({accelerator.distributed_type.value}, backend {plan.backend}), device "
-        f"{accelerator.device}, strategy {plan.strategy_label}, hosts {', '.join(hosts)}"
-    )
-    run_dir = Path(recipe.output_dir)
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    beat = Heartbeat(run_dir, rank, accelerator.local_process_index, bool(recipe.distributed.hang_timeout))
-
-    from accelerate.utils import set_seed
-
-    set_seed(recipe.train.seed)
-    tokenizer = load_tokenizer(recipe)
-    splits = load_splits(recipe)
-    data = prepare(recipe, splits, tokenizer)
-    t_data = time.time()
-    memory_before_model = _peak_memory_bytes()
-    engine = make_engine(accelerator, recipe, plan)
-    model = build(recipe, tokenizer, accelerator.device)
-    t_model = time.time()
-    task = recipe.task.type
-    loss_cfg = recipe.task.resolved_loss
-    class_weights = None
-    if isinstance(loss_cfg, CrossEntropy) and loss_cfg.class_weights is not None:
-        class_weights = (
-            class_weights_from_counts(label_counts(splits.train, recipe.task.resolved_num_labels))
-            if loss_cfg.class_weights == "auto"
-            else list(loss_cfg.class_weights)
-        )
-        log.info(f"class weights: {[round(w, 4) for w in class_weights]}")
-    loss_fn = build_loss(task, loss_cfg, class_weights)
-    model = engine.prepare(model, lambda m: _optimizer(m, recipe))
-    scheduler = _scheduler(engine.base_optimizer, recipe, plan)
-    accelerator.register_for_checkpointing(scheduler)
-    collate = Collate(tokenizer, task)
-    evaluator = Evaluator(accelerator, model, loss_fn, collate, recipe, plan)
-
-    start_step, first_loss, last_loss, resumed_from, resumed_world_size = 0, None, None, None, None
-    found, _ = checkpoint.newest_intact(run_dir, recipe.train.resume)  # the launcher's choice, made again here
-    if found is not None:
-        state = checkpoint.check_compatible(found, recipe, plan)
-        accelerator.load_state(str(found))
-        engine.load(found, state["world_size"])
-        start_step, resumed_from = state["step"], str(found)
-        first_loss, last_loss = state.get("first_loss"), state.get("last_loss")
-        resumed_world_size = state["world_size"]
-        log.info(f"resumed from {found} at step {start_step}")
-        note = checkpoint.world_size_note(state, world)
-        if note:
-            log.info(note)
-        if checkpoint.restore_missing_rng(found, rank, recipe.train.seed, start_step):
-            log.info(f"no saved random state for rank {rank}: seeded from (seed, step, rank)")
-    if accelerator.is_main_process:  # steps after the checkpoint (all, when a killed run had none) are run again
-        truncate_metrics(run_dir, start_step)
-    accelerator.wait_for_everyone()
-
-    train_rows = data["train"]
-    weights = np.array([r["weight"] for r in train_rows], dtype=np.float64)
-    row_probs = balanced_row_probs([r["labels"] for r in train_rows]) if recipe.data.balance else None
-    sampler = Sampler(plan, recipe.data.seed, weights, row_probs)
-    reporter = Reporter(
-        run_dir,
-        accelerator.is_main_process,
-        plan.total_steps,
-        start_step,
-        recipe.train.log_every,
-        recipe.train.tensorboard,
-        log,
-    )
-    eval_every = plan.steps_per_epoch if recipe.train.eval_every == "epoch" else recipe.train.eval_every
-    model.train()
-    losses = StepLosses(accelerator, reporter, plan, first_loss, last_loss)
-    t_first_step, t_train = None, time.time()
-    cpu_train = time.process_time()
-
-    def state_at(step: int) -> dict:
-        return {
-            "step": step,
-            "epoch": step / plan.steps_per_epoch,
-            "samples_seen": step * plan.global_batch_size,
-            "world_size": world,
-            "first_loss": losses.first,
-            "last_loss": losses.last,
-            "fingerprint": checkpoint.fingerprint(recipe),
-            "plan": plan.model_dump(),
-        }
-
-    def save(step: int, phase: str = "save") -> None:
-        beat(step, phase)
-        losses.flush()
-        _fault(rank, step, "save")
-        state = state_at(step)
-        folder = checkpoint.save(
-            accelerator,
-            run_dir,
-            step,
-            state,
-            recipe.train.keep_last,
-            engine=engine,
-            hash_files=recipe.train.checkpoint_hash,
-            written=lambda: _fault(rank, step, "write"),
-        )
-        if on_checkpoint is not None:
-            on_checkpoint(folder, state)
-
-    for step in range(start_step, plan.total_steps):
-        beat(step + 1, "data")
-        _fault(rank, step + 1, "step")
-        batch_plan = sampler.batch(step, rank)
-        loss_sum = torch.zeros((), dtype=torch.float32, device=accelerator.device)
-        for a, indices in enumerate(batch_plan.micro_batches):
-            batch = to_device(collate([train_rows[i] for i in indices]), accelerator.device)
-            sync = a == len(batch_plan.micro_batches) - 1
-            beat(step + 1, "forward")
-            with engine.accumulating(sync), accelerator.autocast():
-                micro_sum = loss_fn(forward_logits(model, batch, task), batch["labels"])
-            beat(step + 1, "backward")
-            # Every strategy averages gradients over ranks, so scale by world / global terms to get the global mean.
-            engine.backward(micro_sum * world / batch_plan.global_weight, sync)
-            loss_sum += micro_sum.detach().float()
-        beat(step + 1, "optimizer")
-        grad_norm = engine.step()
-        scheduler.step()
+    def train_step(self, step: int) -> None:
+        """One optimizer step over this rank's micro-batches of the global batch `step` (gradient accumulation)."""
         done = step + 1
-        if t_first_step is None:
-            t_first_step = time.time()
-        losses.add(done, loss_sum, batch_plan.global_weight, scheduler.get_last_lr()[0], grad_norm)
-        reporter.tick(done)
-        if done % recipe.train.log_every == 0:
-            losses.flush()
-        if eval_every and done % eval_every == 0 and done != plan.total_steps and splits.validation:
-            losses.flush()
-            beat(done, "eval")
-            _fault(rank, done, "eval")
-            reporter.evaluation(done, "validation", evaluator(data["validation"], beat.advance))
-        saved = recipe.train.save_every and done % recipe.train.save_every == 0 and done != plan.total_steps
-        if saved:
-            save(done)
-        beat(done, "stop-sync")
-        if done != plan.total_steps and stop.agreed(accelerator.device):
-            if not saved:
-                save(done)
-            reporter.close()  # save() returned on every rank only once the checkpoint was in place
-            log.info(f"stop requested by signal: checkpoint of step {done} written, exiting with {EXIT_STOPPED}")
-            _shutdown(accelerator)
-            beat(done, "done")
-            raise SystemExit(EXIT_STOPPED)
-    t_train_end = time.time()
-    cpu_train_end = time.process_time()
-    memory_peak = _peak_memory_bytes()
-    steps_run = plan.total_steps - start_step
-    if steps_run:
-        save(plan.total_steps, "final-save")
+        self.phase(done, "data")
+        plan = self.sampler.batch(step, self.rank)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.acc.device)
+        for a, indices in enumerate(plan.micro_batches):
+            batch = to_device(self.collate([self.data["train"][i] for i in indices]), self.acc.device)
+            sync = a == len(plan.micro_batches) - 1
+            self.phase(done, "forward")
+            with self.engine.accumulating(sync), self.acc.autocast():
+                micro_sum = self.loss_fn(forward_logits(self.model, batch, self.task), batch["labels"])
+            self.phase(done, "backward")
+            # Every strategy averages gradients over ranks, so scale by world / global terms to get the global mean.
+            self.engine.backward(micro_sum * self.world / plan.global_weight, sync)
+            loss_sum += micro_sum.detach().float()
+        self.phase(done, "optimizer")
+        grad_norm = self.engine.step()
+        self.scheduler.step()
+        self.clock.mark("first_step")
+        self.losses.add(done, loss_sum, plan.global_weight, self.scheduler.get_last_lr()[0], grad_norm)
+        self.reporter.tick(done)
+        if done % self.recipe.train.log_every == 0:
+            self.losses.flush()
 
-    results = {}
-    for split in ("validation", "test"):
-        if getattr(splits, split):
-            beat(plan.total_steps, "final-eval")
-            _fault(rank, plan.total_steps, "eval")
-            results[split] = evaluator(data[split], beat.advance)
-            reporter.evaluation(plan.total_steps, split, results[split])
-    reporter.close()
-    beat(plan.total_steps, "export")
+    def phase(self, step: int, name: str) -> None:
+        """Entering phase `name` of `step`: the heartbeat notes it; a failure drill set for it fires."""
+        self.beat(step, name)
+        if name in DRILL_POINTS:
+            self.drill(step, DRILL_POINTS[name])
 
-    checksums = [
-        float(x)
-        for x in accelerator.gather(
-            torch.tensor([_param_checksum(engine.local_tensors())], dtype=torch.float64, device=accelerator.device)
-        ).tolist()
-    ]
-    held = accelerator.gather(torch.tensor([engine.held()], dtype=torch.int64, device=accelerator.device)).tolist()
-    adapter_norms = engine.trainable_norms() if recipe.model.lora is not None else None
-    final_dir = run_dir / "final"
-    full_state = engine.full_state_dict()  # a collective under zero3/fsdp
-    if accelerator.is_main_process:
-        checkpoint.export(engine.unwrapped(), tokenizer, final_dir, full_state)
-    accelerator.wait_for_everyone()
-    train_wall = t_train_end - t_train
-    summary = {
-        "status": "completed",
-        "world_size": world,
-        "distributed_type": accelerator.distributed_type.value,
-        "backend": plan.backend,
-        "hosts": hosts,
-        "steps": plan.total_steps,
-        "steps_this_launch": steps_run,
-        "epochs": plan.total_steps / plan.steps_per_epoch,
-        "samples_seen": plan.total_steps * plan.global_batch_size,
-        "resumed_from": resumed_from,
-        "resumed_world_size": resumed_world_size,  # the checkpoint's world size (may differ from world_size)
-        "train_loss": {"first": losses.first, "last": losses.last},
-        "metrics": results,
-        "final_model": str(final_dir.resolve()),
-        "param_checksum_per_rank": checksums,
-        "strategy": plan.strategy_label,
-        # what the strategy shards (ddp: nothing), and how much of it each rank holds: [local, whole]
-        "sharded": engine.sharded,
-        "held_per_rank": held,
-        "adapter_norms": adapter_norms,  # LoRA: the trained values, to check the saved adapter against
-        "plan": plan.model_dump(),
-        # Peak bytes per rank (CUDA: allocated by torch; CPU: resident set), before the model and after training.
-        "memory": {
-            name: [int(x) for x in accelerator.gather(torch.tensor([value], device=accelerator.device)).tolist()]
-            for name, value in (
-                ("before_model_bytes_per_rank", memory_before_model),
-                ("peak_bytes_per_rank", memory_peak),
-            )
-        },
-        "timings": {
-            "time_to_first_step_s": (t_first_step - t_launch) if t_first_step else None,
-            "recipe_and_plan_s": t_planned - t_launch,
-            "rank_start_s": t0 - t_planned,
-            "process_group_s": t_pg - t0,
-            "preflight_s": t_preflight - t_checks,
-            "data_prep_s": t_data - t_pg - (t_preflight - t_checks),  # library set-up, tokenizer, data
-            "model_load_s": t_model - t_data,
-            "first_step_s": (t_first_step - t_train) if t_first_step else None,
-            "training_wall_s": train_wall,
-            "training_cpu_s": cpu_train_end - cpu_train,  # this rank's CPU time: robust to a busy machine
-            "samples_per_s": steps_run * plan.global_batch_size / train_wall if steps_run and train_wall > 0 else None,
-        },
-    }
-    if accelerator.is_main_process:
-        checkpoint.write_json_atomic(run_dir / "summary.json", summary)
-        log.info(f"done: {plan.total_steps} steps, loss {losses.first} → {losses.last}; model in {final_dir}")
-    _shutdown(accelerator)
-    beat(plan.total_steps, "done")
-    return summary
+    def save(self, step: int, phase: str = "save") -> None:
+        self.losses.flush()
+        self.phase(step, phase)
+        plan = self.plan
+        state = CheckpointState(
+            step=step,
+            epoch=step / plan.steps_per_epoch,
+            samples_seen=step * plan.global_batch_size,
+            world_size=self.world,
+            first_loss=self.losses.first,
+            last_loss=self.losses.last,
+            fingerprint=checkpoint.fingerprint(self.recipe),
+            plan=plan.model_dump(),
+        )
+        folder = checkpoint.save(
+            self.acc, self.run_dir, step, state, self.recipe.train.keep_last, engine=self.engine,
+            hash_files=self.recipe.train.checkpoint_hash, written=lambda: self.drill(step, "write"),
+        )  # fmt: skip
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(folder, state)
 
+    def stop_here(self, step: int, saved: bool) -> None:
+        """Every rank agreed to stop at `step` (a USR1 reached one of them): checkpoint it, exit 75."""
+        if not saved:
+            self.save(step)
+        self.reporter.close()  # save() returned on every rank only once the checkpoint was in place
+        self.log.info(
+            f"stop requested by signal: checkpoint of step {step} written, exiting with {int(ExitCode.STOPPED)}"
+        )
+        shutdown(self.acc)
+        self.beat(step, "done")
+        raise SystemExit(int(ExitCode.STOPPED))
 
-def _shutdown(accelerator) -> None:
-    accelerator.end_training()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    # ----------------------------------------------------------------------------- finish
+    def finish(self) -> Summary:
+        total, acc = self.plan.total_steps, self.acc
+        steps_run = total - self.start_step
+        if steps_run:
+            self.save(total, "final-save")
+        results = {}
+        for split in ("validation", "test"):
+            if getattr(self.splits, split):
+                self.phase(total, "final-eval")
+                results[split] = self.evaluator(self.data[split], self.beat.advance)
+                self.reporter.evaluation(total, split, results[split])
+        self.reporter.close()
+        self.beat(total, "export")
+        final_dir = self.run_dir / "final"
+        summary = self.summary(results, final_dir, steps_run)  # gathers: every rank, before the export
+        full_state = self.engine.full_state_dict()  # a collective under zero3/fsdp
+        if acc.is_main_process:
+            checkpoint.export(self.engine.unwrapped(), self.tokenizer, final_dir, full_state)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            summary.write(self.run_dir / "summary.json")
+            self.log.info(f"done: {total} steps, loss {self.losses.first} → {self.losses.last}; model in {final_dir}")
+        shutdown(acc)
+        self.beat(total, "done")
+        return summary
 
+    def summary(self, results: dict, final_dir: Path, steps_run: int) -> Summary:
+        acc, engine, plan = self.acc, self.engine, self.plan
 
-def _peak_memory_bytes() -> int:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated()
-    import resource
+        def gathered(value, dtype=None) -> list:
+            return acc.gather(torch.tensor([value], dtype=dtype, device=acc.device)).tolist()
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def _quiet_libraries(is_main: bool) -> None:
-    """One copy of library warnings (rank 0's), and no per-file progress bars in the logs."""
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_warning() if is_main else transformers.utils.logging.set_verbosity_error()
+        checksum = float(sum(t.double().sum().item() for t in engine.local_tensors()))
+        return Summary(
+            status="completed",
+            world_size=self.world,
+            distributed_type=acc.distributed_type.value,
+            backend=plan.backend,
+            hosts=self.hosts,
+            steps=plan.total_steps,
+            steps_this_launch=steps_run,
+            epochs=plan.total_steps / plan.steps_per_epoch,
+            samples_seen=plan.total_steps * plan.global_batch_size,
+            resumed_from=self.resumed_from,
+            resumed_world_size=self.resumed_world_size,
+            train_loss=LossEnds(first=self.losses.first, last=self.losses.last),
+            metrics=results,
+            final_model=str(final_dir.resolve()),
+            param_checksum_per_rank=[float(x) for x in gathered(checksum, torch.float64)],
+            strategy=plan.strategy_label,
+            sharded=engine.sharded,
+            held_per_rank=gathered(engine.held(), torch.int64),
+            adapter_norms=engine.trainable_norms() if self.recipe.model.lora is not None else None,
+            plan=plan.model_dump(),
+            memory={
+                "before_model_bytes_per_rank": [int(x) for x in gathered(self.memory_before_model)],
+                "peak_bytes_per_rank": [int(x) for x in gathered(self.memory_peak)],
+            },
+            timings=self.clock.timings(steps_run, plan.global_batch_size),
+        )

@@ -3,7 +3,8 @@
 Schedulers warn before they preempt a job or hit its time limit (Slurm: `--signal=USR1@grace`,
 `scancel --signal=USR1`). A rank only notes the signal; at each step boundary the ranks all-reduce
 their notes, so all of them agree on the step, write one checkpoint together and exit with
-EXIT_STOPPED. What happens next (requeue, relaunch) is the backend's business, not the trainer's.
+status 75 (launcher.errors.ExitCode.STOPPED). What happens next (requeue, relaunch) is the backend's
+business, not the trainer's.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import signal
 import threading
 
 STOP_SIGNAL = signal.SIGUSR1
-EXIT_STOPPED = 75  # EX_TEMPFAIL: not finished, resume later
 
 
 class StopRequest:
