@@ -1,22 +1,21 @@
-"""The `launch` command: parse, load, check, plan, dispatch. Small and stable.
+"""The `launch` command: parse, load, check, plan, dispatch; the one place errors become exit statuses.
 
-Exit status: 0 success, 1 the training failed, 2 the recipe (or its data) is wrong,
-128 + N when `launch` was stopped by signal N (130 for Ctrl-C, 143 for SIGTERM), 75 when the ranks
-were asked to stop (USR1: launcher.train.stop) and wrote a checkpoint.
-Nothing on the --help path imports torch.
+Library code raises (launcher.errors); `main` prints each error once and maps it to the documented exit
+status: 0 success, 1 the training failed, 2 the recipe, profile, data or a flag is wrong, 128 + N when
+`launch` was stopped by signal N (130 for Ctrl-C, 143 for SIGTERM), 75 when the ranks were asked to stop
+(USR1: launcher.train.stop) and wrote a checkpoint. Nothing on the --help or --dry-run path imports torch.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-EXIT_USAGE = 2
-PLANNED_ENV = "LAUNCHER_T_PLANNED"  # when recipe, checks and plan were done
+from launcher.errors import ExitCode, StoppedBySignal, StoppedOnRequest, TrainingFailed, UserError, exit_code_of
 
 EPILOG = """\
 examples:
@@ -27,7 +26,7 @@ examples:
   launch recipes/x.yaml --nodes 4 --cluster cluster/ray.yaml            Ray Train workers on a Ray cluster
   launch recipes/x.yaml --nodes 4 --cluster cluster/ray.yaml --submit --follow   as a Ray job, logs streamed
   launch recipes/x.yaml --nodes 4 --cluster cluster/slurm.yaml --follow   sbatch job; stream its log
-  launch status runs/x        launch cancel runs/x              a submitted job's state; scancel it
+  launch status runs/x        launch cancel runs/x              a submitted job's state; cancel it
   launch export runs/x --merge                         a LoRA run's adapter folded into full weights
   launch plan recipes/x.yaml --nodes 2 --gpus-per-node 8 --gpu-memory 80GiB   memory per GPU of every strategy
   launch preflight recipes/x.yaml --nodes 4 --cluster cluster/slurm.yaml   versions, bandwidth, shared FS, RAM/disk
@@ -35,6 +34,15 @@ examples:
 exit status: 0 done, 1 training failed (the failing rank is named), 2 invalid recipe or data,
              128+N stopped by signal N, 75 stopped on request (USR1) after a checkpoint (relaunch to resume).
 """
+
+# `launch NAME ...` runs a subcommand instead of a recipe: name → "module:function(argv) -> int"
+SUBCOMMANDS: dict[str, str] = {
+    "status": "launcher.commands.jobs:status_command",
+    "cancel": "launcher.commands.jobs:cancel_command",
+    "export": "launcher.commands.export:main",
+    "plan": "launcher.commands.plan:main",
+    "preflight": "launcher.commands.preflight:main",
+}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -61,16 +69,113 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+@dataclass
+class LaunchRequest:
+    """What to launch, as the command line (or `launch preflight`) asked for it."""
+
+    recipe: Path
+    overrides: list[str]
+    procs: int | None = None
+    nodes: int = 1
+    cluster: Path | None = None
+    dry_run: bool = False
+    submit: bool = False
+    follow: bool = False  # the user's --follow
+    wait: bool = False  # wait for the outcome of a submitted job even without --follow (launch preflight)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> LaunchRequest:
+        return cls(args.recipe, args.overrides, args.procs, args.nodes, args.cluster, args.dry_run, args.submit,
+                   args.follow)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.time()
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv and argv[0] in SUBCOMMANDS:
+            module, function = SUBCOMMANDS[argv[0]].split(":")
+            return int(getattr(importlib.import_module(module), function)(argv[1:]))
+        return int(launch_recipe(LaunchRequest.from_args(parser().parse_intermixed_args(argv)), started))
+    except StoppedOnRequest as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+    except (UserError, TrainingFailed, StoppedBySignal) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exit_code_of(exc)
+    return ExitCode.STOPPED
+
+
+def launch_recipe(request: LaunchRequest, started: float | None = None) -> ExitCode:
+    """Check everything, print the plan, then dry-run, submit, or launch through the profile's backend."""
+    from launcher.backends import backend_for
+    from launcher.backends.base import Submission
+    from launcher.config.cluster import load_profile, parse_bytes
+    from launcher.config.loading import load_recipe
+    from launcher.errors import Problem, RecipeError, UsageError
+    from launcher.planning.checks import check_recipe, ignored_settings, missing_weights
+    from launcher.planning.plan import make_plan
+    from launcher.spec import LaunchFacts
+
+    problems = []
+    if request.procs is not None and request.procs < 1:
+        problems.append(Problem("--procs", "must be at least 1"))
+    if request.nodes < 1:
+        problems.append(Problem("--nodes", "must be at least 1"))
+    if problems:
+        raise UsageError("command line", problems)
+    profile = load_profile(request.cluster)
+    backend = backend_for(profile)
+    problems = backend.flag_problems(submit=request.submit, follow=request.follow)
+    if problems:
+        raise UsageError("command line", problems)
+    recipe = load_recipe(request.recipe, request.overrides)
+    splits = check_recipe(recipe)
+    layout = backend.layout(nodes=request.nodes, procs=request.procs)
+    gpu_memory = parse_bytes(profile.gpu_memory) if getattr(profile, "gpu_memory", None) else None
+    plan = make_plan(
+        recipe,
+        num_train_samples=len(splits.train),
+        num_validation_samples=len(splits.validation),
+        num_test_samples=len(splits.test),
+        num_nodes=layout.num_nodes,
+        procs_per_node=layout.procs_per_node,
+        device=layout.device,
+        gpu_memory=gpu_memory,
+    )
+    resume = resume_point(recipe, plan)
+    for note in [*ignored_settings(recipe), *plan.warnings]:
+        print(f"warning: {note}", file=sys.stderr)
+    for split, count in splits.dropped.items():
+        if count:
+            print(
+                f"warning: dropped {count} rows of {split} with an empty field (data.on_missing=drop)", file=sys.stderr
+            )
+    print_plan(recipe, plan, resume, gpu_memory)
+    if request.dry_run:
+        preview = backend.preview(recipe, plan)  # what a cluster backend would submit
+        if preview is not None:
+            print(preview, end="")
+        return ExitCode.OK
+    refused = missing_weights(recipe)
+    if refused:
+        raise RecipeError("launch", refused)
+    if request.submit:
+        submission = Submission(request.recipe, request.overrides, request.nodes, request.procs, request.cluster)
+        job = backend.submit(submission, recipe)
+        if request.follow:
+            print(job.follow().outcome())
+        return ExitCode.OK
+    # ranks split their time to first step at the moment planning ended (the spec's launch facts)
+    facts = LaunchFacts.now(started_at=started)
+    print(backend.launch(recipe, plan, facts, follow=request.follow or request.wait))
+    return ExitCode.OK
+
+
 def resume_point(recipe, plan) -> str:
     """Where training will start; a checkpoint that cannot continue this recipe, or whose files do not match its
     manifest, is refused here, before launch (resume: auto passes over damaged ones with a warning)."""
-    from launcher.config.loading import Problem, RecipeError
-    from launcher.train.checkpoint import (
-        CheckpointMismatch,
-        check_compatible,
-        newest_intact,
-        world_size_note,
-    )
+    from launcher.errors import Problem, RecipeError
+    from launcher.train.checkpoint import CheckpointMismatch, check_compatible, newest_intact, world_size_note
 
     try:
         found, skipped = newest_intact(Path(recipe.output_dir), recipe.train.resume)
@@ -82,14 +187,14 @@ def resume_point(recipe, plan) -> str:
     except CheckpointMismatch as exc:
         raise RecipeError("resume", [Problem("train.resume", str(exc))]) from None
     note = world_size_note(state, plan.world_size)
-    return f"step {state['step']} of {found}" + (f" ({note})" if note else "")
+    return f"step {state.step} of {found}" + (f" ({note})" if note else "")
 
 
 def print_plan(recipe, plan, resume: str, gpu_memory: int | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from launcher.commands.plan import estimate_line
+    from launcher.planning.plan import estimate_line
 
     table = Table(title=f"plan: {recipe.task.type} on {recipe.model.path}", show_header=False)
     table.add_column("what", style="bold")
@@ -100,85 +205,6 @@ def print_plan(recipe, plan, resume: str, gpu_memory: int | None) -> None:
     table.add_row("start", resume)
     table.add_row("memory per GPU (estimate)", estimate_line(recipe, plan, gpu_memory))
     Console().print(table)
-
-
-def fail(message: str, code: int) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return code
-
-
-# `launch NAME ...` runs a subcommand instead of a recipe: name → "module:function(argv) -> int"
-SUBCOMMANDS: dict[str, str] = {
-    "status": "launcher.backends.slurm.jobs:status_command",
-    "cancel": "launcher.backends.slurm.jobs:cancel_command",
-    "export": "launcher.commands.export:main",
-    "plan": "launcher.commands.plan:main",
-    "preflight": "launcher.commands.preflight:main",
-}
-
-
-def main(argv: list[str] | None = None) -> int:
-    t0 = time.time()
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in SUBCOMMANDS:
-        module, function = SUBCOMMANDS[argv[0]].split(":")
-        return getattr(importlib.import_module(module), function)(argv[1:])
-    args = parser().parse_intermixed_args(argv)
-    from launcher.config.cluster import load_profile, parse_bytes
-    from launcher.config.loading import RecipeError, load_recipe
-    from launcher.planning.checks import check_recipe, ignored_settings, missing_weights
-    from launcher.planning.plan import make_plan
-
-    if args.procs is not None and args.procs < 1:
-        return fail("--procs must be at least 1", EXIT_USAGE)
-    if args.nodes < 1:
-        return fail("--nodes must be at least 1", EXIT_USAGE)
-    try:
-        profile = load_profile(args.cluster)
-        backend = importlib.import_module(f"launcher.backends.{profile.backend}")
-        if args.submit and not hasattr(backend, "submit_job"):
-            return fail(f"--submit needs a Ray cluster profile; the {profile.backend} backend runs here", EXIT_USAGE)
-        if args.follow and not args.submit and profile.backend == "ray":
-            return fail("--follow streams a submitted Ray job's logs; add --submit", EXIT_USAGE)
-        recipe = load_recipe(args.recipe, args.overrides)
-        splits = check_recipe(recipe)
-        layout = backend.layout(profile, nodes=args.nodes, procs=args.procs)
-        gpu_memory = parse_bytes(profile.gpu_memory) if getattr(profile, "gpu_memory", None) else None
-        plan = make_plan(
-            recipe,
-            num_train_samples=len(splits.train),
-            num_validation_samples=len(splits.validation),
-            num_test_samples=len(splits.test),
-            num_nodes=layout.num_nodes,
-            procs_per_node=layout.procs_per_node,
-            device=layout.device,
-            gpu_memory=gpu_memory,
-        )
-        resume = resume_point(recipe, plan)
-    except RecipeError as exc:
-        return fail(str(exc), EXIT_USAGE)
-    for note in [*ignored_settings(recipe), *plan.warnings]:
-        print(f"warning: {note}", file=sys.stderr)
-    for split, count in splits.dropped.items():
-        if count:
-            print(
-                f"warning: dropped {count} rows of {split} with an empty field (data.on_missing=drop)", file=sys.stderr
-            )
-    print_plan(recipe, plan, resume, gpu_memory)
-    if args.dry_run:
-        if hasattr(backend, "preview"):  # what a cluster backend would submit
-            backend.preview(recipe, plan, profile)
-        return 0
-    refused = missing_weights(recipe)
-    if refused:
-        return fail(str(RecipeError("launch", refused)), EXIT_USAGE)
-    if args.submit:
-        try:
-            return backend.submit_job(args, profile)
-        except RecipeError as exc:
-            return fail(str(exc), EXIT_USAGE)
-    os.environ[PLANNED_ENV] = str(time.time())  # ranks split their time to first step at this point
-    return backend.launch(recipe, plan, profile, t0, follow=args.follow)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ in, and writes a plain model that loads without peft.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+
+from launcher.errors import UsageError
 
 ADAPTER_FILE = "adapter_config.json"
 
@@ -30,11 +31,11 @@ def merge(run_dir: Path, out: Path) -> Path:
     """Base + adapter → merged full weights in `out`, written atomically."""
     from peft import PeftModel
 
+    from launcher.spec import SPEC_DIR, read_spec
     from launcher.train.checkpoint import export
     from launcher.train.model import build, load_tokenizer
-    from launcher.train.worker import SPEC_DIR, read_spec
 
-    recipe, _ = read_spec(run_dir / SPEC_DIR)
+    recipe, _, _ = read_spec(run_dir / SPEC_DIR)
     base_recipe = recipe.model_copy(
         update={"model": recipe.model.model_copy(update={"lora": None, "quantization": None})}
     )
@@ -46,14 +47,13 @@ def merge(run_dir: Path, out: Path) -> Path:
 
 
 def main(argv: list[str]) -> int:
+    """0 when done; a run that has not finished is a UsageError (exit 2)."""
     args = parser().parse_args(argv)
     final = args.run_dir / "final"
     if not final.is_dir():
-        print(
-            f"error: {final} does not exist; the run has not finished (launch the recipe again to resume it)",
-            file=sys.stderr,
+        raise UsageError.one(
+            "RUN_DIR", f"{final} does not exist; the run has not finished (launch the recipe again to resume it)"
         )
-        return 2
     if not (final / ADAPTER_FILE).exists():
         note = " (nothing to merge: not a LoRA run)" if args.merge else ""
         print(f"{final.resolve()} holds the full weights{note}")

@@ -3,16 +3,13 @@
 Prints, for every strategy and offload choice, the estimated memory per GPU
 (parameters, gradients, optimizer states, activations), host RAM per node, and
 whether it fits; then what `strategy: auto` would choose and why. Reads the
-model's config only (launcher/memory.py), never its weights or the data.
+model's config only (launcher/planning/memory.py), never its weights or the data.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-
-EXIT_USAGE = 2
 
 
 def parser() -> argparse.ArgumentParser:
@@ -35,44 +32,6 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--cluster", type=Path, default=None, metavar="PROFILE", help="cluster profile YAML")
     return p
-
-
-def estimate_line(recipe, plan, gpu_memory: int | None) -> str:
-    """One line for the dry-run table: the estimate of the plan's own strategy. Plain ddp on CPU processes has
-    no GPU to fit, and is left out: building the model on the meta device imports torch and transformers,
-    which would make every dry run many times slower."""
-    from launcher.config.loading import RecipeError
-
-    if (
-        plan.device == "cpu"
-        and plan.choice == ("ddp", "none", False)
-        and recipe.model.lora is None
-        and recipe.model.quantization is None
-        and gpu_memory is None
-    ):
-        return "not estimated for CPU processes; see `launch plan RECIPE --gpus-per-node G --gpu-memory SIZE`"
-    from launcher.planning import memory
-
-    try:
-        shape = memory.model_shape(recipe)
-    except RecipeError as exc:
-        return f"not estimated: {exc.problems[0].message}"
-    est = memory.estimate(
-        shape,
-        recipe,
-        plan.choice,
-        num_nodes=plan.num_nodes,
-        gpus_per_node=plan.procs_per_node,
-        micro_batch=plan.micro_batch_size,
-    )
-    g = memory.gib
-    line = (
-        f"{g(est.per_gpu)} = parameters {g(est.parameters)} + gradients {g(est.gradients)} + optimizer "
-        f"{g(est.optimizer)} + activations {g(est.activations)}; host RAM per node {g(est.host_per_node)}"
-    )
-    if gpu_memory is not None:
-        line += "; fits" if est.fits(gpu_memory) else f"; does NOT fit in {g(memory.usable(gpu_memory))} usable"
-    return line
 
 
 def print_table(recipe, shape, *, num_nodes: int, gpus_per_node: int, micro_batch: int, gpu_memory: int) -> None:
@@ -117,42 +76,38 @@ def print_table(recipe, shape, *, num_nodes: int, gpus_per_node: int, micro_batc
 
 
 def main(argv: list[str]) -> int:
+    """The table and auto's choice (0); a wrong recipe or flag raises (exit 2, printed by cli.main)."""
     args = parser().parse_intermixed_args(argv)
     from launcher.config.cluster import load_profile, parse_bytes
-    from launcher.config.loading import Problem, RecipeError, load_recipe
+    from launcher.config.loading import load_recipe
+    from launcher.errors import Problem, RecipeError, UserError
     from launcher.planning import memory
     from launcher.planning.checks import check_model
     from launcher.planning.plan import micro_batch_size
 
+    profile = load_profile(args.cluster)
+    recipe = load_recipe(args.recipe, args.overrides)
+    problems = check_model(recipe)
+    gpus = args.gpus_per_node or getattr(profile, "gpus_per_node", None)
+    size = args.gpu_memory or getattr(profile, "gpu_memory", None)
+    if args.nodes < 1:
+        problems.append(Problem("--nodes", "must be at least 1"))
+    if gpus is None or gpus < 1:
+        problems.append(
+            Problem("--gpus-per-node", "give the GPUs per node (at least 1), or gpus_per_node in the cluster profile")
+        )
+    gpu_memory = None
     try:
-        profile = load_profile(args.cluster)
-        recipe = load_recipe(args.recipe, args.overrides)
-        problems = check_model(recipe)
-        gpus = args.gpus_per_node or getattr(profile, "gpus_per_node", None)
-        size = args.gpu_memory or getattr(profile, "gpu_memory", None)
-        if args.nodes < 1:
-            problems.append(Problem("--nodes", "must be at least 1"))
-        if gpus is None or gpus < 1:
-            problems.append(
-                Problem(
-                    "--gpus-per-node", "give the GPUs per node (at least 1), or gpus_per_node in the cluster profile"
-                )
-            )
-        gpu_memory = None
-        try:
-            gpu_memory = parse_bytes(size) if size else None
-        except ValueError as exc:
-            problems.append(Problem("--gpu-memory", str(exc)))
-        if size is None:
-            problems.append(
-                Problem("--gpu-memory", "give the memory per GPU (e.g. 80GiB), or gpu_memory in the cluster profile")
-            )
-        if problems:
-            raise RecipeError("plan", problems)
-        shape = memory.model_shape(recipe)
-    except RecipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        gpu_memory = parse_bytes(size) if size else None
+    except ValueError as exc:
+        problems.append(Problem("--gpu-memory", str(exc)))
+    if size is None:
+        problems.append(
+            Problem("--gpu-memory", "give the memory per GPU (e.g. 80GiB), or gpu_memory in the cluster profile")
+        )
+    if problems:
+        raise UserError("plan", problems)  # the recipe's model, and the flags
+    shape = memory.model_shape(recipe)
     micro = micro_batch_size(recipe, gpus * args.nodes)
     print_table(recipe, shape, num_nodes=args.nodes, gpus_per_node=gpus, micro_batch=micro, gpu_memory=gpu_memory)
     try:

@@ -21,18 +21,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--nodes", type=int, default=1, metavar="N")
     parser.add_argument("--procs", type=int, default=None, metavar="N", help="processes per node")
     args = parser.parse_intermixed_args(argv)
-    from launcher import cli
-    from launcher.config.cluster import load_profile
-    from launcher.config.loading import RecipeError
+    from launcher.cli import LaunchRequest, launch_recipe
 
-    forwarded = [str(args.recipe), *args.overrides, "preflight.run=only", "--nodes", str(args.nodes)]
-    if args.procs is not None:
-        forwarded += ["--procs", str(args.procs)]
-    if args.cluster is not None:
-        forwarded += ["--cluster", str(args.cluster)]
-        try:
-            if load_profile(args.cluster).backend == "slurm":
-                forwarded.append("--follow")  # the verdict is the job's exit status: wait for it
-        except RecipeError as exc:
-            return cli.fail(str(exc), cli.EXIT_USAGE)
-    return cli.main(forwarded)
+    request = LaunchRequest(
+        args.recipe, [*args.overrides, "preflight.run=only"], args.procs, args.nodes, args.cluster, wait=True
+    )  # wait: the verdict of a submitted job is its exit status
+    return launch_recipe(request)

@@ -1,4 +1,4 @@
-"""Submitted Slurm jobs: follow one, `launch status`, `launch cancel`.
+"""Submitted Slurm jobs: the job handle behind `launch status`, `launch cancel` and --follow.
 
 Job state comes from `scontrol show job` while the controller remembers the job (MinJobAge,
 typically minutes after it ends), then from `sacct` where accounting is enabled.
@@ -6,8 +6,6 @@ typically minutes after it ends), then from `sacct` where accounting is enabled.
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
 import shlex
 import signal
@@ -16,7 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from launcher.backends.slurm import JOBS, LOG
+from launcher.backends.base import Job, JobStatus
+from launcher.backends.slurm.script import LOG
+from launcher.errors import JobFailed, StoppedBySignal
 
 ENDED = {
     "COMPLETED",
@@ -60,45 +60,87 @@ STOPPED_FROM_OUTSIDE = {"CANCELLED", "TIMEOUT", "PREEMPTED", "DEADLINE"}
 
 
 def exit_status(info: dict[str, str]) -> int:
-    """The job's end as a `launch` exit status (see launcher.cli): 0 completed, 1 failed,
+    """The job's end as a `launch` exit status (launcher.errors): 0 completed, 1 failed,
     143 stopped from outside (scancel, time limit, preemption without requeue: launch again to resume)."""
     if info["JobState"] == "COMPLETED":
         return 0
     return 128 + signal.SIGTERM if info["JobState"] in STOPPED_FROM_OUTSIDE else 1
 
 
-def follow(job_id: str, log: Path) -> int:
-    """Stream the job's log (every restart, it is one file) until the job ends; its exit status."""
-    offset, info = 0, None
-    try:
-        while True:
-            info = job_info(job_id)
-            offset = _print_new(log, offset)
-            if info is None or info["JobState"] in ENDED:
-                break
-            time.sleep(POLL_S)
-    except KeyboardInterrupt:
-        print(
-            f"\nstopped following; job {job_id} goes on (launch status {job_id}, launch cancel {job_id})",
-            file=sys.stderr,
+class SlurmJob(Job):
+    """A job `launch` submitted with sbatch; its log is OUTPUT_DIR/slurm.log (every restart appends to it)."""
+
+    def __init__(self, job_id: str, run_dir: Path | None = None, log: Path | None = None):
+        super().__init__(job_id, run_dir)
+        self.log = log or (run_dir / LOG if run_dir is not None else None)
+
+    def _status(self, info: dict[str, str] | None) -> JobStatus:
+        if info is None:
+            raise JobFailed(f"job {self.job_id} is unknown to scontrol and sacct")
+        rows = [
+            (name, info[key])
+            for name, key in [
+                ("state", "JobState"),
+                ("reason", "Reason"),
+                ("nodes", "NodeList"),
+                ("run time", "RunTime"),
+                ("time limit", "TimeLimit"),
+                ("restarts", "Restarts"),
+                ("exit code", "ExitCode"),
+            ]
+            if info.get(key) not in (None, "", "None")
+        ]
+        state = info["JobState"]
+        return JobStatus(
+            job_id=self.job_id,
+            state=state,
+            ended=state in ENDED,
+            succeeded=state == "COMPLETED",
+            stopped_from_outside=state in STOPPED_FROM_OUTSIDE,
+            rows=rows,
         )
-        return 130
-    time.sleep(POLL_S)  # the last lines may reach the shared file system just after the state changes
-    _print_new(log, offset)
-    if info is None:
-        print(f"error: job {job_id} is unknown to scontrol and sacct", file=sys.stderr)
-        return 1
-    status = exit_status(info)
-    print(
-        f"job {job_id} {info['JobState']} (exit {info.get('ExitCode', '?')}, restarts {info.get('Restarts', '?')}, "
-        f"nodes {info.get('NodeList', '?')}): launch exits {status}",
-        file=sys.stderr if status else sys.stdout,
-    )
-    return status
+
+    def status(self) -> JobStatus:
+        return self._status(job_info(self.job_id))
+
+    def cancel(self, checkpoint: bool = False) -> str:
+        command = ["scancel", *(["--signal=USR1"] if checkpoint else []), self.job_id]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            raise JobFailed(f"{shlex.join(command)} failed: {done.stderr.strip()}")
+        return f"{shlex.join(command)}: done"
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace") if self.log is not None and self.log.exists() else ""
+
+    def follow(self) -> JobStatus:
+        """Stream the log until the job ends (Ctrl-C stops following, not the job)."""
+        offset, info = 0, None
+        try:
+            while True:
+                info = job_info(self.job_id)
+                offset = _print_new(self.log, offset)
+                if info is None or info["JobState"] in ENDED:
+                    break
+                time.sleep(POLL_S)
+        except KeyboardInterrupt:
+            raise StoppedBySignal(
+                signal.SIGINT,
+                message=f"stopped following; job {self.job_id} goes on (launch status {self.job_id}, "
+                f"launch cancel {self.job_id})",
+            ) from None
+        time.sleep(POLL_S)  # the last lines may reach the shared file system just after the state changes
+        _print_new(self.log, offset)
+        status = self._status(info)
+        status.summary = (
+            f"job {self.job_id} {status.state} (exit {info.get('ExitCode', '?')}, restarts "
+            f"{info.get('Restarts', '?')}, nodes {info.get('NodeList', '?')}): launch exits {exit_status(info)}"
+        )
+        return status
 
 
-def _print_new(log: Path, offset: int) -> int:
-    if not log.exists():
+def _print_new(log: Path | None, offset: int) -> int:
+    if log is None or not log.exists():
         return offset
     with open(log, "rb") as f:
         f.seek(offset)
@@ -106,78 +148,3 @@ def _print_new(log: Path, offset: int) -> int:
     sys.stdout.write(chunk.decode(errors="replace"))
     sys.stdout.flush()
     return offset + len(chunk)
-
-
-def resolve(target: str) -> tuple[str, Path | None]:
-    """A job id, or a run directory → its newest job id."""
-    if target.isdigit():
-        return target, None
-    run_dir = Path(target)
-    jobs = run_dir / "launch" / JOBS
-    if not jobs.exists():
-        raise SystemExit(f"error: {target} is neither a job id nor a run directory submitted to Slurm (no {jobs})")
-    return jobs.read_text().split()[-1], run_dir
-
-
-def progress(run_dir: Path | None) -> str:
-    if run_dir is None or not (run_dir / "metrics.jsonl").exists():
-        return "-"
-    steps = [
-        json.loads(line).get("step") for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()
-    ]
-    plan = run_dir / "launch" / "plan.json"
-    total = json.loads(plan.read_text())["total_steps"] if plan.exists() else "?"
-    return f"step {max((s for s in steps if s is not None), default=0)} of {total}"
-
-
-def status_command(argv: list[str]) -> int:
-    """`launch status RUN_DIR|JOBID`: a readable summary of the job, from squeue/scontrol/sacct."""
-    from rich.console import Console
-    from rich.table import Table
-
-    parser = argparse.ArgumentParser(prog="launch status", description=status_command.__doc__)
-    parser.add_argument("target", help="run directory or job id")
-    args = parser.parse_args(argv)
-    job_id, run_dir = resolve(args.target)
-    info = job_info(job_id)
-    if info is None:
-        print(f"error: job {job_id} is unknown to scontrol and sacct", file=sys.stderr)
-        return 1
-    table = Table(title=f"job {job_id}", show_header=False)
-    for name, key in [
-        ("state", "JobState"),
-        ("reason", "Reason"),
-        ("nodes", "NodeList"),
-        ("run time", "RunTime"),
-        ("time limit", "TimeLimit"),
-        ("restarts", "Restarts"),
-        ("exit code", "ExitCode"),
-    ]:
-        if info.get(key) not in (None, "", "None"):
-            table.add_row(name, info[key])
-    table.add_row("progress", progress(run_dir))
-    if run_dir is not None:
-        table.add_row("log", str((run_dir / LOG).resolve()))
-    Console().print(table)
-    return 0
-
-
-def cancel_command(argv: list[str]) -> int:
-    """`launch cancel RUN_DIR|JOBID`: scancel the job; --checkpoint stops it after a checkpoint instead."""
-    parser = argparse.ArgumentParser(prog="launch cancel", description=cancel_command.__doc__)
-    parser.add_argument("target", help="run directory or job id")
-    parser.add_argument(
-        "--checkpoint",
-        action="store_true",
-        help="send USR1: every rank checkpoints at the next step, then the job requeues itself "
-        "(what Slurm does before a time limit); cancel later to stop for good",
-    )
-    args = parser.parse_args(argv)
-    job_id, _ = resolve(args.target)
-    command = ["scancel", *(["--signal=USR1"] if args.checkpoint else []), job_id]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode:
-        print(f"error: {shlex.join(command)} failed: {done.stderr.strip()}", file=sys.stderr)
-        return 1
-    print(f"{shlex.join(command)}: done")
-    return 0

@@ -1,0 +1,162 @@
+"""The driver side of a Ray run: connect to the cluster, run TorchTrainer, and the function every Ray Train
+worker runs (train.run, reporting each checkpoint to Ray so a restarted worker group resumes from it)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from contextlib import nullcontext
+from pathlib import Path
+
+from launcher.backends.torchrun import worker_env
+from launcher.config.cluster import RayProfile
+from launcher.config.loading import dump_recipe
+from launcher.config.recipe import Recipe
+from launcher.planning.plan import Plan
+from launcher.spec import LaunchFacts
+
+# Set by Ray Jobs for the entrypoint: the driver is already on the cluster, with the job's runtime_env.
+IN_RAY_JOB = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+# Travel from the driver to the workers: the launcher's own settings (cache, failure drills) and Hugging Face's.
+FORWARDED_PREFIXES = ("LAUNCHER_", "HF_")
+
+
+def run_name(recipe: Recipe) -> str:
+    """One Ray run per output_dir, so relaunching the same command finds the same Ray checkpoints."""
+    path = str(Path(recipe.output_dir).resolve())
+    if recipe.train.resume == "never":  # start over: no Ray checkpoint of an earlier launch may be restored
+        path += f"@{os.getpid()}-{os.times().elapsed}"
+    return f"{Path(recipe.output_dir).name}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
+
+
+def ray_worker_env(plan: Plan, profile: RayProfile) -> dict[str, str]:
+    """Environment of every worker; the profile's runtime_env.env_vars win."""
+    env = worker_env(plan)
+    # Ray would guess from the reservation; say it, since a missing OMP_NUM_THREADS costs up to 40x on CPU.
+    env["OMP_NUM_THREADS"] = str(profile.cpus_per_worker)
+    env.update({k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES)})
+    env.update(profile.runtime_env.get("env_vars", {}))
+    return env
+
+
+def connect(profile: RayProfile, plan: Plan) -> None:
+    import ray
+
+    from launcher.config.cluster import parse_bytes
+
+    if IN_RAY_JOB in os.environ:
+        ray.init()
+    elif profile.address == "local":
+        # A new instance even if one runs here. The dashboard also serves the State API, which Ray Train's
+        # placement group cleaner polls every second.
+        ray.init(
+            address="local",
+            num_cpus=plan.world_size * profile.cpus_per_worker,
+            num_gpus=plan.world_size if profile.gpus_per_node else 0,
+            object_store_memory=parse_bytes(profile.object_store_memory),
+            runtime_env=profile.runtime_env or None,
+        )
+    else:
+        ray.init(address=profile.address, runtime_env=profile.runtime_env or None)
+
+
+def fit(recipe: Recipe, plan: Plan, profile: RayProfile, facts: LaunchFacts) -> None:
+    """Connect and train every rank as a Ray Train worker; Ray's own exceptions propagate."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    storage = profile.storage_path or str((Path(recipe.output_dir) / "ray").resolve())
+    resources = {"CPU": profile.cpus_per_worker, **({"GPU": 1} if profile.gpus_per_node else {})}
+    connect(profile, plan)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "recipe": dump_recipe(recipe),
+            "plan": plan.model_dump_json(),
+            "facts": facts.model_dump_json(),
+        },
+        # Ray Train makes the process group; give it the recipe's collective timeout (Ray's default: 30 min)
+        torch_config=TorchConfig(backend=plan.backend, timeout_s=int(recipe.distributed.collective_timeout)),
+        scaling_config=ScalingConfig(
+            num_workers=plan.world_size,
+            use_gpu=bool(profile.gpus_per_node),
+            resources_per_worker=resources,
+            placement_strategy=profile.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=run_name(recipe),
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=profile.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=recipe.train.keep_last),
+            worker_runtime_env={"env_vars": ray_worker_env(plan, profile)},
+        ),
+    )
+    trainer.fit()
+
+
+def describe_failure(exc) -> str:
+    """One line per failed rank with the last line of its error (Ray's own message holds the tracebacks)."""
+    from ray.train import WorkerGroupError
+
+    if not isinstance(exc, WorkerGroupError):
+        return str(exc)
+    lines = []
+    for rank, error in sorted(exc.worker_failures.items()):
+        text = [line.strip() for line in str(error).splitlines() if line.strip()]
+        lines.append(f"rank {rank}: {type(error).__name__}: {text[-1] if text else ''}")
+    return "\n".join(lines)
+
+
+def train_worker(config: dict) -> None:
+    """One Ray Train worker (Ray has set up torch.distributed): train.run, reporting checkpoints to Ray."""
+    import ray
+    import ray.train
+    import torch
+    import yaml
+
+    from launcher.train.run import run
+
+    recipe = Recipe.model_validate(yaml.safe_load(config["recipe"]))
+    plan = Plan.model_validate_json(config["plan"])
+    facts = LaunchFacts.model_validate_json(config["facts"])
+    rank = ray.train.get_context().get_world_rank()
+    nodes = [None] * plan.world_size
+    torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+
+    def report(folder: Path, state) -> None:
+        # checkpoint.save waits for every rank and renames the folder on the shared output_dir, so rank 0's
+        # folder holds every rank's files (model, optimizer, each rank's RNG state, and shards).
+        checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if rank == 0 else None
+        ray.train.report(
+            {"step": state.step, "loss": state.last_loss},
+            checkpoint=checkpoint,
+            checkpoint_dir_name=folder.name,
+            delete_local_checkpoint_after_upload=False,
+        )
+
+    restored = ray.train.get_checkpoint()  # after a restart: the newest checkpoint Ray has registered
+    with restored.as_directory() if restored else nullcontext() as folder:
+        from_ray = folder is not None and newer_than_output_dir(Path(folder), recipe)
+        if from_ray:
+            recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"resume": folder})})
+        summary = run(recipe, plan, facts, on_checkpoint=report)
+    if rank == 0 and summary is not None:
+        summary.ray = {
+            "node_id_per_rank": nodes,
+            "resumed_from_ray_storage": from_ray,
+            "torch_threads": torch.get_num_threads(),
+        }
+        summary.write(Path(recipe.output_dir) / "summary.json")
+
+
+def newer_than_output_dir(restored: Path, recipe: Recipe) -> bool:
+    """Ray registers a reported checkpoint when it next polls the workers (every 2 s), so a worker that dies
+    right after a save can leave output_dir one checkpoint ahead of Ray; resume from whichever is newer (of
+    output_dir's, the newest intact one)."""
+    from launcher.train.checkpoint import CheckpointDamaged, newest_intact, read_state
+
+    try:
+        local, _ = newest_intact(Path(recipe.output_dir), recipe.train.resume)
+    except CheckpointDamaged:  # every checkpoint in output_dir is damaged: Ray's copy is the one to resume
+        local = None
+    return local is None or read_state(local).step < read_state(restored).step
