@@ -107,8 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
     datasets.disable_progress_bars()
     transformers.utils.logging.set_verbosity_error()
-    from launcher.config.loading import load_recipe
-    from launcher.planning.checks import resolve_model_path
+    from launcher.config.loading import load_recipe, resolve_model_path
 
     data = work / f"texts-{size['rows']}.jsonl"
     if not data.exists():

@@ -6,7 +6,7 @@ reports, per rank, its peak memory before the model is loaded and after the last
 (summary.json "memory": CUDA bytes allocated by torch, or the resident set on CPU). Measured = peak after
 training − before the model: the model states (weights, gradients, optimizer states), activations and load transients.
 Two yardsticks:
-  * the planner's per-device estimate (launcher/memory.py, issue 3), read by `planner_estimate`;
+  * the planner's per-device estimate (launcher/planning/memory.py, issue 3), read by `planner_estimate`;
   * the textbook model states (DeepSpeed's estimator, fp32 Adam: 4 B weights + 4 B grads + 8 B Adam states
     per parameter, divided by the ranks each stage shards them over), to keep the ratio honest while the
     planner is absent.
@@ -64,7 +64,7 @@ def reference_model_states(num_params: int, strategy: str, world: int) -> float:
 
 
 def planner_estimate(recipe, plan) -> int | None:
-    """Per-device bytes the planner predicts, or None while launcher/memory.py (issue 3) is not on this branch.
+    """Per-device bytes the planner predicts, or None while launcher/planning/memory.py (issue 3) is not on this branch.
 
     The one place this benchmark reads the planner: adapt the call here if its API differs.
     """
@@ -86,7 +86,8 @@ def planner_estimate(recipe, plan) -> int | None:
 
 def plan_for(recipe_path, procs: int):
     """The plan `launch` would make, or the plan's refusal as text."""
-    from launcher.config.loading import RecipeError, load_recipe
+    from launcher.config.loading import load_recipe
+    from launcher.errors import RecipeError
     from launcher.planning.checks import check_recipe
     from launcher.planning.plan import make_plan
 
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             + (
                 "launcher.planning.memory"
                 if importlib.util.find_spec("launcher.planning.memory")
-                else "– (launcher/memory.py from issue 3 is not on this branch)"
+                else "– (launcher/planning/memory.py from issue 3 is not on this branch)"
             ),
             *refusals,
         ],

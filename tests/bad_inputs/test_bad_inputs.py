@@ -22,12 +22,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, launch
+from helpers import REPO, launch
 
 from launcher import cli
 from launcher.train import checkpoint
 
-CORPUS = Path(__file__).parent / "bad_inputs"
+CORPUS = Path(__file__).parent
 CASES = yaml.safe_load((CORPUS / "cases.yaml").read_text())
 GOOD = CORPUS / "recipes" / "good.yaml"
 CHECKPOINTS = ("checkpoint-00000001", "checkpoint-00000002")

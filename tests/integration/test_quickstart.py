@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import RECIPES, launch, summary
+from helpers import RECIPES, launch, summary
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 

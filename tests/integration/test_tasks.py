@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import RECIPES, launch, metric_lines, summary
+from helpers import RECIPES, launch, metric_lines, summary
 
 CASES = {
     # recipe: (tiny model, extra overrides, metrics expected in the validation results)

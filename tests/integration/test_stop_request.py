@@ -14,10 +14,9 @@ import sys
 import time
 
 import psutil
-from conftest import REPO, launch, metric_lines, summary
-from test_distributed import small_run
+from helpers import REPO, launch, metric_lines, small_run, summary
 
-from launcher.train.stop import EXIT_STOPPED
+from launcher.errors import ExitCode
 
 
 def test_usr1_to_one_rank_stops_every_rank_after_a_checkpoint(tiny, tmp_path):
@@ -41,7 +40,7 @@ def test_usr1_to_one_rank_stops_every_rank_after_a_checkpoint(tiny, tmp_path):
         _, stderr = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == EXIT_STOPPED, stderr[-3000:]
+    assert proc.returncode == ExitCode.STOPPED, stderr[-3000:]
     assert "all 2 ranks here stopped on request" in stderr
     checkpoints = sorted(p.name for p in out.glob("checkpoint-*"))
     assert len(checkpoints) == 1 and not (out / "summary.json").exists()

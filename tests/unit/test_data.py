@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import RECIPES
+from helpers import RECIPES
 
 from launcher.config.loading import load_recipe
 from launcher.planning.checks import check_recipe
-from launcher.train.data import IGNORE, Tokenize, cache_root, prepare
+from launcher.train.data import cache_root, prepare
 from launcher.train.model import load_tokenizer
+from launcher.train.tasks import IGNORE, hooks
 
 
 def write_recipe(tmp_path, model: str, body: str):
@@ -77,7 +78,7 @@ def test_sft_masks_the_prompt_with_and_without_chat_template(tmp_path, tiny):
         )
         tokenizer = load_tokenizer(recipe)
         row = {"prompt": "What is one plus two?", "response": "one plus two is three."}
-        encoded = Tokenize(recipe, tokenizer)(row)
+        encoded = hooks(recipe, tokenizer).tokenize(row)
         labels, ids = encoded["labels"], encoded["input_ids"]
         answer = [t for t, label in zip(ids, labels) if label != IGNORE]
         assert tokenizer.decode(answer, skip_special_tokens=True).strip() == "one plus two is three."
@@ -95,7 +96,7 @@ def test_token_labels_on_first_subword_only(tmp_path, tiny):
         f"data: {{train: {RECIPES / 'data/ner/train.jsonl'}, text_field: tokens, label_field: tags}}",
     )
     tokenizer = load_tokenizer(recipe)
-    encoded = Tokenize(recipe, tokenizer)({"text": ["Quito", "is", "unforgettable"], "label": [1, 0, 0]})
+    encoded = hooks(recipe, tokenizer).tokenize({"text": ["Quito", "is", "unforgettable"], "label": [1, 0, 0]})
     pieces = tokenizer.convert_ids_to_tokens(encoded["input_ids"])
     kept = [(p, label) for p, label in zip(pieces, encoded["labels"]) if label != IGNORE]
     assert [label for _, label in kept] == [1, 0, 0] and encoded["weight"] == 3

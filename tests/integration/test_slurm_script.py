@@ -1,5 +1,5 @@
-"""The sbatch script `launch --dry-run` prints for Slurm profiles, against golden files; profile errors;
-the typed view of the SLURM_* environment. No cluster needed.
+"""The sbatch script `launch --dry-run` prints for Slurm profiles, against golden files; profile errors.
+No cluster needed.
 
 Regenerate the golden files after an intended template change with UPDATE_GOLDEN=1.
 """
@@ -12,10 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import RECIPES, REPO, launch
-
-from launcher.backends.slurm import SlurmEnvironment
-from launcher.backends.slurm.jobs import exit_status
+from helpers import RECIPES, REPO, launch
 
 GOLDEN = REPO / "tests" / "slurm" / "golden"
 SECRETS = {"HF_TOKEN": "hf_golden_secret_value", "WANDB_API_KEY": "wandb-golden-secret", "MY_TOKEN": "my-golden-secret"}
@@ -133,38 +130,3 @@ def test_local_profile_in_a_multinode_slurm_step_is_refused(tmp_path):
     }
     result = launch(RECIPES / "quickstart.yaml", "--cluster", path, "--dry-run", env=env)
     assert result.returncode == 2 and "a step of a multi-node Slurm job" in result.stderr, result.output
-
-
-def test_slurm_environment_view():
-    assert SlurmEnvironment.detect({}) is None
-    batch = SlurmEnvironment.detect(
-        {"SLURM_JOB_ID": "31337", "SLURM_JOB_NUM_NODES": "4", "SLURM_JOB_NODELIST": "gpu[01-04]", "SLURM_NODEID": "0"}
-    )
-    assert batch.node_id is None and batch.num_nodes == 4 and batch.restart_count == 0
-    step = SlurmEnvironment.detect(
-        {
-            "SLURM_JOB_ID": "31337",
-            "SLURM_JOB_NUM_NODES": "4",
-            "SLURM_STEP_ID": "0",
-            "SLURM_JOB_NODELIST": "gpu[01-04]",
-            "SLURM_NODEID": "2",
-            "SLURM_RESTART_COUNT": "3",
-        }
-    )
-    assert step.node_id == 2 and step.restart_count == 3
-    assert step.rendezvous_port == 15000 + 31337 % 15000 < 32768
-
-
-@pytest.mark.parametrize(
-    "state,code,expected",
-    [
-        ("COMPLETED", "0:0", 0),
-        ("FAILED", "1:0", 1),
-        ("FAILED", "143:0", 1),
-        ("NODE_FAIL", "0:0", 1),
-        ("CANCELLED", "0:15", 143),
-        ("TIMEOUT", "0:1", 143),
-    ],
-)
-def test_job_end_maps_to_launch_exit_status(state, code, expected):
-    assert exit_status({"JobState": state, "ExitCode": code}) == expected

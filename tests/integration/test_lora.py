@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import RECIPES, launch, summary
+from helpers import RECIPES, launch, summary
 
 SFT = RECIPES / "sft-causal-lm.yaml"
 QUICKSTART = RECIPES / "quickstart.yaml"

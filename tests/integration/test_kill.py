@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import RECIPES, REPO, final_weights, launch, metric_lines, summary
+from helpers import RECIPES, REPO, final_weights, launch, metric_lines, summary
 
 from launcher.train import checkpoint
 

@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import RECIPES, launch, summary
+from helpers import RECIPES, launch, summary
 
 SFT = RECIPES / "sft-causal-lm.yaml"
 TOLERANCE = 1e-5

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RECIPES, launch, summary
+from helpers import RECIPES, launch, summary
 
-pytestmark = pytest.mark.slow
 MODELS = Path(os.environ.get("LAUNCHER_TEST_MODELS", Path.home() / ".cache" / "launcher" / "test-models"))
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -59,21 +58,23 @@ def held_out_perplexity(model_path: Path, recipe_overrides: list[str]) -> float:
     from launcher.config.loading import load_recipe
     from launcher.planning.checks import check_recipe
     from launcher.train.data import Collate, prepare
-    from launcher.train.losses import build_loss
+    from launcher.train.losses import LossContext, build_loss
     from launcher.train.model import forward_logits, load_tokenizer
+    from launcher.train.tasks import hooks
 
     recipe = load_recipe(RECIPES / "llama-lora.yaml", recipe_overrides)
     splits = check_recipe(recipe)
     tokenizer = load_tokenizer(recipe)
     rows = prepare(recipe, splits, tokenizer)["validation"]
     model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32).eval()
-    loss_fn, collate = build_loss("causal_lm", recipe.task.resolved_loss), Collate(tokenizer, "causal_lm")
+    task = hooks(recipe, tokenizer)
+    loss_fn, collate = build_loss(recipe.task.resolved_loss, LossContext(task.spec)), Collate(task)
     total, count = 0.0, 0.0
     with torch.no_grad():
         for start in range(0, len(rows), 16):
             chunk = rows[start : start + 16]
             batch = collate(chunk)
-            total += float(loss_fn(forward_logits(model, batch, "causal_lm"), batch["labels"]))
+            total += float(loss_fn(forward_logits(model, batch, task), batch["labels"]))
             count += float(sum(r["weight"] for r in chunk))
     return math.exp(total / count)
 

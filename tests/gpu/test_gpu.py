@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
-from conftest import RECIPES, launch, summary
-
-pytestmark = pytest.mark.gpu
+from helpers import RECIPES, launch, summary
 
 
 def test_quickstart_on_every_local_gpu(tmp_path):

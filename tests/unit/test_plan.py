@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from launcher.config.loading import RecipeError
 from launcher.config.recipe import Recipe
+from launcher.errors import RecipeError
 from launcher.planning.plan import make_plan
 
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import yaml
-from conftest import RECIPES, REPO, final_weights, launch, metric_lines, summary
+from helpers import RECIPES, REPO, final_weights, launch, metric_lines, summary
 
 SECRET = "s3cr3t-" + secrets.token_hex(8)
 HF_SECRET = "hf_" + secrets.token_hex(8)

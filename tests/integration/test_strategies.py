@@ -14,7 +14,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import RECIPES, final_weights, launch, summary
+from helpers import RECIPES, final_weights, launch, summary
 
 SFT = RECIPES / "sft-causal-lm.yaml"
 STRATEGIES = {

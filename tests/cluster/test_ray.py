@@ -8,15 +8,16 @@ profile makes Ray place the two training workers on different nodes.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import socket
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
-from conftest import RECIPES, REPO, final_weights, launch, metric_lines, summary
-from test_distributed import assert_same_weights, small_run
+from helpers import RECIPES, REPO, assert_same_weights, final_weights, launch, metric_lines, small_run, summary
 
 OBJECT_STORE = 80 * 2**20
 RAY_TIMEOUT = 600  # generous for a shared machine; a healthy run takes about a minute
@@ -173,6 +174,23 @@ def test_submit_as_ray_job_and_follow(tiny, ray_profile, tmp_path):
     assert f"done: {out.resolve() / 'summary.json'}" in run.stdout, "the job's own log was streamed"
     s = summary(out)
     assert s["world_size"] == 2 and s["steps"] == 12
+    # the job handle of the backend contract: `launch status RUN_DIR` asks Ray Jobs about the submission
+    status = launch("status", out)
+    assert status.returncode == 0 and "SUCCEEDED" in status.stdout and "step 12 of 12" in status.stdout, status.output
+
+
+def test_cancel_a_submitted_ray_job(tiny, ray_profile, tmp_path):
+    out = tmp_path / "run"
+    run = launch(*small_run(tiny["bert"], out, "train.max_steps=100000"), "--nodes", "2", "--cluster", ray_profile,
+                 "--submit", timeout=RAY_TIMEOUT)  # fmt: skip
+    assert run.returncode == 0, run.output[-4000:]
+    job_id = re.search(r"submitted Ray job (raysubmit_\w+)", run.stdout).group(1)
+    cancel = launch("cancel", out)
+    assert cancel.returncode == 0 and f"ray job stop {job_id}: done" in cancel.stdout, cancel.output
+    deadline = time.time() + 60
+    while "STOPPED" not in (status := launch("status", job_id, "--cluster", ray_profile)).stdout:
+        assert time.time() < deadline, status.output
+        time.sleep(1)
 
 
 def test_ray_profile_dry_run_and_errors(tmp_path):

@@ -10,32 +10,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import RECIPES, final_weights, launch, metric_lines, summary
-
-QUICKSTART = RECIPES / "quickstart.yaml"
-
-
-def small_run(model: str, out, *extra: str) -> list[str]:
-    """The quick start recipe, shrunk: a tiny model, 12 steps of 2 × 4 micro-batches."""
-    return [
-        QUICKSTART,
-        f"model.path={model}",
-        f"output_dir={out}",
-        "data.max_length=32",
-        "train.batch_size=8",
-        "train.micro_batch_size=2",
-        "train.max_steps=12",
-        "train.optimizer.lr=1e-3",
-        "train.save_every=4",
-        "train.log_every=1",
-        *extra,
-    ]
-
-
-def assert_same_weights(a: dict, b: dict, atol: float) -> None:
-    assert a.keys() == b.keys()
-    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-    assert worst <= atol, f"weights differ by up to {worst}"
+from helpers import assert_same_weights, final_weights, launch, metric_lines, small_run, summary
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +94,7 @@ def test_sigterm_to_launch_stops_every_rank(tiny, tmp_path):
     import sys
 
     import psutil
-    from conftest import REPO
+    from helpers import REPO
 
     out = tmp_path / "run"
     args = [str(a) for a in small_run(tiny["bert"], out, "train.max_steps=100000")]

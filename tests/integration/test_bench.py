@@ -12,8 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import REPO
+from helpers import REPO
 
 TITLES = {
     "step_overhead": "step overhead: samples/s",

