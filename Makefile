@@ -6,7 +6,7 @@ PY    := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install quickstart test test-all
+.PHONY: install quickstart test test-all lint
 
 install: $(VENV)/.installed
 
@@ -31,3 +31,10 @@ test: install
 
 test-all: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# ruff (lint and format check) in a venv of its own: seconds, before anything heavy is installed (.ci/run).
+RUFF ?= ruff==0.17.6
+lint:
+	test -x .venv-lint/bin/ruff || (python3 -m venv .venv-lint && .venv-lint/bin/pip install -q "$(RUFF)")
+	.venv-lint/bin/ruff check .
+	.venv-lint/bin/ruff format --check .
