@@ -11,7 +11,6 @@ from launcher.config.recipe import Recipe
 from launcher.planning.plan import Plan
 from launcher.train.data import to_device
 from launcher.train.metrics import EvalOutputs, compute
-from launcher.train.model import forward_logits
 from launcher.train.tasks import TaskHooks
 
 
@@ -39,13 +38,12 @@ class Evaluator:
             chunk = mine[start : start + self.batch]
             batch = to_device(self.collate(chunk or rows[:1]), self.acc.device)
             with self.acc.autocast():
-                logits = forward_logits(self.model, batch, self.task).float()
+                batch_loss, kept = self.task.evaluate(self.model, batch, self.loss_fn)
             progress()
             if not chunk:
                 continue
-            loss_sum += float(self.loss_fn(logits, batch["labels"]))
+            loss_sum += batch_loss
             count += float(sum(r["weight"] for r in chunk))
-            kept = self.task.eval_outputs(logits, batch["labels"])
             if kept is not None:
                 probs.append(kept[0])
                 labels.append(kept[1])

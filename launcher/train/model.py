@@ -110,4 +110,4 @@ def build(recipe: Recipe, tokenizer, device: torch.device | str = "cpu") -> torc
 
 
 def forward_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], task: TaskHooks) -> torch.Tensor:
-    return model(**task.model_inputs(model, batch)).logits
+    return task.logits(model, batch)

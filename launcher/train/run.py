@@ -40,7 +40,7 @@ from launcher.train.engines import make_engine
 from launcher.train.evaluate import Evaluator
 from launcher.train.heartbeat import Heartbeat
 from launcher.train.losses import LossContext, build_loss
-from launcher.train.model import build, forward_logits, load_tokenizer
+from launcher.train.model import build, load_tokenizer
 from launcher.train.report import Reporter, StepLosses, rank_logger, truncate_metrics
 from launcher.train.stop import StopRequest
 from launcher.train.tasks import hooks
@@ -189,7 +189,7 @@ class Run:
             sync = a == len(plan.micro_batches) - 1
             self.phase(done, "forward")
             with self.engine.accumulating(sync), self.acc.autocast():
-                micro_sum = self.loss_fn(forward_logits(self.model, batch, self.task), batch["labels"])
+                micro_sum = self.task.loss(self.model, batch, self.loss_fn)
             self.phase(done, "backward")
             # Every strategy averages gradients over ranks, so scale by world / global terms to get the global mean.
             self.engine.backward(micro_sum * self.world / plan.global_weight, sync)

@@ -37,6 +37,20 @@ class TaskHooks:
     def model_inputs(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v for k, v in batch.items() if k != "labels"}
 
+    def logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**self.model_inputs(model, batch)).logits
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], loss_fn) -> torch.Tensor:
+        """The micro-batch's summed loss, what backward runs on (train.run calls it inside the engine's
+        accumulation context and autocast). A task whose loss needs more than the logits (several forward
+        passes, a reference model, hidden states) overrides this and `evaluate`."""
+        return loss_fn(self.logits(model, batch), batch["labels"])
+
+    def evaluate(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], loss_fn):
+        """One evaluation batch (no grad, inside autocast): its summed loss, and what eval_outputs keeps."""
+        logits = self.logits(model, batch).float()
+        return float(loss_fn(logits, batch["labels"])), self.eval_outputs(logits, batch["labels"])
+
     def eval_outputs(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
         """What evaluation keeps of a batch for the metrics (launcher.train.metrics.EvalOutputs.scores):
         class probabilities, or predictions; None when the loss alone is scored (perplexity)."""
