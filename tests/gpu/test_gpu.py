@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from helpers import RECIPES, launch, summary
+
+pytestmark = pytest.mark.gpu
 
 
 def test_quickstart_on_every_local_gpu(tmp_path):

@@ -19,6 +19,7 @@ import pytest
 import torch
 from helpers import RECIPES, launch, summary
 
+pytestmark = pytest.mark.slow
 MODELS = Path(os.environ.get("LAUNCHER_TEST_MODELS", Path.home() / ".cache" / "launcher" / "test-models"))
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
