@@ -6,6 +6,7 @@ code reads typed attributes and never falls back to defaults of its own.
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -125,7 +126,7 @@ LossConfig = Annotated[CrossEntropy | Focal | BCE | MSE | MAE | Huber, Field(dis
 
 # loss name → its config class: the union above, by name (the default loss of a task is built from it)
 LOSS_CONFIGS: dict[str, type[Strict]] = {
-    cls.model_fields["name"].annotation.__args__[0]: cls for cls in (CrossEntropy, Focal, BCE, MSE, MAE, Huber)
+    cls.model_fields["name"].annotation.__args__[0]: cls for cls in typing.get_args(typing.get_args(LossConfig)[0])
 }
 
 
@@ -181,7 +182,7 @@ class TaskConfig(Strict):
         return 1
 
     @property
-    def resolved_loss(self) -> CrossEntropy | Focal | BCE | MSE | MAE | Huber:
+    def resolved_loss(self) -> Strict:
         if self.loss is not None:
             return self.loss
         name = self.spec.losses[0]
