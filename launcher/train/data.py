@@ -46,6 +46,14 @@ def cache_key(recipe: Recipe, splits: Splits, tokenizer) -> str:
     digest = hashlib.sha256(CACHE_VERSION.encode())
     digest.update(_tokenizer_fingerprint(tokenizer).encode())
     settings = {"task": recipe.task.type, "max_length": recipe.data.max_length, "chat": recipe.task.chat_template}
+    if recipe.task.spec.renders_chats:  # what a conversation's rendering depends on besides the tokenizer's files
+        from launcher.planning.conversations import recipe_template
+
+        settings.update(
+            train_on=recipe.task.train_on,
+            end_of_turn=recipe.task.end_of_turn,
+            template=recipe_template(recipe) or getattr(tokenizer, "chat_template", None),
+        )
     digest.update(json.dumps(settings, sort_keys=True).encode())
     for name, rows in splits.items():
         digest.update(name.encode())
@@ -143,6 +151,10 @@ class Collate:
         self.task = task
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        return self.task.collate(rows, self.pad)
+
+    def pad(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        """Model inputs padded to the longest row, and the labels as the task collates them."""
         width = max(len(r["input_ids"]) for r in rows)
         batch: dict[str, torch.Tensor] = {}
         for key in ("input_ids", "attention_mask", "token_type_ids"):

@@ -113,6 +113,7 @@ class Run:
         context = LossContext(recipe.task.spec, self.train_label_counts, self.log.info)
         self.loss_fn = build_loss(recipe.task.resolved_loss, context)
         self.model = self.engine.prepare(model, lambda m: make_optimizer(m, recipe))
+        self.task.set_up(self.engine, lambda: build(recipe, self.tokenizer, acc.device))  # a reference model
         self.scheduler = make_scheduler(self.engine.base_optimizer, recipe, plan)
         acc.register_for_checkpointing(self.scheduler)
         self.collate = Collate(self.task)

@@ -52,6 +52,12 @@ class Engine(ABC):
         """Restore what save() wrote; `saved_world_size`: the checkpoint's, which may differ from this run's."""
         return None
 
+    def frozen(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A model that is never trained (the reference of a preference loss), held the way this strategy holds
+        the trained one: here whole on every rank; zero3 and fsdp shard it too."""
+        model.requires_grad_(False)
+        return model.to(self.acc.device).eval()
+
     @abstractmethod
     def unwrapped(self) -> torch.nn.Module:
         """The model without the strategy's wrapper (what save_pretrained exports)."""
