@@ -16,7 +16,14 @@ from pathlib import Path
 
 from launcher.config.loading import resolve_model_path
 from launcher.errors import Problem
-from launcher.planning.conversations import PairEncoder, RowProblem, conversation_problem, pair_encoder, pair_problem
+from launcher.planning.conversations import (
+    PairEncoder,
+    RowProblem,
+    conversation_problem,
+    pair_encoder,
+    pair_problem,
+    recipe_template,
+)
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 SHOWN = 5  # rows named per problem
@@ -77,8 +84,20 @@ def file_encoder(recipe, folder: Path | str) -> PairEncoder:
 
 
 def _listed(failures: list[tuple[int, str]]) -> str:
-    shown = "; ".join(f"row {n}: {why}" for n, why in failures[:SHOWN])
-    return shown + (f" (and {len(failures) - SHOWN} more)" if len(failures) > SHOWN else "")
+    """Rows grouped by reason: 'rows 2, 5: reason; row 7: other reason' (a few of each)."""
+    by_reason: dict[str, list[int]] = {}
+    for number, why in failures:
+        by_reason.setdefault(why, []).append(number)
+    parts = []
+    for why, numbers in list(by_reason.items())[:SHOWN]:
+        shown = ", ".join(map(str, numbers[:10])) + (f" and {len(numbers) - 10} more" if len(numbers) > 10 else "")
+        parts.append(f"row{'s' if len(numbers) > 1 else ''} {shown}: {why}")
+    more = len(by_reason) - SHOWN
+    return "; ".join(parts) + (f" (and {more} other reasons)" if more > 0 else "")
+
+
+def _rows(count: int) -> str:
+    return f"{count} row{'s' if count != 1 else ''}"
 
 
 def check_rows(rows: list[dict], recipe, where: str, encoder: PairEncoder | None) -> tuple[list, list, int]:
@@ -108,14 +127,14 @@ def check_rows(rows: list[dict], recipe, where: str, encoder: PairEncoder | None
                 continue
         kept.append(row)
     problems = [
-        Problem(field_, f"{len(found)} rows of {where} cannot be trained on ({column}): {_listed(found)}")
+        Problem(field_, f"{_rows(len(found))} of {where} cannot be trained on ({column}): {_listed(found)}")
         for field_, found in invalid.items()
     ]
     if empty and data.on_missing == "error":
         problems.append(
             Problem(
                 "data.on_missing",
-                f"{len(empty)} rows of {where} have no answer token within data.max_length={data.max_length}: "
+                f"{_rows(len(empty))} of {where} with no answer token within data.max_length={data.max_length}: "
                 f"{_listed(empty)}; raise data.max_length, or set data.on_missing=drop to skip them",
             )
         )
@@ -129,6 +148,11 @@ class RowsCheck:
     def __init__(self, recipe):
         self.recipe, self.problems, self.notes = recipe, [], []
         self.encoder: PairEncoder | None = None
+        try:
+            recipe_template(recipe)  # a template file the recipe names must be readable, whatever the model
+        except RowProblem as exc:
+            self.problems.append(Problem(exc.field, str(exc)))
+            return
         folder = tokenizer_folder(recipe)
         if folder is None:
             self.notes.append(
@@ -145,7 +169,7 @@ class RowsCheck:
         kept, problems, dropped = check_rows(rows, self.recipe, where, self.encoder)
         if dropped:
             self.notes.append(
-                f"dropped {dropped} rows of {where} with no answer token within data.max_length="
+                f"dropped {_rows(dropped)} of {where} with no answer token within data.max_length="
                 f"{self.recipe.data.max_length} (data.on_missing=drop)"
             )
         return kept, problems

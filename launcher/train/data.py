@@ -25,6 +25,23 @@ from launcher.train.tasks import TaskHooks, hooks
 CACHE_VERSION = "1"
 
 
+class DataMismatch(RuntimeError):
+    """The ranks read other rows than the launcher planned with (the files changed since, or checks the launcher
+    could not run dropped some)."""
+
+
+def check_planned_rows(splits: Splits, plan: Plan) -> None:
+    """The plan's batch arithmetic and the sampler's permutation hold only for the rows it counted."""
+    planned = (plan.num_train_samples, plan.num_validation_samples, plan.num_test_samples)
+    found = tuple(len(rows) for _, rows in splits.items())
+    if found != planned:
+        raise DataMismatch(
+            f"the ranks read {found[0]} / {found[1]} / {found[2]} train / validation / test rows where the launch "
+            f"planned {planned[0]} / {planned[1]} / {planned[2]}: the data files changed since, or the row checks "
+            f"the launcher could not run ({'; '.join(splits.notes) or 'none'}) dropped some; launch again"
+        )
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("LAUNCHER_CACHE_DIR", Path.home() / ".cache" / "launcher")) / "tokenized"
 

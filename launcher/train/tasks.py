@@ -44,8 +44,9 @@ class TaskHooks:
     def collate_labels(self, rows: list[dict]) -> torch.Tensor:
         return torch.tensor([r["labels"] for r in rows], dtype=self.label_dtype)
 
-    def set_up(self, engine, build_model: Callable[[], torch.nn.Module]) -> None:
-        """Once the engine holds the trained model: what the task needs besides it (a reference model)."""
+    def set_up(self, engine, build_model: Callable[[], torch.nn.Module]) -> str | None:
+        """Once the engine holds the trained model: what the task needs besides it (a reference model), and a
+        line for the log saying what it set up."""
         return None
 
     def model_inputs(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -274,8 +275,13 @@ class Preference(Pairs):
     reference: torch.nn.Module | None = None
 
     def set_up(self, engine, build_model):
-        if self.recipe.task.uses_reference and self.recipe.model.lora is None:
-            self.reference = engine.frozen(build_model())
+        if not self.recipe.task.uses_reference:
+            return None
+        if self.recipe.model.lora is not None:
+            return "reference model: the base, with the LoRA adapter disabled (no copy)"
+        self.reference = engine.frozen(build_model())
+        local, whole = engine.held_by(self.reference)
+        return f"reference model: a frozen copy of the base, {local:,} of its {whole:,} parameters on this rank"
 
     def logps(self, model, batch, loss_fn) -> tuple[PairLogps, PairLogps | None]:
         policy = PairLogps.of(self.logits(model, batch), batch["labels"])

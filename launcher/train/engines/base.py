@@ -76,8 +76,16 @@ class Engine(ABC):
         numel = sum(t.numel() for t in self.local_tensors())
         return numel, numel
 
+    def held_by(self, module: torch.nn.Module) -> tuple[int, int]:
+        """(elements this rank holds, elements of the whole) of a module from `frozen`."""
+        params = list(module.parameters())
+        return sum(self._local(p).numel() for p in params), sum(self._numel(p) for p in params)
+
     def _local(self, param: torch.Tensor) -> torch.Tensor:
         return param.detach()
+
+    def _numel(self, param: torch.Tensor) -> int:
+        return param.numel()
 
     def _settle(self) -> None:
         """Bring the parameters back to the state that `_local` reads."""

@@ -62,7 +62,8 @@ class DeepSpeedEngine(Engine):
         model.requires_grad_(False)
         config = {k: v for k, v in self.config.items() if k not in ("optimizer", "scheduler", "gradient_clipping")}
         engine, *_ = deepspeed.initialize(model=model, config=config)
-        return engine.eval()
+        engine.eval()  # DeepSpeedEngine.eval returns None
+        return engine
 
     def accumulating(self, sync):
         self.model.set_gradient_accumulation_boundary(sync)
@@ -153,6 +154,9 @@ class DeepSpeedEngine(Engine):
 
     def _local(self, param):
         return param.ds_tensor.detach() if self.stage == 3 else param.detach()
+
+    def _numel(self, param):
+        return param.ds_numel if self.stage == 3 else param.numel()
 
     def local_tensors(self):
         return [self._local(p) for p in self.model.module.parameters()]
