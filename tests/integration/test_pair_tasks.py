@@ -82,7 +82,8 @@ def test_reward_model_recipe_exports_a_plain_sequence_classifier(word_llama, tmp
 
 STRATEGIES = {
     # name: (overrides, resumed on this many ranks from the step-3 checkpoint, the reference's share per rank)
-    "zero2-lora": (["distributed.strategy=zero2"], None, None),
+    "zero2-lora": (["distributed.strategy=zero2"], 2, None),
+    "fsdp-lora": (["distributed.strategy=fsdp"], None, None),
     "zero3-frozen-copy": (["distributed.strategy=zero3", "model.lora=null"], 2, 0.5),
     "fsdp-frozen-copy": (["distributed.strategy=fsdp", "model.lora=null"], 2, 0.5),
     "ddp-frozen-copy": (["distributed.strategy=ddp", "model.lora=null"], None, 1.0),
