@@ -145,6 +145,8 @@ def launch_recipe(request: LaunchRequest, started: float | None = None) -> ExitC
     resume = resume_point(recipe, plan)
     for note in [*ignored_settings(recipe), *plan.warnings]:
         print(f"warning: {note}", file=sys.stderr)
+    for note in splits.notes:
+        print(f"warning: {note}", file=sys.stderr)
     for split, count in splits.dropped.items():
         if count:
             print(

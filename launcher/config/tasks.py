@@ -20,8 +20,14 @@ from typing import Literal
 #   multi_hot  a 0/1 vector over the classes, from a list or "a,b"   (multi-label classification)
 #   number     a float                                               (regression)
 #   tags       one class index per word of a list-of-words text       (token classification)
-#   none       no label column: the text (or response) is the target (language modelling)
+#   none       no label column: the text (or response) is the target (language modelling), or the row is a
+#              conversation or a preference pair (its `rows` kind says which)
 LabelKind = Literal["class", "multi_hot", "number", "tags", "none"]
+# What a row holds beyond the plain text columns (launcher.planning.conversations checks both before launch):
+#   plain         text (and text pair), or prompt/response
+#   conversation  a `messages` list in the OpenAI format (system, user, assistant and tool turns)
+#   pair          prompt/chosen/rejected, each a text or a list of messages
+RowKind = Literal["plain", "conversation", "pair"]
 
 
 @dataclass(frozen=True)
@@ -44,8 +50,19 @@ class TaskSpec:
     words: bool = False  # the text column holds a list of words (one label per word)
     prompt_response: Literal["required", "optional", "unused"] = "unused"  # data.prompt_field / response_field
     text_pair: bool = False  # data.text_pair_field feeds the model a second text
-    chat_template: bool = False  # task.chat_template formats prompt/response pairs
+    chat_template: bool = False  # task.chat_template formats prompt/response (or text preference) pairs
     balance: bool = False  # data.balance (a class-balanced sampler) applies
+    rows: RowKind = "plain"
+    # the model runs on this many sequences per row (a pair: chosen and rejected); the planner's activations
+    sequences_per_row: int = 1
+    # the loss may compare with a frozen reference model: LoRA's base with the adapter disabled, or (full
+    # fine-tuning) a frozen copy the planner counts; only for losses whose config says uses_reference
+    reference_model: bool = False
+
+    @property
+    def renders_chats(self) -> bool:
+        """Rows may be conversations rendered with a chat template (task.train_on, chat_template_file, end_of_turn)."""
+        return self.rows != "plain"
 
     @property
     def needs_classes(self) -> bool:
@@ -54,6 +71,14 @@ class TaskSpec:
 
     def columns(self, data) -> dict[str, str]:
         """Row field → data column, for `data` (a config.recipe.DataConfig)."""
+        if self.rows == "conversation":
+            return {"messages": data.messages_field}
+        if self.rows == "pair":
+            return {
+                "prompt": data.prompt_field or "prompt",
+                "chosen": data.chosen_field,
+                "rejected": data.rejected_field,
+            }
         if self.prompt_response == "required" or (self.prompt_response == "optional" and data.prompt_field):
             columns = {"prompt": data.prompt_field, "response": data.response_field}
         else:
@@ -73,8 +98,12 @@ class TaskSpec:
             notes.append(f"task.chat_template is ignored for {self.name}")
         if data.text_pair_field and not self.text_pair:
             notes.append(f"data.text_pair_field is ignored for {self.name}")
-        if data.prompt_field and self.prompt_response == "unused":
+        if data.prompt_field and self.prompt_response == "unused" and self.rows != "pair":
             notes.append(f"data.prompt_field/response_field are ignored for {self.name}")
+        if self.rows != "conversation" and "train_on" in task.model_fields_set:
+            notes.append(f"task.train_on is ignored for {self.name} (it picks the assistant turns of a conversation)")
+        if not self.renders_chats and (task.chat_template_file or task.end_of_turn):
+            notes.append(f"task.chat_template_file/end_of_turn are ignored for {self.name}")
         return notes
 
     def recipe_problems(self, recipe) -> list[str]:
@@ -84,12 +113,15 @@ class TaskSpec:
             problems.append(f"{self.name} needs data.prompt_field (source) and data.response_field (target)")
         if data.balance and not self.balance:
             problems.append(f"data.balance needs single-label classes; task {self.name!r} has none to balance")
-        if recipe.task.chat_template and self.chat_template and not data.prompt_field:
+        if recipe.task.chat_template and self.chat_template and self.rows == "plain" and not data.prompt_field:
             problems.append("task.chat_template needs data.prompt_field and data.response_field")
+        if data.response_field and self.rows == "pair":
+            problems.append(f"{self.name} reads data.chosen_field and data.rejected_field, not data.response_field")
         return problems
 
 
 CLASSIFICATION_METRICS = ("accuracy", "precision", "recall", "f1", "per_class", "roc_auc")
+PREFERENCE_METRICS = ("reward_accuracy", "reward_margin", "logps")
 
 TASKS: dict[str, TaskSpec] = {
     spec.name: spec
@@ -174,6 +206,51 @@ TASKS: dict[str, TaskSpec] = {
             default_metrics=("perplexity",),
             language_model=True,
             prompt_response="required",
+        ),
+        TaskSpec(
+            name="chat",
+            summary="multi-turn SFT on conversations (a messages column); loss on assistant tokens only",
+            auto_class="AutoModelForCausalLM",
+            peft_task_type="CAUSAL_LM",
+            rank_hooks="ChatSFT",
+            label="none",
+            losses=("cross_entropy",),
+            metrics=("perplexity",),
+            default_metrics=("perplexity",),
+            language_model=True,
+            next_token=True,
+            rows="conversation",
+        ),
+        TaskSpec(
+            name="preference",
+            summary="preference tuning on prompt/chosen/rejected pairs (DPO, ORPO, SimPO)",
+            auto_class="AutoModelForCausalLM",
+            peft_task_type="CAUSAL_LM",
+            rank_hooks="Preference",
+            label="none",
+            losses=("dpo", "orpo", "simpo"),
+            metrics=PREFERENCE_METRICS,
+            default_metrics=PREFERENCE_METRICS,
+            language_model=True,
+            chat_template=True,
+            rows="pair",
+            sequences_per_row=2,
+            reference_model=True,
+        ),
+        TaskSpec(
+            name="reward_model",
+            summary="a one-output sequence classifier scoring responses, trained on chosen/rejected pairs",
+            auto_class="AutoModelForSequenceClassification",
+            peft_task_type="SEQ_CLS",
+            rank_hooks="RewardModel",
+            label="none",
+            losses=("bradley_terry",),
+            metrics=("pairwise_accuracy",),
+            default_metrics=("pairwise_accuracy",),
+            hf_problem_type="regression",  # one output: the reward
+            chat_template=True,
+            rows="pair",
+            sequences_per_row=2,
         ),
     )
 }

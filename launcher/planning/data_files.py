@@ -17,6 +17,7 @@ from typing import Any
 
 from launcher.config.recipe import Recipe
 from launcher.errors import Problem, RecipeError
+from launcher.planning.chat_checks import RowsCheck
 
 SPLITS = ("train", "validation", "test")
 READERS = ".jsonl .json .csv .tsv .parquet, or a folder written by datasets' save_to_disk"
@@ -30,6 +31,7 @@ class Splits:
     validation: list[dict]
     test: list[dict]
     dropped: dict[str, int]
+    notes: tuple[str, ...] = ()  # warnings of the row checks (planning.chat_checks)
 
     def items(self):
         return (("train", self.train), ("validation", self.validation), ("test", self.test))
@@ -185,6 +187,9 @@ def _clean(rows: list[dict], recipe: Recipe, field_prefix: str) -> tuple[list[di
                     "label": "label_field",
                     "prompt": "prompt_field",
                     "response": "response_field",
+                    "messages": "messages_field",
+                    "chosen": "chosen_field",
+                    "rejected": "rejected_field",
                 }[name]
                 problems.append(Problem(f"data.{field}", f"column {src!r} is not in {field_prefix} (columns: {have})"))
             return [], problems, 0
@@ -242,6 +247,7 @@ def load_splits(recipe: Recipe) -> Splits:
     problems: list[Problem] = []
     tables: dict[str, list[dict]] = {}
     dropped: dict[str, int] = {}
+    rows_check = RowsCheck(recipe) if recipe.task.spec.renders_chats else None
     for split in SPLITS:
         file = getattr(data, split)
         if file is None:
@@ -252,12 +258,16 @@ def load_splits(recipe: Recipe) -> Splits:
             problems.append(Problem(f"data.{split}", str(exc)))
             continue
         rows, found, dropped[split] = _clean(raw, recipe, f"{split} file {Path(file).name}")
+        if rows_check is not None and not found:
+            rows, found = rows_check(rows, f"{split} file {Path(file).name}")
         problems += found
         if not raw:
             problems.append(Problem(f"data.{split}", f"{file} holds no rows"))
         elif not rows and not found:
             problems.append(Problem(f"data.{split}", f"no usable rows left in {file} after dropping empty ones"))
         tables[split] = rows
+    if rows_check is not None:
+        problems += rows_check.problems
     if problems:
         raise RecipeError("data", problems)
     train = tables["train"]
@@ -273,7 +283,8 @@ def load_splits(recipe: Recipe) -> Splits:
         train = [train[i] for i in sorted(order[start:])]
     if not train:
         raise RecipeError("data", [Problem("data.split", "the split leaves no training rows")])
-    return Splits(train, tables.get("validation", []), tables.get("test", []), dropped)
+    notes = tuple(rows_check.notes) if rows_check is not None else ()
+    return Splits(train, tables.get("validation", []), tables.get("test", []), dropped, notes)
 
 
 def label_counts(rows: list[dict], num_labels: int) -> list[int]:

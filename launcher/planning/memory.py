@@ -34,6 +34,8 @@ tensors autograd really saves for a bf16 Llama in tests/test_memory.py:
     per layer: s·b·(26·h + k·I)      k = 8 for a gated MLP (gate, up, act, product), 4 otherwise
     checkpointed: 2·s·b·h per layer (its input) + one layer recomputed
     LM head: s·b·V·(2 + 4 + 4)       16-bit logits, their fp32 upcast for the loss, and its gradient
+    pairs: all of it twice (chosen and rejected run as one batch); DPO adds the reference pass's logits
+    (s·b·V·(2 + 4)) and, without LoRA, a frozen copy of the weights in the load dtype, sharded like them
 
 It is an estimate: allocator fragmentation, NCCL buffers and the CUDA context are
 covered by keeping HEADROOM of each GPU free, not modelled.
@@ -278,7 +280,10 @@ def activation_bytes(shape: ModelShape, recipe: Recipe, micro_batch: int) -> int
     else:
         layers = shape.num_layers * per_layer
     head = s * b * shape.vocab_size * (2 * scale + 8) if recipe.task.spec.language_model else 0
-    return layers + head
+    if recipe.task.uses_reference:  # the reference pass's logits and their fp32 upcast, held for the loss
+        head += s * b * shape.vocab_size * (scale + 4)
+    # a preference or reward pair runs its chosen and rejected answers in one batch: twice the sequences
+    return (layers + head) * recipe.task.spec.sequences_per_row
 
 
 def estimate(
@@ -301,7 +306,7 @@ def estimate(
         "zero2": (1, world, world),
     }.get(strategy, (world, world, world))
     gathered = 2 * shape.largest_layer_params if strategy in ("zero3", "fsdp") else 0  # its 16-bit weights, and grads
-    params = (trainable * weight + shape.frozen_bytes) // shard_weights + gathered
+    params = (trainable * weight + shape.frozen_bytes + reference_bytes(shape, recipe)) // shard_weights + gathered
     grads = trainable * grad // shard_grads + trainable * grad32 // shard_states + gathered
     optimizer = trainable * (master + moments) // shard_states
     host_offload = 0
@@ -325,10 +330,19 @@ def estimate(
     )
 
 
+def reference_bytes(shape: ModelShape, recipe: Recipe) -> int:
+    """A frozen copy of the model as loaded: DPO's reference when the whole model trains (with LoRA the
+    reference is the base itself, its adapter disabled). Sharded like the weights under zero3/fsdp."""
+    if not recipe.task.uses_reference or recipe.model.lora is not None:
+        return 0
+    return shape.num_params * DTYPE_BYTES[recipe.model.dtype]
+
+
 def host_load_bytes(shape: ModelShape, recipe: Recipe, strategy: str, gpus_per_node: int) -> int:
-    """Host RAM per node while loading: every rank reads the whole checkpoint, except under zero3/fsdp,
-    where the weights are loaded once per node and scattered into shards (zero.Init / rank-0 loading)."""
-    whole = shape.frozen_bytes + shape.num_trainable * DTYPE_BYTES[recipe.model.dtype]
+    """Host RAM per node while loading: every rank reads the whole checkpoint (and the reference copy), except
+    under zero3/fsdp, where the weights are loaded once per node and scattered into shards (zero.Init / rank-0
+    loading)."""
+    whole = shape.frozen_bytes + shape.num_trainable * DTYPE_BYTES[recipe.model.dtype] + reference_bytes(shape, recipe)
     return whole * (1 if strategy in ("zero3", "fsdp") else gpus_per_node)
 
 

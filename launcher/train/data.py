@@ -25,6 +25,23 @@ from launcher.train.tasks import TaskHooks, hooks
 CACHE_VERSION = "1"
 
 
+class DataMismatch(RuntimeError):
+    """The ranks read other rows than the launcher planned with (the files changed since, or checks the launcher
+    could not run dropped some)."""
+
+
+def check_planned_rows(splits: Splits, plan: Plan) -> None:
+    """The plan's batch arithmetic and the sampler's permutation hold only for the rows it counted."""
+    planned = (plan.num_train_samples, plan.num_validation_samples, plan.num_test_samples)
+    found = tuple(len(rows) for _, rows in splits.items())
+    if found != planned:
+        raise DataMismatch(
+            f"the ranks read {found[0]} / {found[1]} / {found[2]} train / validation / test rows where the launch "
+            f"planned {planned[0]} / {planned[1]} / {planned[2]}: the data files changed since, or the row checks "
+            f"the launcher could not run ({'; '.join(splits.notes) or 'none'}) dropped some; launch again"
+        )
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("LAUNCHER_CACHE_DIR", Path.home() / ".cache" / "launcher")) / "tokenized"
 
@@ -46,6 +63,14 @@ def cache_key(recipe: Recipe, splits: Splits, tokenizer) -> str:
     digest = hashlib.sha256(CACHE_VERSION.encode())
     digest.update(_tokenizer_fingerprint(tokenizer).encode())
     settings = {"task": recipe.task.type, "max_length": recipe.data.max_length, "chat": recipe.task.chat_template}
+    if recipe.task.spec.renders_chats:  # what a conversation's rendering depends on besides the tokenizer's files
+        from launcher.planning.conversations import recipe_template
+
+        settings.update(
+            train_on=recipe.task.train_on,
+            end_of_turn=recipe.task.end_of_turn,
+            template=recipe_template(recipe) or getattr(tokenizer, "chat_template", None),
+        )
     digest.update(json.dumps(settings, sort_keys=True).encode())
     for name, rows in splits.items():
         digest.update(name.encode())
@@ -143,6 +168,10 @@ class Collate:
         self.task = task
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        return self.task.collate(rows, self.pad)
+
+    def pad(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        """Model inputs padded to the longest row, and the labels as the task collates them."""
         width = max(len(r["input_ids"]) for r in rows)
         batch: dict[str, torch.Tensor] = {}
         for key in ("input_ids", "attention_mask", "token_type_ids"):

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from launcher.config.recipe import BCE, MAE, MSE, CrossEntropy, Focal, Huber
+from launcher.config.recipe import BCE, DPO, MAE, MSE, ORPO, BradleyTerry, CrossEntropy, Focal, Huber, SimPO
 from launcher.config.tasks import TaskSpec
-from launcher.train.tasks import IGNORE
+from launcher.train.tasks import IGNORE, PairLogps
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -133,6 +133,95 @@ def causal(inner: LossFn) -> LossFn:
     return fn
 
 
+# ----------------------------------------------------------------------------- preference pairs
+Rewards = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class PairLoss:
+    """A loss on the log-probabilities of preference pairs (train.tasks.Preference computes them): the sum of
+    one term per pair, and the implicit rewards of both answers the metrics score (TRL's definitions)."""
+
+    terms: Callable[[PairLogps, PairLogps | None], torch.Tensor]
+    rewards: Callable[[PairLogps, PairLogps | None], Rewards]
+
+    def __call__(self, policy: PairLogps, reference: PairLogps | None = None) -> torch.Tensor:
+        return self.terms(policy, reference).sum()
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, accurate on both sides of -ln 2 (Mächler 2012)."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def _means(p: PairLogps) -> Rewards:
+    """Length-normalised log-probabilities (per answer token)."""
+    return p.chosen / p.chosen_tokens.clamp(min=1), p.rejected / p.rejected_tokens.clamp(min=1)
+
+
+def dpo(cfg: DPO, ctx: LossContext) -> PairLoss:
+    """Rafailov et al. 2023 on the summed log-ratios to the reference; cDPO label smoothing; IPO (Azar et al.
+    2023) on per-token log-ratios, as TRL normalises it; the SLiC hinge."""
+    beta, smoothing = cfg.beta, cfg.label_smoothing
+
+    def ratios(p: PairLogps, ref: PairLogps) -> Rewards:
+        return p.chosen - ref.chosen, p.rejected - ref.rejected
+
+    def terms(p, ref):
+        chosen, rejected = ratios(p, ref)
+        if cfg.variant == "ipo":
+            delta = chosen / p.chosen_tokens.clamp(min=1) - rejected / p.rejected_tokens.clamp(min=1)
+            return (delta - 1 / (2 * beta)) ** 2
+        delta = beta * (chosen - rejected)
+        if cfg.variant == "hinge":
+            return torch.relu(1 - delta)
+        return -(1 - smoothing) * F.logsigmoid(delta) - smoothing * F.logsigmoid(-delta)
+
+    def rewards(p, ref):
+        chosen, rejected = ratios(p, ref)
+        return beta * chosen.detach(), beta * rejected.detach()
+
+    return PairLoss(terms, rewards)
+
+
+def orpo(cfg: ORPO, ctx: LossContext) -> PairLoss:
+    """Hong et al. 2024: the chosen answer's mean NLL plus beta times the odds-ratio term on mean log-probs."""
+
+    def terms(p, ref):
+        chosen, rejected = _means(p)
+        log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
+        return -chosen - cfg.beta * F.logsigmoid(log_odds)
+
+    def rewards(p, ref):
+        chosen, rejected = _means(p)
+        return cfg.beta * chosen.detach(), cfg.beta * rejected.detach()
+
+    return PairLoss(terms, rewards)
+
+
+def simpo(cfg: SimPO, ctx: LossContext) -> PairLoss:
+    """Meng et al. 2024: -log sigmoid(beta * (mean log-prob chosen - rejected) - gamma); no reference."""
+
+    def terms(p, ref):
+        chosen, rejected = _means(p)
+        return -F.logsigmoid(cfg.beta * (chosen - rejected) - cfg.gamma)
+
+    def rewards(p, ref):
+        chosen, rejected = _means(p)
+        return cfg.beta * chosen.detach(), cfg.beta * rejected.detach()
+
+    return PairLoss(terms, rewards)
+
+
+def bradley_terry(cfg: BradleyTerry, ctx: LossContext) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The reward model's pairwise loss on the rewards of the chosen and the rejected answers."""
+
+    def fn(chosen, rejected):
+        return -F.logsigmoid(chosen - rejected).sum()
+
+    return fn
+
+
 # loss config class → builder(cfg, ctx); total over the schema's LossConfig union (tests/unit/test_registries.py)
 LOSSES: dict[type, Callable[..., LossFn]] = {
     CrossEntropy: cross_entropy,
@@ -141,6 +230,10 @@ LOSSES: dict[type, Callable[..., LossFn]] = {
     MSE: _pointwise(F.mse_loss),
     MAE: _pointwise(F.l1_loss),
     Huber: _pointwise(F.huber_loss),
+    DPO: dpo,
+    ORPO: orpo,
+    SimPO: simpo,
+    BradleyTerry: bradley_terry,
 }
 
 

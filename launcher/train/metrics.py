@@ -156,6 +156,30 @@ def perplexity(out: EvalOutputs) -> dict:
     return {"perplexity": float(math.exp(min(out.loss_sum / max(out.loss_count, 1.0), 50.0)))}
 
 
+# Pair tasks (preference, reward_model) keep [N, 2] arrays, columns (chosen, rejected): the rewards in `probs`
+# and the answers' summed log-probabilities in `labels` (train.tasks.Preference.evaluate).
+def _wins(rewards: np.ndarray) -> float:
+    """The fraction of pairs whose chosen answer has the higher reward, ties counted half (an untrained DPO
+    policy, equal to its reference, scores 0.5)."""
+    return float(((rewards[:, 0] > rewards[:, 1]) + 0.5 * (rewards[:, 0] == rewards[:, 1])).mean())
+
+
+def reward_accuracy(out: EvalOutputs) -> dict:
+    return {"reward_accuracy": _wins(out.probs)}
+
+
+def reward_margin(out: EvalOutputs) -> dict:
+    return {"reward_margin": float((out.probs[:, 0] - out.probs[:, 1]).mean())}
+
+
+def logps(out: EvalOutputs) -> dict:
+    return {"chosen_logps": float(out.labels[:, 0].mean()), "rejected_logps": float(out.labels[:, 1].mean())}
+
+
+def pairwise_accuracy(out: EvalOutputs) -> dict:
+    return {"pairwise_accuracy": _wins(out.probs)}
+
+
 # metric name (as a recipe writes it) → function of the outputs; total over the task registry's metrics
 METRICS: dict[str, Callable[[EvalOutputs], dict]] = {
     "accuracy": accuracy,
@@ -167,6 +191,10 @@ METRICS: dict[str, Callable[[EvalOutputs], dict]] = {
     "mae": mae,
     "rmse": rmse,
     "perplexity": perplexity,
+    "reward_accuracy": reward_accuracy,
+    "reward_margin": reward_margin,
+    "logps": logps,
+    "pairwise_accuracy": pairwise_accuracy,
 }
 
 

@@ -34,7 +34,7 @@ from launcher.train.components import (
     quiet_libraries,
     shutdown,
 )
-from launcher.train.data import Collate, Sampler, balanced_row_probs, prepare, to_device
+from launcher.train.data import Collate, Sampler, balanced_row_probs, check_planned_rows, prepare, to_device
 from launcher.train.drills import Drill
 from launcher.train.engines import make_engine
 from launcher.train.evaluate import Evaluator
@@ -104,6 +104,7 @@ class Run:
         self.tokenizer = load_tokenizer(recipe)
         self.task = hooks(recipe, self.tokenizer)
         self.splits = load_splits(recipe)
+        check_planned_rows(self.splits, plan)
         self.data = prepare(recipe, self.splits, self.tokenizer)
         self.clock.mark("data")
         self.memory_before_model = peak_memory_bytes()
@@ -113,6 +114,9 @@ class Run:
         context = LossContext(recipe.task.spec, self.train_label_counts, self.log.info)
         self.loss_fn = build_loss(recipe.task.resolved_loss, context)
         self.model = self.engine.prepare(model, lambda m: make_optimizer(m, recipe))
+        note = self.task.set_up(self.engine, lambda: build(recipe, self.tokenizer, acc.device))  # a reference model
+        if note:
+            self.log.info(note)
         self.scheduler = make_scheduler(self.engine.base_optimizer, recipe, plan)
         acc.register_for_checkpointing(self.scheduler)
         self.collate = Collate(self.task)

@@ -7,10 +7,16 @@ call these methods and never ask which task they run.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from launcher.config.recipe import Recipe
+from launcher.planning.conversations import Encoded, pair_encoder
 
 IGNORE = -100  # label of a position that carries no loss (padding, a prompt token, a word's later sub-words)
 
@@ -31,8 +37,17 @@ class TaskHooks:
         enc = self.tok(row["text"], row.get("text_pair"), truncation=True, max_length=self.max_length)
         return {**dict(enc), "labels": row["label"], "weight": 1}
 
+    def collate(self, rows: list[dict], pad: Callable[[list[dict]], dict]) -> dict[str, torch.Tensor]:
+        """Rows → a batch; `pad` (train.data.Collate.pad) pads model inputs and calls collate_labels."""
+        return pad(rows)
+
     def collate_labels(self, rows: list[dict]) -> torch.Tensor:
         return torch.tensor([r["labels"] for r in rows], dtype=self.label_dtype)
+
+    def set_up(self, engine, build_model: Callable[[], torch.nn.Module]) -> str | None:
+        """Once the engine holds the trained model: what the task needs besides it (a reference model), and a
+        line for the log saying what it set up."""
+        return None
 
     def model_inputs(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v for k, v in batch.items() if k != "labels"}
@@ -130,6 +145,50 @@ class CausalLM(TokenLevel):
         return None
 
 
+class Conversations:
+    """Rows rendered with a chat template through the same PairEncoder the launcher checked them with
+    (planning.conversations), here over the loaded tokenizer. A recipe's task.chat_template_file replaces the
+    tokenizer's template, so the exported tokenizer carries the template the model was trained with."""
+
+    def _pair_encoder(self, recipe: Recipe, tokenizer):
+        from launcher.planning.conversations import recipe_template
+
+        template = recipe_template(recipe)
+        if template is not None:
+            tokenizer.chat_template = template
+        try:
+            template = tokenizer.get_chat_template()
+        except ValueError:  # the tokenizer has none
+            template = None
+
+        def encode(text: str, special: bool):
+            enc = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
+            return enc["input_ids"], enc["offset_mapping"]
+
+        return pair_encoder(recipe, template, dict(tokenizer.special_tokens_map), encode, tokenizer.eos_token)
+
+
+def labels_of(seq: Encoded) -> list[int]:
+    return [t if supervised else IGNORE for t, supervised in zip(seq.ids, seq.mask)]
+
+
+class ChatSFT(Conversations, CausalLM):
+    """Multi-turn SFT: the loss on the assistant's tokens (every assistant turn, or the last: task.train_on)."""
+
+    def __init__(self, recipe, tokenizer):
+        super().__init__(recipe, tokenizer)
+        self.encoder = self._pair_encoder(recipe, tokenizer)
+
+    def tokenize(self, row):
+        seq = self.encoder.conversation(row["messages"])
+        return {
+            "input_ids": seq.ids,
+            "attention_mask": [1] * len(seq.ids),
+            "labels": labels_of(seq),
+            "weight": seq.num_targets,
+        }
+
+
 class Seq2Seq(TokenLevel):
     def tokenize(self, row):
         enc = self.tok(row["prompt"], truncation=True, max_length=self.max_length)
@@ -145,6 +204,122 @@ class Seq2Seq(TokenLevel):
 
     def eval_outputs(self, logits, labels):
         return None
+
+
+@dataclass
+class PairLogps:
+    """Summed log-probabilities of each answer of a batch of pairs, and their token counts (each [B])."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, labels: torch.Tensor) -> PairLogps:
+        """From a [chosen..., rejected...] batch: position t scores token t+1 where its label is not IGNORE."""
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+        keep = targets != IGNORE
+        logits = logits.float()
+        picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+        sums, counts = (picked * keep).sum(-1), keep.sum(-1)
+        (chosen, rejected), (chosen_n, rejected_n) = sums.chunk(2), counts.chunk(2)
+        return cls(chosen, rejected, chosen_n, rejected_n)
+
+
+@contextlib.contextmanager
+def evaluating(module: torch.nn.Module):
+    """Dropout off for a pass (the reference log-probabilities are the base model's, not a noisy sample)."""
+    was = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was)
+
+
+class Pairs(Conversations, TokenLevel):
+    """A row is a prompt with a chosen and a rejected answer; a batch of B rows is one [2B, T] batch, the
+    chosen sequences first, so one forward pass scores both (and DDP sees one forward per backward)."""
+
+    def __init__(self, recipe, tokenizer):
+        super().__init__(recipe, tokenizer)
+        self.encoder = self._pair_encoder(recipe, tokenizer)
+
+    def tokenize(self, row):
+        chosen, rejected = self.encoder.pair(row)
+        return {
+            "chosen_input_ids": chosen.ids,
+            "chosen_labels": labels_of(chosen),
+            "rejected_input_ids": rejected.ids,
+            "rejected_labels": labels_of(rejected),
+            "weight": 1,  # one loss term per pair
+        }
+
+    def collate(self, rows, pad):
+        return pad(
+            [
+                {"input_ids": r[f"{side}_input_ids"], "attention_mask": [1] * len(r[f"{side}_input_ids"]),
+                 "labels": r[f"{side}_labels"]}
+                for side in ("chosen", "rejected")
+                for r in rows
+            ]
+        )  # fmt: skip
+
+
+class Preference(Pairs):
+    """DPO, ORPO, SimPO. DPO's reference is the base model: with LoRA the trained model itself with its adapter
+    disabled (no second copy), otherwise a frozen copy held like the trained model (engine.frozen: sharded
+    under zero3/fsdp), built in set_up."""
+
+    reference: torch.nn.Module | None = None
+
+    def set_up(self, engine, build_model):
+        if not self.recipe.task.uses_reference:
+            return None
+        if self.recipe.model.lora is not None:
+            return "reference model: the base, with the LoRA adapter disabled (no copy)"
+        self.reference = engine.frozen(build_model())
+        local, whole = engine.held_by(self.reference)
+        return f"reference model: a frozen copy of the base, {local:,} of its {whole:,} parameters on this rank"
+
+    def logps(self, model, batch, loss_fn) -> tuple[PairLogps, PairLogps | None]:
+        policy = PairLogps.of(self.logits(model, batch), batch["labels"])
+        if not self.recipe.task.uses_reference:
+            return policy, None
+        with torch.no_grad():
+            if self.reference is not None:
+                return policy, PairLogps.of(self.logits(self.reference, batch), batch["labels"])
+            peft_model = getattr(model, "module", model)  # DDP and DeepSpeed wrap it; FSDP2 shards it in place
+            with peft_model.disable_adapter(), evaluating(peft_model):
+                return policy, PairLogps.of(self.logits(peft_model, batch), batch["labels"])
+
+    def loss(self, model, batch, loss_fn):
+        return loss_fn(*self.logps(model, batch, loss_fn))
+
+    def evaluate(self, model, batch, loss_fn):
+        """Kept for the metrics (train.metrics): [B, 2] rewards and [B, 2] log-probabilities (chosen, rejected)."""
+        policy, reference = self.logps(model, batch, loss_fn)
+        rewards = torch.stack(loss_fn.rewards(policy, reference), 1)
+        logps = torch.stack([policy.chosen, policy.rejected], 1)
+        return float(loss_fn(policy, reference)), (rewards.float().cpu().numpy(), logps.float().cpu().numpy())
+
+
+class RewardModel(Pairs):
+    """A one-output sequence classifier: the reward of a prompt and an answer (at the last token)."""
+
+    def rewards(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        chosen, rejected = self.logits(model, batch).float().reshape(-1).chunk(2)
+        return chosen, rejected
+
+    def loss(self, model, batch, loss_fn):
+        return loss_fn(*self.rewards(model, batch))
+
+    def evaluate(self, model, batch, loss_fn):
+        """Kept for the metrics: [B, 2] rewards (chosen, rejected), twice (a reward model has no log-probs)."""
+        chosen, rejected = self.rewards(model, batch)
+        rewards = torch.stack([chosen, rejected], 1).cpu().numpy()
+        return float(loss_fn(chosen, rejected)), (rewards, rewards)
 
 
 def hooks_class(rank_hooks: str) -> type[TaskHooks]:

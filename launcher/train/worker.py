@@ -19,15 +19,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("spec", type=Path, help="folder holding recipe.yaml, plan.json and facts.json")
     args = parser.parse_args(argv)
+    from launcher.errors import RecipeError
     from launcher.train.checkpoint import CheckpointMismatch
     from launcher.train.components import WorldMismatch
+    from launcher.train.data import DataMismatch
     from launcher.train.preflight import PreflightFailed
     from launcher.train.run import run
 
     recipe, plan, facts = read_spec(args.spec)
     try:
         run(recipe, plan, facts)
-    except (PreflightFailed, CheckpointMismatch, WorldMismatch) as exc:
+    except (PreflightFailed, CheckpointMismatch, WorldMismatch, DataMismatch, RecipeError) as exc:
         # A verdict every rank reaches alike, whose message says it all: the launcher names it per rank from
         # the error file; a traceback from every rank would only bury it.
         get_error_handler().record_exception(exc)

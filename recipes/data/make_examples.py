@@ -3,6 +3,11 @@
 They exist so every shipped recipe runs offline on a fresh clone; they are
 tiny and rule-generated, good for checking plumbing and learning curves,
 not for judging model quality. Run: python recipes/data/make_examples.py
+
+    ner, similarity, chat, digits   token tags, sentence similarity, prompt/response sums, digit spelling
+    conversations                   multi-turn chats (system, user, assistant and tool turns) about sums
+    preference                      prompt/chosen/rejected: the chosen answer describes with kind words,
+                                    the rejected one with unkind words (the rule a preference model learns)
 """
 
 import json
@@ -67,8 +72,72 @@ def digits(rng: random.Random, n: int) -> list[dict]:
     return rows
 
 
+KIND = ["kind", "calm", "gentle", "friendly", "happy", "bright", "warm", "patient"]
+UNKIND = ["rude", "angry", "nasty", "grumpy", "cruel", "gloomy", "bitter", "lazy"]
+ANIMALS = ["cat", "dog", "bird", "horse", "fox", "bear", "goat", "owl", "wolf", "duck"]
+SYSTEM = "You are a careful assistant. Answer sums in words."
+
+
+def _sum(x: int, y: int) -> str:
+    return f"{NUMBERS[x]} plus {NUMBERS[y]} is {NUMBERS[x + y]}."
+
+
+def conversations(rng: random.Random, n: int) -> list[dict]:
+    """Two or three turns of sums; some with a system prompt, some through a calculator tool."""
+    rows = []
+    for _ in range(n):
+        messages = [{"role": "system", "content": SYSTEM}] if rng.random() < 0.5 else []
+        total = rng.randint(0, 3)
+        x = rng.randint(0, 3)
+        if rng.random() < 0.3:
+            messages += [
+                {"role": "user", "content": f"Use the calculator: what is {NUMBERS[total]} plus {NUMBERS[x]}?"},
+                {"role": "assistant", "content": f"calculator({total} + {x})"},
+                {"role": "tool", "content": str(total + x)},
+                {"role": "assistant", "content": _sum(total, x)},
+            ]
+        else:
+            messages += [
+                {"role": "user", "content": f"What is {NUMBERS[total]} plus {NUMBERS[x]}?"},
+                {"role": "assistant", "content": _sum(total, x)},
+            ]
+        total += x
+        for _ in range(rng.randint(0, 1)):
+            y = rng.randint(0, 9 - total)
+            messages += [
+                {"role": "user", "content": f"And plus {NUMBERS[y]}?"},
+                {"role": "assistant", "content": _sum(total, y)},
+            ]
+            total += y
+        rows.append({"messages": messages})
+    return rows
+
+
+def preference(rng: random.Random, n: int) -> list[dict]:
+    rows = []
+    for _ in range(n):
+        animal, place = rng.choice(ANIMALS), rng.choice(PLACES)
+        good, bad = rng.sample(KIND, 2), rng.sample(UNKIND, 2)
+        rows.append(
+            {
+                "prompt": f"Describe the {animal} in {place}.",
+                "chosen": f"The {animal} in {place} is {good[0]} and {good[1]}.",
+                "rejected": f"The {animal} in {place} is {bad[0]} and {bad[1]}.",
+            }
+        )
+    return rows
+
+
 if __name__ == "__main__":
-    for folder, make in (("ner", ner), ("similarity", similarity), ("chat", arithmetic), ("digits", digits)):
+    sets = (
+        ("ner", ner),
+        ("similarity", similarity),
+        ("chat", arithmetic),
+        ("digits", digits),
+        ("conversations", conversations),
+        ("preference", preference),
+    )
+    for folder, make in sets:
         rng = random.Random(folder)
         write(folder, "train.jsonl", make(rng, 256))
         write(folder, "validation.jsonl", make(rng, 64))

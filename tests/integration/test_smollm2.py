@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import RECIPES, launch, summary
+from helpers import RECIPES, TEST_MODELS, launch, summary
 
 pytestmark = pytest.mark.slow
-MODELS = Path(os.environ.get("LAUNCHER_TEST_MODELS", Path.home() / ".cache" / "launcher" / "test-models"))
+MODELS = TEST_MODELS
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -2,7 +2,8 @@
 
 The recipes' own data files are used; only the model (and the run length) is
 swapped for a tiny one, so each task's tokenization, head, loss and metrics run
-end to end through `launch`.
+end to end through `launch`. The chat, preference and reward-model recipes run in
+test_pair_tasks.py, on a word-level tiny Llama that learns their data in a few steps.
 """
 
 from __future__ import annotations

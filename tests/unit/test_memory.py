@@ -351,3 +351,37 @@ def test_offload_settings_beside_auto_are_warned_as_ignored(tmp_path):
         in ignored_settings(r)
     )
     assert ignored_settings(recipe(llama_folder(tmp_path, **SMALL), distributed={"strategy": "auto"})) == []
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero3", "fsdp"])
+def test_dpo_counts_a_frozen_reference_copy_and_pairs_twice_the_activations(strategy, tmp_path):
+    """Full fine-tuning DPO holds a frozen copy of the model in its load dtype (sharded like the weights under
+    zero3/fsdp); with LoRA, or with a reference-free loss (orpo), there is none. A pair's chosen and rejected
+    answers run as one batch: twice the activations, plus the reference pass's logits for DPO."""
+    path = llama_folder(tmp_path, **SMALL)
+    base = recipe(path, distributed={"strategy": strategy})
+    shape = memory.model_shape(base)
+    gpus = 4
+
+    def estimate(task: dict, **model) -> memory.Estimate:
+        r = recipe(path, model=model, distributed={"strategy": strategy})
+        r = Recipe.model_validate({**r.model_dump(), "task": task})
+        return memory.estimate(
+            memory.model_shape(r), r, Choice(strategy), num_nodes=1, gpus_per_node=gpus, micro_batch=1
+        )
+
+    sft = memory.estimate(shape, base, Choice(strategy), num_nodes=1, gpus_per_node=gpus, micro_batch=1)
+    dpo = estimate({"type": "preference", "loss": {"name": "dpo"}})
+    orpo = estimate({"type": "preference", "loss": {"name": "orpo"}})
+    shard = 1 if strategy == "ddp" else gpus
+    assert dpo.parameters - sft.parameters == shape.num_params * 2 // shard  # bf16 weights
+    assert orpo.parameters == sft.parameters and orpo.activations == 2 * sft.activations
+    s, v = 512, SMALL["vocab_size"]
+    assert dpo.activations == 2 * (sft.activations + s * v * (1 + 4))  # + the reference logits, 16-bit and fp32
+    lora = estimate({"type": "preference", "loss": {"name": "dpo"}}, lora={"r": 8})
+    lora_sft = memory.estimate(
+        memory.model_shape(recipe(path, model={"lora": {"r": 8}}, distributed={"strategy": strategy})),
+        recipe(path, model={"lora": {"r": 8}}, distributed={"strategy": strategy}),
+        Choice(strategy), num_nodes=1, gpus_per_node=gpus, micro_batch=1,
+    )  # fmt: skip
+    assert lora.parameters == lora_sft.parameters  # the reference is the base, its adapter disabled

@@ -52,6 +52,12 @@ class Engine(ABC):
         """Restore what save() wrote; `saved_world_size`: the checkpoint's, which may differ from this run's."""
         return None
 
+    def frozen(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A model that is never trained (the reference of a preference loss), held the way this strategy holds
+        the trained one: here whole on every rank; zero3 and fsdp shard it too."""
+        model.requires_grad_(False)
+        return model.to(self.acc.device).eval()
+
     @abstractmethod
     def unwrapped(self) -> torch.nn.Module:
         """The model without the strategy's wrapper (what save_pretrained exports)."""
@@ -70,8 +76,16 @@ class Engine(ABC):
         numel = sum(t.numel() for t in self.local_tensors())
         return numel, numel
 
+    def held_by(self, module: torch.nn.Module) -> tuple[int, int]:
+        """(elements this rank holds, elements of the whole) of a module from `frozen`."""
+        params = list(module.parameters())
+        return sum(self._local(p).numel() for p in params), sum(self._numel(p) for p in params)
+
     def _local(self, param: torch.Tensor) -> torch.Tensor:
         return param.detach()
+
+    def _numel(self, param: torch.Tensor) -> int:
+        return param.numel()
 
     def _settle(self) -> None:
         """Bring the parameters back to the state that `_local` reads."""

@@ -52,6 +52,19 @@ class DeepSpeedEngine(Engine):
         )
         return self.model
 
+    def frozen(self, model):
+        """zero3: the reference is built under zero.Init like the trained model (partitioned while loading) and
+        run by an engine of its own without an optimizer; zero1/2 shard only optimizer states: a whole copy."""
+        if self.stage != 3:
+            return super().frozen(model)
+        import deepspeed
+
+        model.requires_grad_(False)
+        config = {k: v for k, v in self.config.items() if k not in ("optimizer", "scheduler", "gradient_clipping")}
+        engine, *_ = deepspeed.initialize(model=model, config=config)
+        engine.eval()  # DeepSpeedEngine.eval returns None
+        return engine
+
     def accumulating(self, sync):
         self.model.set_gradient_accumulation_boundary(sync)
         return contextlib.nullcontext()
@@ -141,6 +154,9 @@ class DeepSpeedEngine(Engine):
 
     def _local(self, param):
         return param.ds_tensor.detach() if self.stage == 3 else param.detach()
+
+    def _numel(self, param):
+        return param.ds_numel if self.stage == 3 else param.numel()
 
     def local_tensors(self):
         return [self._local(p) for p in self.model.module.parameters()]

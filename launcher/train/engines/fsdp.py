@@ -14,6 +14,12 @@ class FSDPEngine(Engine):
     sharded = "parameters"
 
     def prepare(self, model, make_optimizer):
+        self.model = self._shard(model)
+        # the optimizer must see the sharded (DTensor) parameters, so it is made after sharding
+        self.base_optimizer = self.optimizer = make_optimizer(model)
+        return model
+
+    def _shard(self, model: torch.nn.Module) -> torch.nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
@@ -24,10 +30,12 @@ class FSDPEngine(Engine):
         for block in _blocks(model):
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
-        self.model = model
-        # the optimizer must see the sharded (DTensor) parameters, so it is made after sharding
-        self.base_optimizer = self.optimizer = make_optimizer(model)
         return model
+
+    def frozen(self, model):
+        """Sharded like the trained model, block by block (a reference model held whole would undo fsdp)."""
+        model.requires_grad_(False)
+        return self._shard(model).eval()
 
     def accumulating(self, sync):
         self.model.set_requires_gradient_sync(sync)
