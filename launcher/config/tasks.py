@@ -46,6 +46,10 @@ class TaskSpec:
     text_pair: bool = False  # data.text_pair_field feeds the model a second text
     chat_template: bool = False  # task.chat_template formats prompt/response pairs
     balance: bool = False  # data.balance (a class-balanced sampler) applies
+    # data.packing applies: rows concatenated with per-sequence position_ids and block-diagonal attention (decoder
+    # models; an encoder-decoder's cross-attention would need per-sequence masks of its own, so seq2seq has none)
+    packing: bool = False
+    length_grouping: bool = False  # data.group_by_length applies (one padded row per example)
 
     @property
     def needs_classes(self) -> bool:
@@ -75,6 +79,8 @@ class TaskSpec:
             notes.append(f"data.text_pair_field is ignored for {self.name}")
         if data.prompt_field and self.prompt_response == "unused":
             notes.append(f"data.prompt_field/response_field are ignored for {self.name}")
+        if recipe.train.lm_loss != "auto" and not self.next_token:
+            notes.append(f"train.lm_loss is ignored for {self.name} (its loss is not a next-token loss)")
         return notes
 
     def recipe_problems(self, recipe) -> list[str]:
@@ -86,6 +92,17 @@ class TaskSpec:
             problems.append(f"data.balance needs single-label classes; task {self.name!r} has none to balance")
         if recipe.task.chat_template and self.chat_template and not data.prompt_field:
             problems.append("task.chat_template needs data.prompt_field and data.response_field")
+        if data.packing != "none" and not self.packing:
+            problems.append(
+                f"data.packing {data.packing!r} needs a decoder-only language model (task causal_lm); task "
+                f"{self.name!r} has {'an encoder-decoder' if self.language_model else 'one padded row per example'}"
+                + ("; use data.group_by_length to cut padding" if self.length_grouping else "")
+            )
+        if data.group_by_length and not self.length_grouping:
+            problems.append(
+                f"data.group_by_length is for classification and tagging tasks; task {self.name!r} has none"
+                + ("; use data.packing" if self.packing else "")
+            )
         return problems
 
 
@@ -107,6 +124,7 @@ TASKS: dict[str, TaskSpec] = {
             hf_problem_type="single_label_classification",
             text_pair=True,
             balance=True,
+            length_grouping=True,
         ),
         TaskSpec(
             name="multi_label_classification",
@@ -120,6 +138,7 @@ TASKS: dict[str, TaskSpec] = {
             default_metrics=("accuracy", "f1"),
             hf_problem_type="multi_label_classification",
             text_pair=True,
+            length_grouping=True,
         ),
         TaskSpec(
             name="regression",
@@ -133,6 +152,7 @@ TASKS: dict[str, TaskSpec] = {
             default_metrics=("mae", "rmse"),
             hf_problem_type="regression",
             text_pair=True,
+            length_grouping=True,
         ),
         TaskSpec(
             name="token_classification",
@@ -146,6 +166,7 @@ TASKS: dict[str, TaskSpec] = {
             default_metrics=("accuracy", "f1"),
             hf_problem_type="single_label_classification",
             words=True,
+            length_grouping=True,
         ),
         TaskSpec(
             name="causal_lm",
@@ -161,6 +182,7 @@ TASKS: dict[str, TaskSpec] = {
             next_token=True,
             prompt_response="optional",
             chat_template=True,
+            packing=True,
         ),
         TaskSpec(
             name="seq2seq",
