@@ -34,6 +34,7 @@ tensors autograd really saves for a bf16 Llama in tests/test_memory.py:
     per layer: s·b·(26·h + k·I)      k = 8 for a gated MLP (gate, up, act, product), 4 otherwise
     checkpointed: 2·s·b·h per layer (its input) + one layer recomputed
     LM head: s·b·V·(2 + 4 + 4)       16-bit logits, their fp32 upcast for the loss, and its gradient
+             (the chunked loss, train.lm_loss: min(s·b, lm_loss_chunk) positions instead of s·b)
 
 It is an estimate: allocator fragmentation, NCCL buffers and the CUDA context are
 covered by keeping HEADROOM of each GPU free, not modelled.
@@ -49,6 +50,7 @@ from pydantic import BaseModel, ConfigDict
 
 from launcher.config.recipe import DTYPE_BYTES, Recipe
 from launcher.config.tasks import TASKS
+from launcher.planning import speed
 
 GiB = 2**30
 HEADROOM = 0.10  # of GPU memory kept free for the CUDA context, NCCL buffers and fragmentation
@@ -267,8 +269,9 @@ def model_shape(recipe: Recipe) -> ModelShape:
 
 
 # ----------------------------------------------------------------------------- the estimate
-def activation_bytes(shape: ModelShape, recipe: Recipe, micro_batch: int) -> int:
-    """Activations kept for backward at the micro-batch and max_length (Korthikanti et al. 2022, see above)."""
+def activation_bytes(shape: ModelShape, recipe: Recipe, micro_batch: int, strategy: str = "ddp") -> int:
+    """Activations kept for backward at the micro-batch and max_length (Korthikanti et al. 2022, see above).
+    The chunked causal-LM loss (train.lm_loss, launcher.planning.speed) holds one chunk of logits at a time."""
     s, b, h = recipe.data.max_length, micro_batch, shape.hidden_size
     half = recipe.train.precision != "fp32" or recipe.model.dtype != "fp32"
     scale = 1 if half else 2  # the formula counts 16-bit activations
@@ -277,7 +280,10 @@ def activation_bytes(shape: ModelShape, recipe: Recipe, micro_batch: int) -> int
         layers = shape.num_layers * 2 * s * b * h * scale + per_layer
     else:
         layers = shape.num_layers * per_layer
-    head = s * b * shape.vocab_size * (2 * scale + 8) if recipe.task.spec.language_model else 0
+    positions = s * b
+    if speed.lm_loss(recipe, strategy) != "full":  # chunked (liger: less still, never the logits; counted alike)
+        positions = min(positions, recipe.train.lm_loss_chunk)
+    head = positions * shape.vocab_size * (2 * scale + 8) if recipe.task.spec.language_model else 0
     return layers + head
 
 
@@ -319,7 +325,7 @@ def estimate(
         parameters=params,
         gradients=grads,
         optimizer=optimizer,
-        activations=activation_bytes(shape, recipe, micro_batch),
+        activations=activation_bytes(shape, recipe, micro_batch, strategy),
         host_load=host_load_bytes(shape, recipe, strategy, gpus_per_node),
         host_offload=host_offload,
     )

@@ -139,6 +139,9 @@ class Reporter:
         if self.writer:
             self.writer.add_scalar("train/loss", loss, step)
             self.writer.add_scalar("train/lr", lr, step)
+            for name in ("trained_tokens_per_s", "padding_fraction", "mfu"):
+                if (throughput or {}).get(name) is not None:
+                    self.writer.add_scalar(f"train/{name}", throughput[name], step)
         tokens = tokens_text(throughput)
         if self.progress:
             self.progress.update(self.task_id, loss=loss, lr=lr, speed=samples_per_s, tokens=tokens)

@@ -116,3 +116,59 @@ def test_regional_compile_matches_eager_for_a_few_steps(tiny):
 
     eager, compiled = train(False), train(True)
     assert compiled == pytest.approx(eager, rel=1e-4, abs=1e-5)
+
+
+def test_no_tensor_of_the_logits_size_is_kept_for_backward(setup):
+    """What autograd keeps for backward: the full loss keeps [batch, seq, vocab] logits, the chunked one nothing
+    larger than one chunk of them."""
+    task, batch, model = setup
+    loss_fn = build_loss(CrossEntropy(name="cross_entropy"), LossContext(TASKS["causal_lm"]))
+    inputs = task.model_inputs(model, batch)
+    logits_size = batch["input_ids"].numel() * model.config.vocab_size
+
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def largest_saved(compute) -> int:
+        sizes = [0]
+
+        def keep(tensor):
+            if tensor.untyped_storage().data_ptr() not in weights:
+                sizes.append(tensor.numel())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            compute()
+        return max(sizes)
+
+    assert largest_saved(lambda: loss_fn(model(**inputs).logits, batch["labels"])) >= logits_size
+    chunk = 8
+    chunked = largest_saved(lambda: lm_loss(model, inputs, batch["labels"], loss_fn, "chunked", chunk))
+    assert chunked <= chunk * model.config.vocab_size < logits_size / 4
+
+
+def lm_recipe(model: str, **train) -> Recipe:
+    return Recipe.model_validate(
+        {
+            "model": {"path": model},
+            "task": {"type": "causal_lm"},
+            "data": {"train": "unused.jsonl", "max_length": 128},
+            "train": train,
+            "output_dir": "unused",
+        }
+    )
+
+
+def test_the_planner_counts_one_chunk_of_logits(tiny):
+    """fp32: 12 bytes per logit (the logits, their upcast and gradient: planning/memory.py), micro-batch 4 × 128."""
+    from launcher.planning import memory
+
+    shape = memory.model_shape(lm_recipe(tiny["llama"]))
+
+    def head_bytes(strategy: str, chunk: int) -> int:
+        r = lm_recipe(tiny["llama"], lm_loss_chunk=chunk)
+        no_head = r.model_copy(update={"task": r.task.model_copy(update={"type": "sequence_classification"})})
+        return memory.activation_bytes(shape, r, 4, strategy) - memory.activation_bytes(shape, no_head, 4)
+
+    assert head_bytes("zero3", 100) == 128 * 4 * shape.vocab_size * 12  # zero3: the full loss, every position
+    assert head_bytes("ddp", 100) == 100 * shape.vocab_size * 12  # chunked: one chunk of 100 positions
+    assert head_bytes("ddp", 4096) == 128 * 4 * shape.vocab_size * 12  # a chunk beyond the micro-batch: all of it

@@ -1,0 +1,120 @@
+"""Packed training through the real `launch` on 2 gloo ranks: killed and resumed, it ends with the weights of
+the uninterrupted run; its token accounting over two epochs equals the data's exact token count (packing with
+gradient accumulation); a slowed rank is named as the straggler (LAUNCHER_FAULT kind=slow).
+
+The data is built so that best-fit decreasing fills every bin exactly: 16 rows of 24 tokens, 16 of 16 and 48 of
+8 (k words of the tiny models' WordPiece vocabulary are k + 3 tokens: [CLS], [SEP] and the EOS) pack into 32
+bins of 32 tokens, 4 optimizer steps of 8 bins per epoch, so no row is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import pytest
+from helpers import RECIPES, final_weights, launch, metric_lines, summary
+
+WORDS = "one two three four five six seven eight nine ten".split()
+LENGTHS = [24] * 16 + [16] * 16 + [8] * 48  # tokens per row
+STEPS = 8  # two epochs
+
+
+def write_data(path) -> None:
+    rng = random.Random(0)
+    rows = [{"text": " ".join(rng.choices(WORDS, k=n - 3))} for n in LENGTHS]
+    rng.shuffle(rows)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def args(model: str, data, out, *extra: str) -> list:
+    return [
+        RECIPES / "sft-causal-lm.yaml",
+        f"model.path={model}",
+        f"data.train={data}",
+        "data.validation=null",
+        "data.prompt_field=null",
+        "data.response_field=null",
+        "task.chat_template=false",
+        "data.split.validation=0",
+        f"output_dir={out}",
+        "data.max_length=32",
+        "data.packing=pack",
+        "train.precision=fp32",
+        "train.batch_size=8",
+        "train.micro_batch_size=2",
+        f"train.max_steps={STEPS}",
+        "train.save_every=2",
+        "train.optimizer.lr=1e-3",
+        "train.log_every=1",
+        "train.eval_every=null",
+        "--procs",
+        "2",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("packing")
+    data = root / "train.jsonl"
+    write_data(data)
+    model = tiny["llama"]
+    out = {"root": root, "data": data}
+    out["clean"] = launch(*args(model, data, root / "clean"), timeout=600)
+    # killed at step 5 (SIGKILL of rank 1), after the checkpoint of step 4 ...
+    out["killed"] = launch(*args(model, data, root / "run"), env={"LAUNCHER_FAULT": "rank=1,step=5,phase=step"})
+    # ... and launched again, with rank 1 slowed by 0.4 s per step from there on
+    slow = {"LAUNCHER_FAULT": "rank=1,step=5,phase=step,kind=slow,seconds=0.4"}
+    out["resumed"] = launch(*args(model, data, root / "run"), env=slow, timeout=600)
+    return out
+
+
+def test_dry_run_shows_the_bins(runs, tiny):
+    dry = launch(*args(tiny["llama"], runs["data"], runs["root"] / "dry", "--dry-run"), env={"COLUMNS": "200"})
+    assert dry.returncode == 0, dry.output
+    assert "80 rows → 32 bins, 1280 tokens, efficiency 100.0%" in dry.stdout
+    assert "│ steps per epoch" in dry.stdout and "│ 4 " in dry.stdout
+
+
+def test_killed_packed_run_resumes_to_the_uninterrupted_weights(runs):
+    assert runs["clean"].returncode == 0, runs["clean"].output[-3000:]
+    assert runs["killed"].returncode != 0
+    assert runs["resumed"].returncode == 0, runs["resumed"].output[-3000:]
+    s = summary(runs["root"] / "run")
+    assert s["resumed_from"].endswith("checkpoint-00000004") and s["steps_this_launch"] == 4
+    clean, resumed = final_weights(runs["root"] / "clean"), final_weights(runs["root"] / "run")
+    assert max((clean[k] - resumed[k]).abs().max().item() for k in clean) <= 1e-6
+
+
+def test_token_counts_over_two_epochs_are_the_datas(runs):
+    s = summary(runs["root"] / "clean")
+    t = s["throughput"]
+    assert s["plan"]["num_train_bins"] == 32 and s["plan"]["grad_accum"] == 2
+    assert t["input_tokens"] == 2 * sum(LENGTHS)  # every row of the data, twice
+    assert t["trained_tokens"] == 2 * sum(n - 1 for n in LENGTHS)  # every next-token target
+    assert t["computed_positions"] == t["input_tokens"] and t["padding_fraction"] == 0  # the bins are full
+    assert t["input_tokens_per_s"] > 0 and t["flops"] > 0 and t["mfu"] is None  # no peak is known for a CPU
+    steps = [line for line in metric_lines(runs["root"] / "clean") if "loss" in line]
+    assert len(steps) == STEPS and all(line["trained_tokens_per_s"] > 0 for line in steps)
+    assert len(t["step_time_s_per_rank"]) == 2 and t["stragglers"] == []
+
+
+def test_the_slowed_rank_is_named_the_straggler(runs):
+    assert "straggler: rank 1" in runs["resumed"].output
+    s = summary(runs["root"] / "run")
+    assert s["throughput"]["stragglers"] == [1]
+    per_rank = s["throughput"]["step_time_s_per_rank"]
+    assert per_rank[1]["before_sync_p50"] > per_rank[0]["before_sync_p50"] + 0.3
+    lines = [line for line in metric_lines(runs["root"] / "run") if line.get("step", 0) > 4 and "loss" in line]
+    assert lines and all(line["straggler"] == 1 for line in lines)
+
+
+def test_packing_is_part_of_the_checkpoints_identity(runs, tiny, tmp_path):
+    """A packed run's checkpoint is not resumed unpacked: its steps count bins, not rows."""
+    copy = shutil.copytree(runs["root"] / "run", tmp_path / "copy")
+    shutil.rmtree(copy / "final")
+    (copy / "summary.json").unlink()
+    refused = launch(*args(tiny["llama"], runs["data"], copy, "data.packing=none", "--dry-run"))
+    assert refused.returncode == 2 and "packing: checkpoint 'pack', recipe 'none'" in refused.output
