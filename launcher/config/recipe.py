@@ -356,8 +356,9 @@ class DistributedConfig(Strict):
     straggler_factor: float = Field(
         1.5,
         gt=1.0,
-        description="A rank whose median time before the gradient sync exceeds this factor times the median "
-        "over ranks is named a straggler (log, metrics.jsonl, summary.json).",
+        description="A rank whose median time alone at the start of a step (before its first forward: waiting "
+        "for and preparing its batch) exceeds this factor times the median over ranks is named a straggler (log, "
+        "metrics.jsonl, summary.json).",
     )
 
     @model_validator(mode="after")

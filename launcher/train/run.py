@@ -194,8 +194,8 @@ class Run:
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.acc.device)
         for a, batch in enumerate(plan.micro_batches):
             sync = a == len(plan.micro_batches) - 1
-            if sync:
-                self.throughput.before_sync()
+            if a == 0:
+                self.throughput.model_start()
             self.phase(done, "forward")
             with self.engine.accumulating(sync), self.acc.autocast():
                 micro_sum = self.task.loss(self.model, batch, self.loss_fn)

@@ -1,18 +1,22 @@
 """Token-level accounting of training: tokens per second, padding, step times per rank, data wait, MFU, and
 the straggler.
 
-Each rank times its own steps (start → data ready → the gradient-sync micro-batch's backward → optimizer
-done) and counts its tokens (train.feed.StepCounts). At each flush of the step losses (train.report), one
-all-gather brings every rank's window to every rank, so the figures are of the whole world:
+Each rank times its own steps (start → data ready → the first forward → optimizer done) and counts its
+tokens (train.feed.StepCounts). At each flush of the step losses (train.report), one all-gather brings every
+rank's window to every rank, so the figures are of the whole world:
 
     input / trained tokens per second   tokens fed (no padding) / loss targets, over the window's wall time
     padding_fraction                    computed positions that were padding
     step time p50 / p95 per rank        and the data-wait fraction: time the loop waited for its batch
     mfu                                 model FLOPs (launcher.planning.flops) / wall / world / peak per device
-    straggler                           a rank whose median time *before* the gradient sync (data + forward +
-                                        the backward of the micro-batches that do not sync) exceeds
-                                        distributed.straggler_factor × the median over ranks: after the sync
-                                        every rank waits for the slowest, so whole-step times cannot tell who it is
+    straggler                           a rank whose median time alone, before the step's first forward
+                                        (waiting for and preparing its batch, whatever else delays its host),
+                                        exceeds distributed.straggler_factor × the median over ranks. From the
+                                        first forward on, collectives (DDP's buffer broadcast and gradient
+                                        all-reduce, ZeRO/FSDP gathers) make every rank wait for the slowest, so
+                                        whole-step times are the same everywhere and cannot tell who it is. A rank
+                                        slow on the device itself would need device-side timing (CUDA events of
+                                        its kernels), which this does not do.
 
 The window runs from the first step after a flush to the end of the next flush (a host-device sync), so on a
 GPU the host running ahead of the device does not flatter it, and evaluation and checkpoints stay out.
@@ -31,7 +35,7 @@ from launcher.train.feed import StepCounts
 
 # per rank, in this order, in the all-gather of a flush
 FIELDS = ("input_tokens", "positions", "trained_tokens", "squared_lengths", "busy_s", "wait_s", "p50_s", "p95_s",
-          "before_sync_p50_s", "steps")  # fmt: skip
+          "alone_p50_s", "steps")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -73,13 +77,13 @@ def percentile(values: list[float], q: float) -> float:
 class Window:
     counts: StepCounts = field(default_factory=StepCounts)
     step_s: list[float] = field(default_factory=list)
-    before_sync_s: list[float] = field(default_factory=list)
+    alone_s: list[float] = field(default_factory=list)  # step start → first forward
     wait_s: float = 0.0
     started: float | None = None
 
 
 class Throughput:
-    """step_start → data_ready(waited) → before_sync → step_end(counts) on every step; `flush()` at each flush
+    """step_start → data_ready(waited) → model_start → step_end(counts) on every step; `flush()` at each flush
     of the losses (a collective: every rank calls it) returns the window's figures for metrics.jsonl."""
 
     def __init__(self, accelerator, flops: ModelFlops | None, peak_tflops: float | None, straggler_factor: float,
@@ -90,7 +94,7 @@ class Throughput:
         self.peak = peak_flops(name, peak_tflops)
         self.window = Window()
         self.all_step_s: list[float] = []
-        self.all_before_sync_s: list[float] = []
+        self.all_alone_s: list[float] = []
         self.totals = np.zeros(len(FIELDS))  # per-world sums over the run: tokens and time
         self.total_wall = 0.0
         self.total_flops = 0.0
@@ -107,14 +111,14 @@ class Throughput:
     def data_ready(self, waited: float) -> None:
         self.window.wait_s += waited
 
-    def before_sync(self) -> None:
-        self._t_sync = time.perf_counter()
+    def model_start(self) -> None:
+        self._t_model = time.perf_counter()
 
     def step_end(self, counts: StepCounts) -> None:
         now = time.perf_counter()
         w = self.window
         w.step_s.append(now - self._t0)
-        w.before_sync_s.append(getattr(self, "_t_sync", now) - self._t0)
+        w.alone_s.append(getattr(self, "_t_model", now) - self._t0)
         for name in ("input_tokens", "positions", "trained_tokens", "squared_lengths"):
             setattr(w.counts, name, getattr(w.counts, name) + getattr(counts, name))
 
@@ -125,18 +129,18 @@ class Throughput:
             return {}
         mine = [w.counts.input_tokens, w.counts.positions, w.counts.trained_tokens, w.counts.squared_lengths,
                 sum(w.step_s), w.wait_s, percentile(w.step_s, 50), percentile(w.step_s, 95),
-                percentile(w.before_sync_s, 50), len(w.step_s)]  # fmt: skip
+                percentile(w.alone_s, 50), len(w.step_s)]  # fmt: skip
         ranks = self.acc.gather(torch.tensor([mine], dtype=torch.float64, device=self.acc.device)).cpu().numpy()
         wall = time.perf_counter() - w.started
         self.all_step_s += w.step_s
-        self.all_before_sync_s += w.before_sync_s
+        self.all_alone_s += w.alone_s
         self.window = Window()
         col = {name: ranks[:, i] for i, name in enumerate(FIELDS)}
         flops = self._flops(col)
         self.totals += ranks.sum(axis=0)
         self.total_wall += wall
         self.total_flops += flops or 0.0
-        straggler = self._straggler(col["before_sync_p50_s"])
+        straggler = self._straggler(col["alone_p50_s"])
         return {
             "input_tokens_per_s": col["input_tokens"].sum() / wall,
             "trained_tokens_per_s": col["trained_tokens"].sum() / wall,
@@ -155,18 +159,18 @@ class Throughput:
         tokens, squares = col["input_tokens"].sum(), col["squared_lengths"].sum()
         return model_flops(f.num_dense_params, f.num_layers, f.attention_width, tokens, squares)
 
-    def _straggler(self, before_sync: np.ndarray) -> int | None:
-        if len(before_sync) < 2:
+    def _straggler(self, alone: np.ndarray) -> int | None:
+        if len(alone) < 2:
             return None
-        median = float(np.median(before_sync))
-        worst = int(np.argmax(before_sync))
-        if before_sync[worst] <= self.factor * median or before_sync[worst] - median < 1e-3:
+        median = float(np.median(alone))
+        worst = int(np.argmax(alone))
+        if alone[worst] <= self.factor * median or alone[worst] - median < 1e-3:
             return None
         if worst not in self.stragglers and self.log is not None and self.acc.is_main_process:
             self.log.warning(
-                f"straggler: rank {worst} takes {before_sync[worst]:.3f} s per step before the gradient sync "
-                f"(median over ranks {median:.3f} s, {before_sync[worst] / max(median, 1e-12):.1f}×; "
-                f"distributed.straggler_factor {self.factor:g}); every rank waits for it at the sync"
+                f"straggler: rank {worst} takes {alone[worst]:.3f} s per step before its first forward "
+                f"(median over ranks {median:.3f} s, {alone[worst] / max(median, 1e-12):.1f}×; "
+                f"distributed.straggler_factor {self.factor:g}); every rank waits for it at the collectives"
             )
         self.stragglers.add(worst)
         return worst
@@ -176,7 +180,7 @@ class Throughput:
         """summary.json's throughput: totals over this launch's flushed windows, and per-rank step times (one
         all-gather: every rank calls it)."""
         times = self.all_step_s or [0.0]
-        mine = [percentile(times, 50), percentile(times, 95), percentile(self.all_before_sync_s or [0.0], 50)]
+        mine = [percentile(times, 50), percentile(times, 95), percentile(self.all_alone_s or [0.0], 50)]
         ranks = self.acc.gather(torch.tensor([mine], dtype=torch.float64, device=self.acc.device)).cpu().numpy()
         if not self.total_wall:
             return None
@@ -193,7 +197,7 @@ class Throughput:
             "mfu": mfu(self.total_flops, self.total_wall, self.acc.num_processes, self.peak),
             "peak_flops_per_device": self.peak,
             "step_time_s_per_rank": [
-                {"p50": float(r[0]), "p95": float(r[1]), "before_sync_p50": float(r[2])} for r in ranks
+                {"p50": float(r[0]), "p95": float(r[1]), "before_first_forward_p50": float(r[2])} for r in ranks
             ],  # fmt: skip
             "stragglers": sorted(self.stragglers),
             "wall_s": self.total_wall,
