@@ -33,9 +33,13 @@ import torch
 from launcher.planning.flops import mfu, model_flops, peak_flops
 from launcher.train.feed import StepCounts
 
-# per rank, in this order, in the all-gather of a flush
+# per rank, in this order, in the all-gather of a flush (alone_p50_s: over the launch so far, so that one hiccup
+# of a host in a short window names no straggler)
 FIELDS = ("input_tokens", "positions", "trained_tokens", "squared_lengths", "busy_s", "wait_s", "p50_s", "p95_s",
           "alone_p50_s", "steps")  # fmt: skip
+
+
+MIN_SHARE = 0.05  # a straggler delays every step by more than this fraction of the median step time
 
 
 @dataclass(frozen=True)
@@ -129,7 +133,7 @@ class Throughput:
             return {}
         mine = [w.counts.input_tokens, w.counts.positions, w.counts.trained_tokens, w.counts.squared_lengths,
                 sum(w.step_s), w.wait_s, percentile(w.step_s, 50), percentile(w.step_s, 95),
-                percentile(w.alone_s, 50), len(w.step_s)]  # fmt: skip
+                percentile(self.all_alone_s + w.alone_s, 50), len(w.step_s)]  # fmt: skip
         ranks = self.acc.gather(torch.tensor([mine], dtype=torch.float64, device=self.acc.device)).cpu().numpy()
         wall = time.perf_counter() - w.started
         self.all_step_s += w.step_s
@@ -140,7 +144,7 @@ class Throughput:
         self.totals += ranks.sum(axis=0)
         self.total_wall += wall
         self.total_flops += flops or 0.0
-        straggler = self._straggler(col["alone_p50_s"])
+        straggler = self._straggler(col["alone_p50_s"], float(np.median(col["p50_s"])))
         return {
             "input_tokens_per_s": col["input_tokens"].sum() / wall,
             "trained_tokens_per_s": col["trained_tokens"].sum() / wall,
@@ -159,12 +163,14 @@ class Throughput:
         tokens, squares = col["input_tokens"].sum(), col["squared_lengths"].sum()
         return model_flops(f.num_dense_params, f.num_layers, f.attention_width, tokens, squares)
 
-    def _straggler(self, alone: np.ndarray) -> int | None:
+    def _straggler(self, alone: np.ndarray, step_s: float) -> int | None:
+        """The rank over factor × the median, when what it costs the others is worth naming: more than
+        MIN_SHARE of a step (a few milliseconds of host jitter are 3× a median of one)."""
         if len(alone) < 2:
             return None
         median = float(np.median(alone))
         worst = int(np.argmax(alone))
-        if alone[worst] <= self.factor * median or alone[worst] - median < 1e-3:
+        if alone[worst] <= self.factor * median or alone[worst] - median <= MIN_SHARE * step_s:
             return None
         if worst not in self.stragglers and self.log is not None and self.acc.is_main_process:
             self.log.warning(
