@@ -1,6 +1,6 @@
-"""Packed training through the real `launch` on 2 gloo ranks: killed and resumed, it ends with the weights of
-the uninterrupted run; its token accounting over two epochs equals the data's exact token count (packing with
-gradient accumulation); a slowed rank is named as the straggler (LAUNCHER_FAULT kind=slow).
+"""Packed training through the real `launch` on 2 gloo ranks: its token accounting over two epochs equals the
+data's exact token count (packing with gradient accumulation); a slowed rank is named as the straggler
+(LAUNCHER_FAULT kind=slow); and (slow) killed and resumed, it ends with the weights of the uninterrupted run.
 
 The data is built so that best-fit decreasing fills every bin exactly: 16 rows of 24 tokens, 16 of 16 and 48 of
 8 (k words of the tiny models' WordPiece vocabulary are k + 3 tokens: [CLS], [SEP] and the EOS) pack into 32
@@ -55,20 +55,28 @@ def args(model: str, data, out, *extra: str) -> list:
     ]
 
 
+SLOW = {"LAUNCHER_FAULT": "rank=1,step=3,phase=step,kind=slow,seconds=0.4"}  # rank 1: 0.4 s more from step 3
+
+
 @pytest.fixture(scope="module")
 def runs(tiny, tmp_path_factory):
+    """The uninterrupted run, with rank 1 slowed from step 3 (the drill changes timing, not the weights)."""
     root = tmp_path_factory.mktemp("packing")
     data = root / "train.jsonl"
     write_data(data)
-    model = tiny["llama"]
-    out = {"root": root, "data": data}
-    out["clean"] = launch(*args(model, data, root / "clean"), env={"COLUMNS": "200"}, timeout=600)
-    # killed at step 5 (SIGKILL of rank 1), after the checkpoint of step 4 ...
-    out["killed"] = launch(*args(model, data, root / "run"), env={"LAUNCHER_FAULT": "rank=1,step=5,phase=step"})
-    # ... and launched again, with rank 1 slowed by 0.4 s per step from there on
-    slow = {"LAUNCHER_FAULT": "rank=1,step=5,phase=step,kind=slow,seconds=0.4"}
-    out["resumed"] = launch(*args(model, data, root / "run"), env=slow, timeout=600)
+    out = {"root": root, "data": data, "model": tiny["llama"]}
+    out["clean"] = launch(*args(tiny["llama"], data, root / "clean"), env={"COLUMNS": "200", **SLOW}, timeout=600)
+    assert out["clean"].returncode == 0, out["clean"].output[-3000:]
     return out
+
+
+@pytest.fixture(scope="module")
+def resumed(runs):
+    """Killed at step 5 (SIGKILL of rank 1), after the checkpoint of step 4, and launched again."""
+    run = runs["root"] / "run"
+    killed = launch(*args(runs["model"], runs["data"], run), env={"LAUNCHER_FAULT": "rank=1,step=5,phase=step"})
+    again = launch(*args(runs["model"], runs["data"], run), timeout=600)
+    return killed, again, run
 
 
 def test_the_plan_shows_the_bins(runs):
@@ -78,14 +86,15 @@ def test_the_plan_shows_the_bins(runs):
     assert "│ steps per epoch" in plan and "│ 4 " in plan
 
 
-def test_killed_packed_run_resumes_to_the_uninterrupted_weights(runs):
-    assert runs["clean"].returncode == 0, runs["clean"].output[-3000:]
-    assert runs["killed"].returncode != 0
-    assert runs["resumed"].returncode == 0, runs["resumed"].output[-3000:]
-    s = summary(runs["root"] / "run")
+@pytest.mark.slow  # two more 2-rank launches; the default suite trains packed (above) and kills/resumes unpacked
+def test_killed_packed_run_resumes_to_the_uninterrupted_weights(runs, resumed):
+    killed, again, run = resumed
+    assert killed.returncode != 0
+    assert again.returncode == 0, again.output[-3000:]
+    s = summary(run)
     assert s["resumed_from"].endswith("checkpoint-00000004") and s["steps_this_launch"] == 4
-    clean, resumed = final_weights(runs["root"] / "clean"), final_weights(runs["root"] / "run")
-    assert max((clean[k] - resumed[k]).abs().max().item() for k in clean) <= 1e-6
+    clean, after = final_weights(runs["root"] / "clean"), final_weights(run)
+    assert max((clean[k] - after[k]).abs().max().item() for k in clean) <= 1e-6
 
 
 def test_token_counts_over_two_epochs_are_the_datas(runs):
@@ -98,23 +107,23 @@ def test_token_counts_over_two_epochs_are_the_datas(runs):
     assert t["input_tokens_per_s"] > 0 and t["flops"] > 0 and t["mfu"] is None  # no peak is known for a CPU
     steps = [line for line in metric_lines(runs["root"] / "clean") if "loss" in line]
     assert len(steps) == STEPS and all(line["trained_tokens_per_s"] > 0 for line in steps)
-    assert len(t["step_time_s_per_rank"]) == 2 and t["stragglers"] == []
+    assert len(t["step_time_s_per_rank"]) == 2
 
 
 def test_the_slowed_rank_is_named_the_straggler(runs):
-    assert "straggler: rank 1" in runs["resumed"].output
-    s = summary(runs["root"] / "run")
-    assert s["throughput"]["stragglers"] == [1]
-    per_rank = s["throughput"]["step_time_s_per_rank"]
+    assert "straggler: rank 1" in runs["clean"].output
+    t = summary(runs["root"] / "clean")["throughput"]
+    assert t["stragglers"] == [1]
+    per_rank = t["step_time_s_per_rank"]
     assert per_rank[1]["before_first_forward_p50"] > per_rank[0]["before_first_forward_p50"] + 0.3
-    lines = [line for line in metric_lines(runs["root"] / "run") if line.get("step", 0) > 4 and "loss" in line]
-    assert lines and all(line["straggler"] == 1 for line in lines)
+    lines = [line for line in metric_lines(runs["root"] / "clean") if "loss" in line]
+    assert [line["straggler"] for line in lines][-3:] == [1, 1, 1]  # named once its median over the launch moved
 
 
-def test_packing_is_part_of_the_checkpoints_identity(runs, tiny, tmp_path):
+def test_packing_is_part_of_the_checkpoints_identity(runs, tmp_path):
     """A packed run's checkpoint is not resumed unpacked: its steps count bins, not rows."""
-    copy = shutil.copytree(runs["root"] / "run", tmp_path / "copy")
+    copy = shutil.copytree(runs["root"] / "clean", tmp_path / "copy")
     shutil.rmtree(copy / "final")
     (copy / "summary.json").unlink()
-    refused = launch(*args(tiny["llama"], runs["data"], copy, "data.packing=none", "--dry-run"))
+    refused = launch(*args(runs["model"], runs["data"], copy, "data.packing=none", "--dry-run"))
     assert refused.returncode == 2 and "packing: checkpoint 'pack', recipe 'none'" in refused.output
