@@ -6,14 +6,16 @@ Reports tokens/s per GPU, MFU and peak memory against the planner's estimate.
 MFU (PaLM appendix B / torchtitan convention): tokens/s × (6·N + 12·L·H·Q·T) / peak, N = parameters minus
 the input embedding, L layers, H heads, Q head dim, T sequence length. LoRA runs use the same formula (the
 convention; LoRA skips the frozen weights' gradient matmuls, so its real work is about 2/3 of that). MFU is
-given against the datasheet bf16 dense peak (PEAK_TFLOPS, --peak-tflops overrides) and against a bf16
+given against the datasheet bf16 dense peak (launcher/planning/flops.py, --peak-tflops overrides) and against a bf16
 matmul peak measured here first (8192³ GEMMs).
 
 Settings, identical on both sides: sdpa attention (transformers' default), torch AdamW (foreach, not fused,
 because launch's optimizer is torch.optim.AdamW with defaults; Trainer gets optim="adamw_torch"), fp32
-master weights with bf16 autocast, no activation checkpointing, no torch.compile (launch has no compile
-switch; a compiled Trainer would not be the same settings). Each run's window is first to last optimizer
-step; launch also writes a checkpoint and the final model after that window.
+master weights with bf16 autocast, no activation checkpointing, no torch.compile; on a GPU, launch's full
+fine-tune runs a second time with train.compile (regional compilation), compared with its own eager run.
+launch runs its default chunked causal-LM loss (train.lm_loss auto); its summary's MFU is reported too.
+Each run's window is first to last optimizer step; launch also writes a checkpoint and the final model after
+that window.
 
     python -m bench.gpu                # needs CUDA
     python -m bench.gpu --smoke        # tiny model on CPU (or GPU): checks the script end to end
@@ -43,22 +45,13 @@ from bench.common import (
     work_dir,
 )
 from bench.memory import plan_for, planner_estimate, reference_model_states
+from launcher.planning.flops import peak_flops
 
-# Datasheet bf16 dense tensor-core peaks, FLOP/s (sparsity figures halved).
-# NVIDIA H100/H200 SXM datasheets: "BF16 Tensor Core 1,979 TFLOPS" with sparsity → 989.5 dense.
-# NVIDIA A100 datasheet: "BF16 Tensor Core 312 TFLOPS" dense.
-PEAK_TFLOPS = {"H200": 989.5, "H100": 989.5, "A100": 312.0}
 TINYLLAMA = LlamaSize(hidden=2048, layers=22, heads=32, kv_heads=4, intermediate=5632, vocab=32000 - 4)
 TINY = LlamaSize(hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64, vocab=200)
 FULL = {"seq_len": 2048, "batch": 8, "steps": 30}
 SMOKE = {"seq_len": 32, "batch": 2, "steps": 2}
 LORA = {"r": 16, "alpha": 32}
-
-
-def datasheet_peak(device_name: str, override: float | None) -> float | None:
-    if override:
-        return override * 1e12
-    return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in device_name), None)
 
 
 def measured_matmul_peak(cuda: bool) -> float:
@@ -101,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     work = work_dir(args, "gpu")
     t_start = time.time()
     device_name = torch.cuda.get_device_name(0) if cuda else "cpu"
-    peak_sheet = datasheet_peak(device_name, args.peak_tflops)
+    peak_sheet = peak_flops(device_name if cuda else None, args.peak_tflops)  # the launcher's table
     peak_measured = measured_matmul_peak(cuda)
     with torch.device("cuda" if cuda else "cpu"):
         model = save_llama(work / f"llama-{model_size.hidden}x{model_size.layers}", model_size, size["seq_len"])
@@ -139,7 +132,23 @@ def main(argv: list[str] | None = None) -> int:
                 **summary["timings"],
                 "peak_memory_bytes": summary["memory"]["peak_bytes_per_rank"][0],
                 "command_wall_s": wall,
+                "launch_mfu": summary["throughput"]["mfu"],  # launch's own accounting (planning/flops.py)
             }
+            if cuda and mode == "full":  # the same run with regional torch.compile (train.compile)
+                compiled = causal_lm_recipe(
+                    work / "full-compile.yaml", model=model, train=data, output_dir=out_dir, seq_len=size["seq_len"],
+                    batch_size=size["batch"], max_steps=size["steps"], precision=precision,
+                    extra={"train.compile": True},
+                )  # fmt: skip
+                shutil.rmtree(out_dir, ignore_errors=True)
+                wall = run(launch_cmd(compiled, "--procs", "1"), env, 600)
+                summary = json.loads((out_dir / "summary.json").read_text())
+                results["launch + compile"] = {
+                    **summary["timings"],
+                    "peak_memory_bytes": summary["memory"]["peak_bytes_per_rank"][0],
+                    "command_wall_s": wall,
+                    "launch_mfu": summary["throughput"]["mfu"],
+                }
         result_file = work / f"trainer-{mode}.json"
         trainer_args = [recipe, result_file] + ([f"{LORA['r']},{LORA['alpha']}"] if mode == "lora" else [])
         wall = run(torchrun_cmd(1, "bench.baselines.hf_trainer", *trainer_args), env, 600)

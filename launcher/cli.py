@@ -113,6 +113,7 @@ def launch_recipe(request: LaunchRequest, started: float | None = None) -> ExitC
     from launcher.config.loading import load_recipe
     from launcher.errors import Problem, RecipeError, UsageError
     from launcher.planning.checks import check_recipe, ignored_settings, missing_weights
+    from launcher.planning.packing import train_lengths
     from launcher.planning.plan import make_plan
     from launcher.spec import LaunchFacts
 
@@ -132,6 +133,7 @@ def launch_recipe(request: LaunchRequest, started: float | None = None) -> ExitC
     splits = check_recipe(recipe)
     layout = backend.layout(nodes=request.nodes, procs=request.procs)
     gpu_memory = parse_bytes(profile.gpu_memory) if getattr(profile, "gpu_memory", None) else None
+    packing = recipe.data.packing == "pack"  # the plan counts bins: the rows' token lengths (tokenized, cached)
     plan = make_plan(
         recipe,
         num_train_samples=len(splits.train),
@@ -141,6 +143,8 @@ def launch_recipe(request: LaunchRequest, started: float | None = None) -> ExitC
         procs_per_node=layout.procs_per_node,
         device=layout.device,
         gpu_memory=gpu_memory,
+        train_lengths=train_lengths(recipe, splits) if packing else None,
+        peak_tflops=getattr(profile, "peak_tflops", None),
     )
     resume = resume_point(recipe, plan)
     for note in [*ignored_settings(recipe), *plan.warnings]:

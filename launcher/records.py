@@ -188,6 +188,11 @@ class Summary(Record):
     memory: dict[str, list[int]]
     timings: Timings
     ray: dict[str, Any] | None = Field(None, description="Ray only: node of each rank, threads, restored from Ray")
+    throughput: dict[str, Any] | None = Field(
+        None,
+        description="tokens fed and trained, padding, tokens/s, MFU, step times per rank, stragglers "
+        "(launcher.train.throughput); None when no step ran",
+    )
 
 
 # ----------------------------------------------------------------------------- pre-flight

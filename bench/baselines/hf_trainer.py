@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from bench.baselines.shared import read, report
+from bench.baselines.shared import read, report, trainer_clock
 
 
 class Rows(torch.utils.data.Dataset):
@@ -29,22 +28,11 @@ class Rows(torch.utils.data.Dataset):
 
 
 def main(recipe_path: str, result_path: str, lora: str = "") -> None:
-    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
     setup = read(Path(recipe_path))
     cuda = torch.cuda.is_available()
     times: dict[str, float] = {}
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            times["start"], times["cpu_start"] = time.time(), time.process_time()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            times.setdefault("first", time.time())
-            if state.global_step == args.max_steps:
-                if cuda:
-                    torch.cuda.synchronize()
-                times["end"], times["cpu_end"] = time.time(), time.process_time()
 
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
     args = TrainingArguments(
@@ -77,7 +65,7 @@ def main(recipe_path: str, result_path: str, lora: str = "") -> None:
             model,
             LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"),
         )
-    trainer = Trainer(model=model, args=args, train_dataset=Rows(setup.input_ids), callbacks=[Clock()])
+    trainer = Trainer(model=model, args=args, train_dataset=Rows(setup.input_ids), callbacks=[trainer_clock(times)])
     result = trainer.train()
     report(
         Path(result_path),

@@ -57,6 +57,28 @@ def read(recipe_path: Path) -> Setup:
     )
 
 
+def trainer_clock(times: dict[str, float]):
+    """A transformers TrainerCallback timing the window launch's training_wall_s covers: from on_train_begin
+    (model wrapped, dataloader built) to the end of the last optimizer step (`times`: start, first, end, and
+    the CPU time of the window)."""
+    from transformers import TrainerCallback
+
+    cuda = torch.cuda.is_available()
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            times["start"], times["cpu_start"] = time.time(), time.process_time()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            times.setdefault("first", time.time())
+            if state.global_step == args.max_steps:
+                if cuda:
+                    torch.cuda.synchronize()
+                times["end"], times["cpu_end"] = time.time(), time.process_time()
+
+    return Clock()
+
+
 def peak_memory_bytes() -> int:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated()

@@ -41,9 +41,16 @@ def parse_bytes(text: str) -> int:
     return int(float(match.group(1)) * BYTES[match.group(2).lower()])
 
 
+PEAK_TFLOPS_HELP = (
+    "Peak dense bf16 TFLOP/s per GPU, the denominator of MFU; default: the datasheet figure for the GPU's name "
+    "(launcher/planning/flops.py: PEAK_TFLOPS)."
+)
+
+
 class LocalProfile(Strict):
     backend: Literal["local"] = "local"
     gpu_memory: MemorySize | None = Field(None, description="Memory per GPU for the planner, e.g. 80GiB.")
+    peak_tflops: float | None = Field(None, gt=0, description=PEAK_TFLOPS_HELP)
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables set for every rank.")
 
 
@@ -59,6 +66,7 @@ class RayProfile(Strict):
     dashboard: str | None = Field(None, description="Ray Jobs address for --submit, e.g. http://HOST:8265.")
     gpus_per_node: int = Field(0, ge=0, description="GPUs per node, one worker each; 0 trains on CPU workers.")
     gpu_memory: MemorySize | None = Field(None, description="Memory per GPU for the planner, e.g. 80GiB.")
+    peak_tflops: float | None = Field(None, gt=0, description=PEAK_TFLOPS_HELP)
     cpu_workers_per_node: int = Field(
         1, ge=1, description="Workers per node when gpus_per_node is 0 (--procs overrides it)."
     )
@@ -117,6 +125,7 @@ class SlurmProfile(Strict):
     gpus_per_node: int = Field(0, ge=0, description="GPUs per node, one rank each; 0 = CPU ranks (gloo).")
     procs_per_node: int = Field(1, ge=1, description="CPU ranks per node when gpus_per_node is 0.")
     gpu_memory: MemorySize | None = Field(None, description="Memory per GPU for the planner, e.g. 80GiB.")
+    peak_tflops: float | None = Field(None, gt=0, description=PEAK_TFLOPS_HELP)
     cpus_per_task: int | None = Field(
         None, ge=1, description="#SBATCH --cpus-per-task: cores per node agent (shared by its ranks)."
     )

@@ -84,6 +84,11 @@ class ModelConfig(Strict):
     quantization: QuantizationConfig | None = Field(
         None, description="Load the frozen base in 8 or 4 bits (bitsandbytes); needs `lora` (QLoRA)."
     )
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field(
+        "sdpa",
+        description="Attention kernel: sdpa (torch's scaled_dot_product_attention), flash_attention_2 (a CUDA GPU "
+        "and the flash-attn package; packed sequences run as varlen attention), or eager (plain matmuls).",
+    )
 
 
 # ----------------------------------------------------------------------------- losses
@@ -316,6 +321,17 @@ class DataConfig(Strict):
         "within max_length: fail naming them, or drop them and say how many.",
     )
     seed: int = Field(1234, description="Seed of the split and of each epoch's shuffle.")
+    packing: Literal["none", "pack", "padding_free"] = Field(
+        "none",
+        description="Causal LM: 'pack' places rows into bins of max_length tokens (best-fit decreasing; "
+        "train.batch_size then counts bins), 'padding_free' concatenates each micro-batch into one row; both restart "
+        "position_ids per sequence and never attend across a sequence boundary. 'none' pads to the longest row.",
+    )
+    group_by_length: bool = Field(
+        False,
+        description="Classification and tagging: batches of rows of similar length (less padding), "
+        "seeded per epoch like the shuffle.",
+    )
 
 
 # ----------------------------------------------------------------------------- train
@@ -362,6 +378,19 @@ class TrainConfig(Strict):
     seed: int = Field(42)
     resume: str = Field("auto", description="'auto' (newest checkpoint in output_dir), 'never', or a checkpoint path.")
     tensorboard: bool = Field(False, description="Also write TensorBoard events to output_dir/tensorboard.")
+    compile: bool = Field(
+        False,
+        description="torch.compile each transformer block (regional compilation: one graph per block type, "
+        "compiled once); on CPU it needs a C++ compiler (inductor).",
+    )
+    lm_loss: Literal["auto", "full", "chunked", "liger"] = Field(
+        "auto",
+        description="Causal LM loss: 'chunked' runs the LM head and cross-entropy over lm_loss_chunk tokens at a "
+        "time on the trained positions only, never holding the [batch, seq, vocab] logits; 'liger' is Liger's fused "
+        "linear cross-entropy (a CUDA GPU, liger-kernel installed); 'full' computes all logits; 'auto' is chunked "
+        "where the strategy and model allow it, else full.",
+    )
+    lm_loss_chunk: int = Field(1024, ge=16, description="Tokens per chunk of the chunked causal-LM loss.")
 
     @model_validator(mode="after")
     def _eval_every(self) -> TrainConfig:
@@ -401,6 +430,14 @@ class DistributedConfig(Strict):
         description="Seconds a collective (all-reduce, broadcast, barrier) may wait for its peers before it "
         "fails (the process group's timeout; NCCL's own default is 30 minutes). Must exceed the longest work one "
         "rank does alone between two collectives, such as rank 0 writing a checkpoint or exporting the model.",
+    )
+
+    straggler_factor: float = Field(
+        1.5,
+        gt=1.0,
+        description="A rank whose median time alone at the start of a step (before its first forward: waiting "
+        "for and preparing its batch) exceeds this factor times the median over ranks is named a straggler (log, "
+        "metrics.jsonl, summary.json).",
     )
 
     @model_validator(mode="after")

@@ -64,6 +64,11 @@ class TaskSpec:
         """Rows may be conversations rendered with a chat template (task.train_on, chat_template_file, end_of_turn)."""
         return self.rows != "plain"
 
+    # data.packing applies: rows concatenated with per-sequence position_ids and block-diagonal attention (decoder
+    # models; an encoder-decoder's cross-attention would need per-sequence masks of its own, so seq2seq has none)
+    packing: bool = False
+    length_grouping: bool = False  # data.group_by_length applies (one padded row per example)
+
     @property
     def needs_classes(self) -> bool:
         """num_labels or labels is required, and labels may be class names."""
@@ -104,6 +109,8 @@ class TaskSpec:
             notes.append(f"task.train_on is ignored for {self.name} (it picks the assistant turns of a conversation)")
         if not self.renders_chats and (task.chat_template_file or task.end_of_turn):
             notes.append(f"task.chat_template_file/end_of_turn are ignored for {self.name}")
+        if recipe.train.lm_loss != "auto" and not self.next_token:
+            notes.append(f"train.lm_loss is ignored for {self.name} (its loss is not a next-token loss)")
         return notes
 
     def recipe_problems(self, recipe) -> list[str]:
@@ -117,6 +124,17 @@ class TaskSpec:
             problems.append("task.chat_template needs data.prompt_field and data.response_field")
         if data.response_field and self.rows == "pair":
             problems.append(f"{self.name} reads data.chosen_field and data.rejected_field, not data.response_field")
+        if data.packing != "none" and not self.packing:
+            problems.append(
+                f"data.packing {data.packing!r} needs a decoder-only language model (task causal_lm); task "
+                f"{self.name!r} has {'an encoder-decoder' if self.language_model else 'one padded row per example'}"
+                + ("; use data.group_by_length to cut padding" if self.length_grouping else "")
+            )
+        if data.group_by_length and not self.length_grouping:
+            problems.append(
+                f"data.group_by_length is for classification and tagging tasks; task {self.name!r} has none"
+                + ("; use data.packing" if self.packing else "")
+            )
         return problems
 
 
@@ -139,6 +157,7 @@ TASKS: dict[str, TaskSpec] = {
             hf_problem_type="single_label_classification",
             text_pair=True,
             balance=True,
+            length_grouping=True,
         ),
         TaskSpec(
             name="multi_label_classification",
@@ -152,6 +171,7 @@ TASKS: dict[str, TaskSpec] = {
             default_metrics=("accuracy", "f1"),
             hf_problem_type="multi_label_classification",
             text_pair=True,
+            length_grouping=True,
         ),
         TaskSpec(
             name="regression",
@@ -165,6 +185,7 @@ TASKS: dict[str, TaskSpec] = {
             default_metrics=("mae", "rmse"),
             hf_problem_type="regression",
             text_pair=True,
+            length_grouping=True,
         ),
         TaskSpec(
             name="token_classification",
@@ -178,6 +199,7 @@ TASKS: dict[str, TaskSpec] = {
             default_metrics=("accuracy", "f1"),
             hf_problem_type="single_label_classification",
             words=True,
+            length_grouping=True,
         ),
         TaskSpec(
             name="causal_lm",
@@ -193,6 +215,7 @@ TASKS: dict[str, TaskSpec] = {
             next_token=True,
             prompt_response="optional",
             chat_template=True,
+            packing=True,
         ),
         TaskSpec(
             name="seq2seq",
@@ -220,6 +243,7 @@ TASKS: dict[str, TaskSpec] = {
             language_model=True,
             next_token=True,
             rows="conversation",
+            packing=True,
         ),
         TaskSpec(
             name="preference",

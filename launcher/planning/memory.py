@@ -36,6 +36,7 @@ tensors autograd really saves for a bf16 Llama in tests/test_memory.py:
     LM head: s·b·V·(2 + 4 + 4)       16-bit logits, their fp32 upcast for the loss, and its gradient
     pairs: all of it twice (chosen and rejected run as one batch); DPO adds the reference pass's logits
     (s·b·V·(2 + 4)) and, without LoRA, a frozen copy of the weights in the load dtype, sharded like them
+             (the chunked loss, train.lm_loss: min(s·b, lm_loss_chunk) positions instead of s·b)
 
 It is an estimate: allocator fragmentation, NCCL buffers and the CUDA context are
 covered by keeping HEADROOM of each GPU free, not modelled.
@@ -51,6 +52,7 @@ from pydantic import BaseModel, ConfigDict
 
 from launcher.config.recipe import DTYPE_BYTES, Recipe
 from launcher.config.tasks import TASKS
+from launcher.planning import speed
 
 GiB = 2**30
 HEADROOM = 0.10  # of GPU memory kept free for the CUDA context, NCCL buffers and fragmentation
@@ -269,8 +271,9 @@ def model_shape(recipe: Recipe) -> ModelShape:
 
 
 # ----------------------------------------------------------------------------- the estimate
-def activation_bytes(shape: ModelShape, recipe: Recipe, micro_batch: int) -> int:
-    """Activations kept for backward at the micro-batch and max_length (Korthikanti et al. 2022, see above)."""
+def activation_bytes(shape: ModelShape, recipe: Recipe, micro_batch: int, strategy: str = "ddp") -> int:
+    """Activations kept for backward at the micro-batch and max_length (Korthikanti et al. 2022, see above).
+    The chunked causal-LM loss (train.lm_loss, launcher.planning.speed) holds one chunk of logits at a time."""
     s, b, h = recipe.data.max_length, micro_batch, shape.hidden_size
     half = recipe.train.precision != "fp32" or recipe.model.dtype != "fp32"
     scale = 1 if half else 2  # the formula counts 16-bit activations
@@ -279,7 +282,10 @@ def activation_bytes(shape: ModelShape, recipe: Recipe, micro_batch: int) -> int
         layers = shape.num_layers * 2 * s * b * h * scale + per_layer
     else:
         layers = shape.num_layers * per_layer
-    head = s * b * shape.vocab_size * (2 * scale + 8) if recipe.task.spec.language_model else 0
+    positions = s * b
+    if speed.lm_loss(recipe, strategy) != "full":  # chunked (liger: less still, never the logits; counted alike)
+        positions = min(positions, recipe.train.lm_loss_chunk)
+    head = positions * shape.vocab_size * (2 * scale + 8) if recipe.task.spec.language_model else 0
     if recipe.task.uses_reference:  # the reference pass's logits and their fp32 upcast, held for the loss
         head += s * b * shape.vocab_size * (scale + 4)
     # a preference or reward pair runs its chosen and rejected answers in one batch: twice the sequences
@@ -324,7 +330,7 @@ def estimate(
         parameters=params,
         gradients=grads,
         optimizer=optimizer,
-        activations=activation_bytes(shape, recipe, micro_batch),
+        activations=activation_bytes(shape, recipe, micro_batch, strategy),
         host_load=host_load_bytes(shape, recipe, strategy, gpus_per_node),
         host_offload=host_offload,
     )

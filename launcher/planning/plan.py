@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict
 
 from launcher.config.recipe import Recipe
 from launcher.errors import Problem, RecipeError
-from launcher.planning import compat, dsconfig
+from launcher.planning import compat, dsconfig, speed
+from launcher.planning.packing import packing_stats
 
 
 class Plan(BaseModel):
@@ -45,6 +46,18 @@ class Plan(BaseModel):
     epochs: int
     total_steps: int
     warmup_steps: int
+    # data.packing: pack: the training rows go into this many bins of max_length tokens (what train.batch_size
+    # counts), filled to `packing_efficiency` (tokens over bin positions); None without packing
+    num_train_bins: int | None = None
+    num_train_tokens: int | None = None
+    packing_efficiency: float | None = None
+    lm_loss: Literal["full", "chunked", "liger"] = "full"  # train.lm_loss with `auto` resolved
+    peak_tflops: float | None = None  # the cluster profile's override of the MFU denominator
+
+    @property
+    def num_train_units(self) -> int:
+        """What one epoch shuffles and the global batch counts: bins when packing, else rows."""
+        return self.num_train_bins if self.num_train_bins is not None else self.num_train_samples
 
     @property
     def choice(self):
@@ -69,11 +82,27 @@ class Plan(BaseModel):
                 "train / validation / test rows",
                 f"{self.num_train_samples} / {self.num_validation_samples} / {self.num_test_samples}",
             ),
+            *self.packing_rows(),
             ("steps per epoch", str(self.steps_per_epoch)),
-            ("rows dropped per epoch (partial batch)", str(self.samples_dropped_per_epoch)),
+            (
+                f"{'bins' if self.num_train_bins is not None else 'rows'} dropped per epoch (partial batch)",
+                str(self.samples_dropped_per_epoch),
+            ),
             ("epochs", str(self.epochs)),
             ("total optimizer steps", str(self.total_steps)),
             ("warm-up steps", str(self.warmup_steps)),
+            ("causal-LM loss", self.lm_loss),
+        ]
+
+    def packing_rows(self) -> list[tuple[str, str]]:
+        if self.num_train_bins is None:
+            return []
+        return [
+            (
+                "packing (best-fit decreasing)",
+                f"{self.num_train_samples} rows → {self.num_train_bins} bins, {self.num_train_tokens} tokens, "
+                f"efficiency {100 * self.packing_efficiency:.1f}%",
+            )
         ]
 
 
@@ -123,7 +152,10 @@ def make_plan(
     num_nodes: int = 1,
     device: Literal["cpu", "cuda"] = "cpu",
     gpu_memory: int | None = None,
+    train_lengths: list[int] | None = None,
+    peak_tflops: float | None = None,
 ) -> Plan:
+    """`train_lengths`: the training rows' token lengths, needed with data.packing: pack (the plan counts bins)."""
     train = recipe.train
     world = procs_per_node * num_nodes
     problems: list[Problem] = []
@@ -148,13 +180,19 @@ def make_plan(
             )
         )
     accum = max(1, train.batch_size // per_pass)
-    steps_per_epoch = num_train_samples // train.batch_size
+    packed = None
+    if recipe.data.packing == "pack":
+        if train_lengths is None:
+            raise ValueError("data.packing: pack needs the training rows' token lengths (planning.packing)")
+        packed = packing_stats(train_lengths, recipe.data.max_length, recipe.data.seed)
+    units = num_train_samples if packed is None else packed.num_bins
+    steps_per_epoch = units // train.batch_size
     if steps_per_epoch == 0:
+        what = "training rows" if packed is None else f"bins of {recipe.data.max_length} tokens the rows pack into"
         problems.append(
             Problem(
                 "train.batch_size",
-                f"{train.batch_size} is larger than the {num_train_samples} "
-                "training rows; one epoch would have no full batch",
+                f"{train.batch_size} is larger than the {units} {what}; one epoch would have no full batch",
             )
         )
     decision, reason = None, None
@@ -177,6 +215,8 @@ def make_plan(
             decision = compat.decide(recipe, device)
         except RecipeError as exc:
             problems += exc.problems
+    if decision is not None:
+        problems += speed.problems(recipe, decision.strategy, device)
     if problems:
         raise RecipeError("plan", problems)
     if train.max_steps is not None:
@@ -205,10 +245,15 @@ def make_plan(
         num_validation_samples=num_validation_samples,
         num_test_samples=num_test_samples,
         steps_per_epoch=steps_per_epoch,
-        samples_dropped_per_epoch=num_train_samples - steps_per_epoch * train.batch_size,
+        samples_dropped_per_epoch=units - steps_per_epoch * train.batch_size,
         epochs=epochs,
         total_steps=total,
         warmup_steps=min(warmup, total),
+        num_train_bins=None if packed is None else packed.num_bins,
+        num_train_tokens=None if packed is None else packed.num_tokens,
+        packing_efficiency=None if packed is None else round(packed.efficiency, 4),
+        lm_loss=speed.lm_loss(recipe, decision.strategy),
+        peak_tflops=peak_tflops,
     )
     ds_config, ds_problems = dsconfig.resolve(recipe, plan)
     if ds_problems:

@@ -33,13 +33,21 @@ class CheckpointMismatch(Exception):
 def fingerprint(recipe) -> dict:
     # LoRA decides the checkpoint's layout (adapter-only states); so does the strategy, which check_compatible
     # compares as planned (`auto` resolved), not as written in the recipe
-    return {
+    found = {
         "model": recipe.model.path,
         "task": recipe.task.type,
         "num_labels": recipe.task.resolved_num_labels,
         "global_batch_size": recipe.train.batch_size,
         "lora": recipe.model.lora is not None,
     }
+    # what a step's data is (bins or rows, their order); only when set, so checkpoints written before agree
+    for key, default in UNSET.items():
+        if getattr(recipe.data, key) != default:
+            found[key] = getattr(recipe.data, key)
+    return found
+
+
+UNSET = {"packing": "none", "group_by_length": False}  # fingerprint keys left out at these values
 
 
 def complete(run_dir: Path) -> list[Path]:
@@ -80,8 +88,13 @@ def check_compatible(folder: Path, recipe, plan) -> CheckpointState:
             f"{folder} is not a readable checkpoint (no valid {STATE_FILE}); point train.resume "
             "at a checkpoint-* folder, or remove it"
         )
-    mine = fingerprint(recipe)
-    differ = {k: (state.fingerprint.get(k), v) for k, v in mine.items() if state.fingerprint.get(k) != v}
+    mine, theirs = fingerprint(recipe), state.fingerprint
+    keys = list(mine) + [k for k in UNSET if k in theirs and k not in mine]
+    differ = {
+        k: (theirs.get(k, UNSET.get(k)), mine.get(k, UNSET.get(k)))
+        for k in keys
+        if theirs.get(k, UNSET.get(k)) != mine.get(k, UNSET.get(k))
+    }
     if differ:
         detail = "; ".join(f"{k}: checkpoint {a!r}, recipe {b!r}" for k, (a, b) in differ.items())
         raise CheckpointMismatch(

@@ -1,7 +1,9 @@
 """Failure drills: make one rank die (or hang) at a chosen point, to rehearse what that does to a run.
 
-LAUNCHER_FAULT="rank=R,step=S,phase=step|eval|save|write[,kind=kill|raise|hang][,once=PATH]" makes rank R
-die at step S: SIGKILL (default), an exception (kind=raise) or a hang for ever (kind=hang, for the watchdog).
+LAUNCHER_FAULT="rank=R,step=S,phase=step|eval|save|write[,kind=kill|raise|hang|slow][,once=PATH]" makes rank R
+die at step S: SIGKILL (default), an exception (kind=raise) or a hang for ever (kind=hang, for the watchdog);
+kind=slow[,seconds=X] makes it a straggler instead: X seconds (default 0.5) more at that point of every step
+from S on (train.throughput names it).
 Phases: step (entering the step), eval, save (entering a checkpoint), write (inside checkpoint.save, this
 rank's files written, the folder not yet renamed). With once=PATH only the first time (PATH marks it done),
 so a backend that restarts the ranks by itself (Ray) gets past it. The tests use it.
@@ -33,9 +35,13 @@ class Drill:
 
     def __call__(self, step: int, phase: str) -> None:
         want = self.want
-        if want is None or int(want.get("rank", -1)) != self.rank or int(want.get("step", -1)) != step:
+        if want is None or int(want.get("rank", -1)) != self.rank or want.get("phase", "step") != phase:
             return
-        if want.get("phase", "step") != phase:
+        if want.get("kind") == "slow":
+            if step >= int(want.get("step", 0)):
+                time.sleep(float(want.get("seconds", 0.5)))
+            return
+        if int(want.get("step", -1)) != step:
             return
         if "once" in want:
             if os.path.exists(want["once"]):

@@ -130,6 +130,7 @@ def causal(inner: LossFn) -> LossFn:
     def fn(logits, labels):
         return inner(logits, F.pad(labels[:, 1:], (0, 1), value=IGNORE))
 
+    fn.per_position = inner  # the loss of logits [N, V] against their own targets [N] (train.lm_loss: chunked)
     return fn
 
 

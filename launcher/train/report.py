@@ -95,12 +95,13 @@ class Reporter:
                 MofNCompleteColumn(),
                 TextColumn(
                     "loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[speed]:.1f} samples/s"
+                    "{task.fields[tokens]}"
                 ),
                 TimeRemainingColumn(),
                 console=console,
             )
             self.task_id = self.progress.add_task(
-                "train", total=total_steps, completed=start_step, loss=float("nan"), lr=0.0, speed=0.0
+                "train", total=total_steps, completed=start_step, loss=float("nan"), lr=0.0, speed=0.0, tokens=""
             )
             self.progress.start()
             # Log lines print above the live bar instead of tearing through it.
@@ -112,8 +113,16 @@ class Reporter:
             f.write(json.dumps(record) + "\n")
 
     def step(
-        self, step: int, epoch: int, loss: float, lr: float, grad_norm: float | None, samples_per_s: float
+        self,
+        step: int,
+        epoch: int,
+        loss: float,
+        lr: float,
+        grad_norm: float | None,
+        samples_per_s: float,
+        throughput: dict | None = None,
     ) -> None:
+        """`throughput`: the window's token figures (train.throughput), added to the record and the bar."""
         if not self.is_main:
             return
         record = {
@@ -123,17 +132,23 @@ class Reporter:
             "lr": lr,
             "grad_norm": grad_norm,
             "samples_per_s": samples_per_s,
+            **(throughput or {}),
             "time": time.time(),
         }
         self._append(record)
         if self.writer:
             self.writer.add_scalar("train/loss", loss, step)
             self.writer.add_scalar("train/lr", lr, step)
+            for name in ("trained_tokens_per_s", "padding_fraction", "mfu"):
+                if (throughput or {}).get(name) is not None:
+                    self.writer.add_scalar(f"train/{name}", throughput[name], step)
+        tokens = tokens_text(throughput)
         if self.progress:
-            self.progress.update(self.task_id, loss=loss, lr=lr, speed=samples_per_s)
+            self.progress.update(self.task_id, loss=loss, lr=lr, speed=samples_per_s, tokens=tokens)
         if step % self.log_every == 0 or step == self.total:
             self.logger.info(
                 f"step {step}/{self.total} epoch {epoch} loss {loss:.4f} lr {lr:.2e} {samples_per_s:.1f} samples/s"
+                + tokens
             )
 
     def tick(self, step: int) -> None:
@@ -160,6 +175,14 @@ class Reporter:
             self.writer.close()
 
 
+def tokens_text(throughput: dict | None) -> str:
+    """The bar's and the log line's token figures: trained tokens/s, padding, MFU where the peak is known."""
+    if not throughput:
+        return ""
+    text = f"  {throughput['trained_tokens_per_s']:.0f} trained tok/s  pad {100 * throughput['padding_fraction']:.0f}%"
+    return text + (f"  MFU {100 * throughput['mfu']:.1f}%" if throughput.get("mfu") is not None else "")
+
+
 class StepLosses:
     """Per-step loss sums stay on the device until a flush, which all-reduces them in one collective.
 
@@ -167,8 +190,9 @@ class StepLosses:
     metrics.jsonl still gets every step's global-batch loss.
     """
 
-    def __init__(self, accelerator, reporter: Reporter, plan, first: float | None, last: float | None):
-        self.acc, self.reporter, self.plan = accelerator, reporter, plan
+    def __init__(self, accelerator, reporter: Reporter, plan, first: float | None, last: float | None, window=None):
+        """`window()`: the throughput figures of the steps since the last flush (a collective, called here)."""
+        self.acc, self.reporter, self.plan, self.window = accelerator, reporter, plan, window
         self.pending: list[tuple] = []
         self.first, self.last = first, last
         self.window_start = time.time()
@@ -181,6 +205,7 @@ class StepLosses:
             return
         sums = self.acc.reduce(torch.stack([p[1] for p in self.pending]).double(), "sum").tolist()
         speed = len(self.pending) * self.plan.global_batch_size / max(time.time() - self.window_start, 1e-9)
+        throughput = self.window() if self.window is not None else None
         for (step, _, weight, lr, grad_norm), total in zip(self.pending, sums):
             loss = total / weight
             if not math.isfinite(loss):
@@ -194,6 +219,7 @@ class StepLosses:
                 lr,
                 None if grad_norm is None else float(grad_norm),
                 speed,
+                throughput,
             )
         self.pending = []
         self.window_start = time.time()

@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from launcher.config.recipe import Recipe
@@ -34,16 +33,19 @@ from launcher.train.components import (
     quiet_libraries,
     shutdown,
 )
-from launcher.train.data import Collate, Sampler, balanced_row_probs, check_planned_rows, prepare, to_device
+from launcher.train.data import Collate, check_planned_rows, prepare
 from launcher.train.drills import Drill
 from launcher.train.engines import make_engine
 from launcher.train.evaluate import Evaluator
+from launcher.train.feed import Feed
 from launcher.train.heartbeat import Heartbeat
 from launcher.train.losses import LossContext, build_loss
 from launcher.train.model import build, load_tokenizer
+from launcher.train.packing import Collator, make_batches
 from launcher.train.report import Reporter, StepLosses, rank_logger, truncate_metrics
 from launcher.train.stop import StopRequest
 from launcher.train.tasks import hooks
+from launcher.train.throughput import ModelFlops, Throughput
 
 OnCheckpoint = Callable[[Path, CheckpointState], None]
 # heartbeat phase → the failure drill that fires on entering it (train.drills; "write" fires inside the save)
@@ -111,6 +113,8 @@ class Run:
         self.engine = make_engine(acc, recipe, plan)
         model = build(recipe, self.tokenizer, acc.device)
         self.clock.mark("model")
+        flops = ModelFlops.of(model)  # before the engine shards it
+        self.task.configure(plan)
         context = LossContext(recipe.task.spec, self.train_label_counts, self.log.info)
         self.loss_fn = build_loss(recipe.task.resolved_loss, context)
         self.model = self.engine.prepare(model, lambda m: make_optimizer(m, recipe))
@@ -122,15 +126,13 @@ class Run:
         self.collate = Collate(self.task)
         self.evaluator = Evaluator(acc, self.model, self.loss_fn, self.collate, self.task, recipe, plan)
         first, last = self.resume()
-        train_rows = self.data["train"]
-        weights = np.array([r["weight"] for r in train_rows], dtype=np.float64)
-        row_probs = balanced_row_probs([r["labels"] for r in train_rows]) if recipe.data.balance else None
-        self.sampler = Sampler(plan, recipe.data.seed, weights, row_probs)
+        self.batches = make_batches(plan, recipe, self.data["train"])  # data.packing / group_by_length
+        self.throughput = Throughput(acc, flops, plan.peak_tflops, recipe.distributed.straggler_factor, self.log)
         self.reporter = Reporter(
             self.run_dir, acc.is_main_process, plan.total_steps, self.start_step, recipe.train.log_every,
             recipe.train.tensorboard, self.log,
         )  # fmt: skip
-        self.losses = StepLosses(acc, self.reporter, plan, first, last)
+        self.losses = StepLosses(acc, self.reporter, plan, first, last, window=self.throughput.flush)
         self.eval_every = plan.steps_per_epoch if recipe.train.eval_every == "epoch" else recipe.train.eval_every
 
     def train_label_counts(self) -> list[int]:
@@ -165,6 +167,9 @@ class Run:
         self.model.train()
         self.clock.mark("train_start")
         self.clock.mark_cpu("train_start")
+        # the next steps' batches are collated on a thread while this one trains (train.feed)
+        self.feed = Feed(self.batches, self.data["train"], Collator(self.task, self.recipe), self.acc.device,
+                         self.rank, self.start_step, total)  # fmt: skip
         for step in range(self.start_step, total):
             done = step + 1
             self.train_step(step)
@@ -178,6 +183,7 @@ class Run:
             self.phase(done, "stop-sync")
             if done != total and self.stop.agreed(self.acc.device):
                 self.stop_here(done, saved)
+        self.feed.close()
         self.clock.mark("train_end")
         self.clock.mark_cpu("train_end")
         self.memory_peak = peak_memory_bytes()
@@ -185,12 +191,15 @@ class Run:
     def train_step(self, step: int) -> None:
         """One optimizer step over this rank's micro-batches of the global batch `step` (gradient accumulation)."""
         done = step + 1
+        self.throughput.step_start()
         self.phase(done, "data")
-        plan = self.sampler.batch(step, self.rank)
+        plan, waited = self.feed.get(step)
+        self.throughput.data_ready(waited)
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.acc.device)
-        for a, indices in enumerate(plan.micro_batches):
-            batch = to_device(self.collate([self.data["train"][i] for i in indices]), self.acc.device)
+        for a, batch in enumerate(plan.micro_batches):
             sync = a == len(plan.micro_batches) - 1
+            if a == 0:
+                self.throughput.model_start()
             self.phase(done, "forward")
             with self.engine.accumulating(sync), self.acc.autocast():
                 micro_sum = self.task.loss(self.model, batch, self.loss_fn)
@@ -201,6 +210,7 @@ class Run:
         self.phase(done, "optimizer")
         grad_norm = self.engine.step()
         self.scheduler.step()
+        self.throughput.step_end(plan.counts)
         self.clock.mark("first_step")
         self.losses.add(done, loss_sum, plan.global_weight, self.scheduler.get_last_lr()[0], grad_norm)
         self.reporter.tick(done)
@@ -238,6 +248,7 @@ class Run:
         """Every rank agreed to stop at `step` (a USR1 reached one of them): checkpoint it, exit 75."""
         if not saved:
             self.save(step)
+        self.feed.close()
         self.reporter.close()  # save() returned on every rank only once the checkpoint was in place
         self.log.info(
             f"stop requested by signal: checkpoint of step {step} written, exiting with {int(ExitCode.STOPPED)}"
@@ -306,4 +317,5 @@ class Run:
                 "peak_bytes_per_rank": [int(x) for x in gathered(self.memory_peak)],
             },
             timings=self.clock.timings(steps_run, plan.global_batch_size),
+            throughput=self.throughput.summary(),
         )

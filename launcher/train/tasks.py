@@ -49,6 +49,9 @@ class TaskHooks:
         line for the log saying what it set up."""
         return None
 
+    def configure(self, plan) -> None:
+        """What the plan resolved for this task's forward and loss (the causal-LM loss); called once in set-up."""
+
     def model_inputs(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v for k, v in batch.items() if k != "labels"}
 
@@ -114,6 +117,26 @@ class TokenClassification(TokenLevel):
 
 
 class CausalLM(TokenLevel):
+    lm_loss, lm_loss_chunk = "full", 0  # the plan's train.lm_loss (configure)
+
+    def configure(self, plan) -> None:
+        self.lm_loss, self.lm_loss_chunk = plan.lm_loss, self.recipe.train.lm_loss_chunk
+
+    def loss(self, model, batch, loss_fn):
+        """`chunked`/`liger`: the head and the loss run over chunks of the trained positions (train.lm_loss)."""
+        if self.lm_loss == "full":
+            return super().loss(model, batch, loss_fn)
+        from launcher.train.lm_loss import lm_loss
+
+        smoothing = getattr(self.recipe.task.resolved_loss, "label_smoothing", 0.0)
+        inputs = self.model_inputs(model, batch)
+        return lm_loss(model, inputs, batch["labels"], loss_fn, self.lm_loss, self.lm_loss_chunk, smoothing)
+
+    def evaluate(self, model, batch, loss_fn):
+        if self.lm_loss == "full":
+            return super().evaluate(model, batch, loss_fn)
+        return float(self.loss(model, batch, loss_fn)), None
+
     def tokenize(self, row):
         """Plain text: every token is a target. Prompt/response (SFT): the prompt is masked out of the loss,
         and the response ends with EOS so the model learns to stop."""

