@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 from launcher.config.recipe import Recipe
 from launcher.errors import Problem, RecipeError
 from launcher.planning import compat, dsconfig
+from launcher.planning.data_cache import DataPlan
 
 
 class Plan(BaseModel):
@@ -45,6 +46,8 @@ class Plan(BaseModel):
     epochs: int
     total_steps: int
     warmup_steps: int
+    # the sources, their rows and shares, and the tokenized cache's entries (None: a plan made without data)
+    data: DataPlan | None = None
 
     @property
     def choice(self):
@@ -74,6 +77,7 @@ class Plan(BaseModel):
             ("epochs", str(self.epochs)),
             ("total optimizer steps", str(self.total_steps)),
             ("warm-up steps", str(self.warmup_steps)),
+            *(self.data.rows() if self.data is not None else []),
         ]
 
 
@@ -123,10 +127,23 @@ def make_plan(
     num_nodes: int = 1,
     device: Literal["cpu", "cuda"] = "cpu",
     gpu_memory: int | None = None,
+    data: DataPlan | None = None,
 ) -> Plan:
+    """The plan of `recipe` on this layout. With data.streaming the number of training rows is unknown:
+    train.max_steps sets the run's length, and `num_train_samples` is what it will draw."""
     train = recipe.train
     world = procs_per_node * num_nodes
     problems: list[Problem] = []
+    if recipe.data.streaming:
+        if train.max_steps is None:
+            problems.append(
+                Problem(
+                    "train.max_steps",
+                    "data.streaming reads the training data as it trains, so its number of rows (and of epochs) "
+                    "is not known before the run: set train.max_steps",
+                )
+            )
+        num_train_samples = (train.max_steps or 1) * train.batch_size
     if device == "cpu" and train.precision == "fp16":
         problems.append(Problem("train.precision", "fp16 needs a GPU; use bf16 or fp32 on CPU"))
     micro = micro_batch_size(recipe, world)
@@ -209,6 +226,7 @@ def make_plan(
         epochs=epochs,
         total_steps=total,
         warmup_steps=min(warmup, total),
+        data=data,
     )
     ds_config, ds_problems = dsconfig.resolve(recipe, plan)
     if ds_problems:

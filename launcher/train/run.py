@@ -15,12 +15,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from launcher.config.recipe import Recipe
 from launcher.errors import ExitCode
-from launcher.planning.data_files import label_counts, load_splits
 from launcher.planning.plan import Plan
 from launcher.records import CheckpointState, LossEnds, Summary
 from launcher.spec import LaunchFacts
@@ -34,7 +32,7 @@ from launcher.train.components import (
     quiet_libraries,
     shutdown,
 )
-from launcher.train.data import Collate, Sampler, balanced_row_probs, prepare, to_device
+from launcher.train.data import Collate, open_training_data, to_device
 from launcher.train.drills import Drill
 from launcher.train.engines import make_engine
 from launcher.train.evaluate import Evaluator
@@ -103,8 +101,9 @@ class Run:
         set_seed(recipe.train.seed)
         self.tokenizer = load_tokenizer(recipe)
         self.task = hooks(recipe, self.tokenizer)
-        self.splits = load_splits(recipe)
-        self.data = prepare(recipe, self.splits, self.tokenizer)
+        # the cache entries written before the ranks started, memory-mapped (train.data); the sampler with them
+        self.data, self.sampler = open_training_data(recipe, plan, self.task, self.log.info, self.beat.advance)
+        self.splits = self.data  # .train / .validation / .test: the splits, for what is run and evaluated
         self.clock.mark("data")
         self.memory_before_model = peak_memory_bytes()
         self.engine = make_engine(acc, recipe, plan)
@@ -118,10 +117,6 @@ class Run:
         self.collate = Collate(self.task)
         self.evaluator = Evaluator(acc, self.model, self.loss_fn, self.collate, self.task, recipe, plan)
         first, last = self.resume()
-        train_rows = self.data["train"]
-        weights = np.array([r["weight"] for r in train_rows], dtype=np.float64)
-        row_probs = balanced_row_probs([r["labels"] for r in train_rows]) if recipe.data.balance else None
-        self.sampler = Sampler(plan, recipe.data.seed, weights, row_probs)
         self.reporter = Reporter(
             self.run_dir, acc.is_main_process, plan.total_steps, self.start_step, recipe.train.log_every,
             recipe.train.tensorboard, self.log,
@@ -130,7 +125,7 @@ class Run:
         self.eval_every = plan.steps_per_epoch if recipe.train.eval_every == "epoch" else recipe.train.eval_every
 
     def train_label_counts(self) -> list[int]:
-        return label_counts(self.splits.train, self.recipe.task.resolved_num_labels)
+        return self.data.label_counts(self.recipe.task.resolved_num_labels)
 
     def resume(self) -> tuple[float | None, float | None]:
         """Load the checkpoint the launcher chose (chosen again here, by the same rule); the first and last
