@@ -158,9 +158,10 @@ def build_entry(recipe: Recipe, entry: SourcePlan, tokenizer, tokenizer_key: str
     rows_file = folder / "rows.arrow"
     rows = write_rows(recipe, entry, tokenizer_key, rows_file, say)
     read_s = time.monotonic() - started
-    drills.delay("prepare")
-    num_proc = recipe.data.num_proc or (min(os.cpu_count() or 1, 16) if rows >= LARGE else 1)
-    num_proc = max(1, min(num_proc, rows // MAP_BATCH or 1))
+    if recipe.data.num_proc is not None:
+        num_proc = max(1, min(recipe.data.num_proc, rows))
+    else:
+        num_proc = min(os.cpu_count() or 1, 16, max(rows // MAP_BATCH, 1)) if rows >= LARGE else 1
     if sys.stderr.isatty():
         datasets.enable_progress_bars()
     else:
@@ -210,7 +211,7 @@ def prepare_cache(recipe: Recipe, data: DataPlan, tokenizer=None, say: Callable[
 
     root = cache_root(recipe)  # this machine's (the plan's cache_dir is the launcher's, maybe another machine)
     root.mkdir(parents=True, exist_ok=True)
-    tokenizer_key, lines = tokenizer_fingerprint(recipe), []
+    tokenizer_key, lines, delayed = tokenizer_fingerprint(recipe), [], False
     for entry in data.sources:
         if not entry.key:
             continue
@@ -229,6 +230,9 @@ def prepare_cache(recipe: Recipe, data: DataPlan, tokenizer=None, say: Callable[
                 from launcher.train.model import load_tokenizer
 
                 tokenizer = load_tokenizer(recipe)
+            if not delayed:  # LAUNCHER_FAULT=phase=prepare,kind=slow: the writer takes that much longer
+                drills.delay("prepare")
+                delayed = True
             tmp = root / f".{entry.key}.tmp-{socket.gethostname()}-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             try:

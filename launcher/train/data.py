@@ -157,6 +157,17 @@ def open_data(recipe: Recipe, data_plan: DataPlan, say: Callable[[str], None] = 
     return TokenizedData({split: SplitView(p) for split, p in parts.items()}, facts)
 
 
+def open_prepared(recipe: Recipe, tokenizer=None, say: Callable[[str], None] = print) -> TokenizedData:
+    """The recipe's splits checked, tokenized into the cache where missing, and opened: what `launch` does before
+    and on the ranks, in one process (tools, tests, benchmarks)."""
+    from launcher.planning.data_cache import make_data_plan
+    from launcher.planning.data_files import check_data
+
+    data_plan = make_data_plan(recipe, check_data(recipe))
+    prepare_cache(recipe, data_plan, tokenizer, say=say)
+    return open_data(recipe, data_plan, say)
+
+
 @dataclass
 class StepBatch:
     micro_batches: list[list[int]]  # this rank's row indices, one list per accumulation step
