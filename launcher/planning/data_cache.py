@@ -19,7 +19,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from launcher.config.loading import resolve_model_path
-from launcher.config.recipe import Recipe
+from launcher.config.recipe import Recipe, is_url
 from launcher.planning.data_files import DataSummary, SourceCheck
 from launcher.planning.mixture import samples_per_epoch
 from launcher.planning.readers import Fingerprint
@@ -57,6 +57,47 @@ def settings(recipe: Recipe) -> dict:
     task = recipe.task.model_dump(mode="json", exclude={"loss", "metrics"})
     data = recipe.data.model_dump(mode="json", exclude=NOT_IN_KEY)
     return {"task": task, "data": data, "hooks": recipe.task.spec.rank_hooks}
+
+
+class CheckMemo:
+    """What the checks found in a source of local files, remembered beside the cache under the files' identity
+    (path, size, modification time in ns, inode) and the settings the checks use, so that launching again on
+    files that did not change does not read them again (the ranks never read them at all). A source with a
+    remote file (a URL) is always read. The memo holds counts and the fingerprint, never rows."""
+
+    def __init__(self, recipe: Recipe, resolved):
+        self.path = None
+        stats = []
+        for file in resolved.files:
+            if is_url(file.location):
+                return
+            try:
+                st = os.stat(file.location)
+            except OSError:
+                return
+            stats.append([file.location, st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev])
+        text = json.dumps([CACHE_VERSION, settings(recipe), resolved.config.label, resolved.role, stats])
+        self.path = cache_root(recipe) / "checked" / f"{Fingerprint(text).hexdigest()[:24]}.json"
+
+    def get(self) -> tuple[int, int, str] | None:
+        if self.path is None:
+            return None
+        try:
+            found = json.loads(self.path.read_text())
+            return int(found["rows"]), int(found["dropped"]), str(found["fingerprint"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def put(self, rows: int, dropped: int, fingerprint: str) -> None:
+        if self.path is None:
+            return
+        try:  # best effort: an unwritable cache folder only costs reading the files again next time
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".tmp-{os.getpid()}")
+            tmp.write_text(json.dumps({"rows": rows, "dropped": dropped, "fingerprint": fingerprint}))
+            os.replace(tmp, self.path)
+        except OSError:
+            pass
 
 
 def carves(recipe: Recipe) -> bool:

@@ -208,3 +208,23 @@ def test_hub_source_from_a_dataset_repository_folder(tmp_path, monkeypatch):
     with pytest.raises(RecipeError) as info:
         check_recipe(recipe_for(tmp_path, {"path": f"hub:{repo}", "subset": "de"}))
     assert "hub:" in str(info.value) and "'de'" in str(info.value)
+
+
+def test_unchanged_local_files_are_not_read_again(tmp_path, monkeypatch):
+    """The checks remember a source of local files by its files' size, modification time and inode: launching
+    again does not read them; any change to them (a touch is enough) reads them again."""
+    from launcher.planning import sources
+
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    recipe = recipe_for(tmp_path, path)
+    first = check_recipe(recipe)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("read again")
+
+    monkeypatch.setattr(sources.ResolvedSource, "batches", refuse)
+    again = check_recipe(recipe)
+    assert again.counts == first.counts and again.sources[0].fingerprint == first.sources[0].fingerprint
+    os.utime(path, None)
+    with pytest.raises(AssertionError, match="read again"):
+        check_recipe(recipe)

@@ -134,12 +134,14 @@ def prepare_task(recipe_text: str, plan_json: str) -> str:
     """One node's share of prepare_on_nodes (a Ray task)."""
     import socket
 
+    import ray
     import yaml
 
     from launcher.commands.prepare import before_ranks
 
     recipe, plan = Recipe.model_validate(yaml.safe_load(recipe_text)), Plan.model_validate_json(plan_json)
-    return before_ranks(recipe, plan, f"node {socket.gethostname()}: ")
+    node = ray.get_runtime_context().get_node_id()[:8]
+    return before_ranks(recipe, plan, f"node {socket.gethostname()} (Ray node {node}): ")
 
 
 def describe_failure(exc) -> str:
