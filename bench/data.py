@@ -170,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     baseline = work / "torchrun.json"
     step(
         "torchrun: open the same arrow cache, 1 step",
-        torchrun_cmd(procs, "bench.baselines.torchrun_cache", model, train_entry(cache), 8, baseline),
+        torchrun_cmd(
+            procs, "bench.baselines.minimal_torchrun", model, size["max_length"], baseline, train_entry(cache)
+        ),
         {**env, "BENCH_T0": repr(time.time())},
     )
     minimal = json.loads(baseline.read_text())
