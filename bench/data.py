@@ -14,7 +14,8 @@ is the kernel's figure for it (os.wait4's ru_maxrss).
   time to first step   `launch` on the prepared cache  vs  torchrun of a minimal script that opens the same
                        arrow files, loads the model, takes one step
 
-    python -m bench.data              # 1,000,000 rows (about 25 minutes on 2 busy cores, 12 GB of disk)
+    python -m bench.data              # 1,000,000 rows (about 25 minutes on 2 idle cores, 12 GB of disk)
+    python -m bench.data --rows 200000 --rounds 3   # the cold comparison interleaved 3 times (medians)
     python -m bench.data --smoke      # 3,000 rows
 """
 
@@ -39,6 +40,7 @@ from bench.common import (
     bench_env,
     launch_cmd,
     llama_folder,
+    median,
     print_table,
     ratio,
     save_result,
@@ -49,8 +51,8 @@ from bench.common import (
     work_dir,
 )
 
-FULL = {"rows": 1_000_000, "procs": 2, "max_length": 512}
-SMOKE = {"rows": 3_000, "procs": 1, "max_length": 64}
+FULL = {"rows": 1_000_000, "procs": 2, "max_length": 512, "rounds": 1}
+SMOKE = {"rows": 3_000, "procs": 1, "max_length": 64, "rounds": 1}
 SMALL_ROWS = 1_000  # the same recipe on this many rows: what a rank holds without the data
 MODEL = LlamaSize(hidden=64, layers=2, heads=2, kv_heads=1, intermediate=128, vocab=2000)
 MIB = 2**20
@@ -148,18 +150,26 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, dict] = {}
 
     def step(name: str, cmd: list[str], run_env: dict = env) -> dict:
-        runs[name] = measured(cmd, run_env)
-        run, peak = runs[name], runs[name]["peak_rss_bytes"]
-        line = f"{name}: {run['wall_s']:.1f} s wall, {run['cpu_s']:.1f} s CPU, peak {(peak or 0) / MIB:,.0f} MiB"
-        print(line, file=sys.stderr)
-        return runs[name]
+        run = measured(cmd, run_env)
+        rounds.setdefault(name, []).append(run)
+        runs[name] = {key: median([r[key] or 0 for r in rounds[name]]) for key in run}
+        peak = (run["peak_rss_bytes"] or 0) / MIB
+        print(f"{name}: {run['wall_s']:.1f} s wall, {run['cpu_s']:.1f} s CPU, peak {peak:,.0f} MiB", file=sys.stderr)
+        return run
 
+    rounds: dict[str, list[dict]] = {}
     step("front end (--dry-run)", launch_cmd(recipe, "--procs", str(procs), "--dry-run"))
-    shutil.rmtree(cache / "tokenized" / "checked", ignore_errors=True)  # the prepare's front end reads them too
-    step("launch prepare, cold", [sys.executable, "-m", "launcher.cli", "prepare", str(recipe)])
-    manifest = json.loads((train_entry(cache) / "manifest.json").read_text())
-    step("datasets: load_dataset + map + save, cold", datasets_cmd("cold", data, model, size, work))
-    ds_cold = json.loads((work / "ds-cold.json").read_text())
+    manifests, ds_colds = [], []
+    for _ in range(size["rounds"]):  # cold against cold, interleaved: both see the same neighbours
+        for folder in (cache / "tokenized", work / "ds-cache", work / "ds-out"):
+            shutil.rmtree(folder, ignore_errors=True)  # the prepare's front end reads the files again too
+        step("launch prepare, cold", [sys.executable, "-m", "launcher.cli", "prepare", str(recipe)])
+        manifests.append(json.loads((train_entry(cache) / "manifest.json").read_text()))
+        step("datasets: load_dataset + map + save, cold", datasets_cmd("cold", data, model, size, work))
+        ds_colds.append(json.loads((work / "ds-cold.json").read_text()))
+    manifest = {key: median([m[key] for m in manifests]) for key in ("read_s", "tokenize_s")} | {
+        "num_proc": manifests[0]["num_proc"], "rows": manifests[0]["rows"]}  # fmt: skip
+    ds_cold = {key: median([d[key] for d in ds_colds]) for key in ds_colds[0]}
     step("launch prepare, cached", [sys.executable, "-m", "launcher.cli", "prepare", str(recipe)])
     step("datasets: load_from_disk + 1,000 rows", datasets_cmd("cached", data, model, size, work))
     ds_cached = json.loads((work / "ds-cached.json").read_text())
@@ -224,8 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     save_result(
         work,
-        {"size": size, "runs": runs, "manifest": manifest, "datasets_cold": ds_cold, "datasets_cached": ds_cached,
-         "launch_timings": big["timings"],
+        {"size": size, "runs": runs, "rounds": rounds, "manifest": manifest, "datasets_cold": ds_cold,
+         "datasets_cached": ds_cached, "launch_timings": big["timings"],
          "launch_small_timings": few["timings"], "memory": {"big": per_rank_big, "small": per_rank_few},
          "torchrun_cache": minimal},
     )  # fmt: skip

@@ -74,29 +74,31 @@ class SplitView:
                 out[i] = row
         return out  # type: ignore[return-value]
 
-    def column(self, name: str) -> np.ndarray:
-        """One scalar column over the split (weight, labels), as numpy."""
+    def _gather(self, values_of: Callable) -> np.ndarray:
+        """A per-row array over the split: `values_of(table)` per part, taken at the part's rows."""
+        if self.select is None:  # the parts end to end: no position arithmetic over the whole split
+            chunks = [values_of(table) if idx is None else values_of(table)[idx] for table, idx in self.parts]
+            return np.concatenate(chunks) if chunks else np.empty(0)
         part, local = self._locate(np.arange(len(self)))
         out = None
         for p, (table, _) in enumerate(self.parts):
-            values = table.column(name).to_numpy(zero_copy_only=False)
-            mine = part == p
+            values, mine = values_of(table), part == p
             if out is None:
                 out = np.empty(len(self), dtype=values.dtype)
             out[mine] = values[local[mine]]
         return out if out is not None else np.empty(0)
 
+    def column(self, name: str) -> np.ndarray:
+        """One scalar column over the split (weight, labels), as numpy."""
+        return self._gather(lambda table: table.column(name).to_numpy(zero_copy_only=False))
+
     def lengths(self) -> np.ndarray:
         """Tokens of each row (len(input_ids)), from the arrow offsets: no row is read."""
         import pyarrow.compute as pc
 
-        part, local = self._locate(np.arange(len(self)))
-        out = np.empty(len(self), dtype=np.int64)
-        for p, (table, _) in enumerate(self.parts):
-            values = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False)
-            mine = part == p
-            out[mine] = values[local[mine]]
-        return out
+        return self._gather(
+            lambda table: pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False)
+        )
 
 
 class TokenizedData:

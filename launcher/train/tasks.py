@@ -160,11 +160,11 @@ class CausalLM(TokenLevel):
         out = {"input_ids": [], "attention_mask": [], "labels": [], "weight": []}
         for prompt, full in pairs:
             ids = full[:max_length]
-            labels = [IGNORE] * min(len(prompt), len(ids)) + ids[len(prompt) :]
+            masked = min(len(prompt), len(ids))
             out["input_ids"].append(ids)
             out["attention_mask"].append([1] * len(ids))
-            out["labels"].append(labels)
-            out["weight"].append(sum(1 for x in labels[1:] if x != IGNORE))  # next-token targets
+            out["labels"].append([IGNORE] * masked + ids[masked:])
+            out["weight"].append(max(0, len(ids) - max(masked, 1)))  # next-token targets: labels[1:] not IGNORE
         return out
 
     def _chat(self, prompt: str, response: str, eos: list[int]) -> tuple[list[int], list[int]]:

@@ -228,3 +228,24 @@ def test_unchanged_local_files_are_not_read_again(tmp_path, monkeypatch):
     os.utime(path, None)
     with pytest.raises(AssertionError, match="read again"):
         check_recipe(recipe)
+
+
+def test_http_source_through_a_local_web_server(tmp_path):
+    """An https:// or http:// URL goes through fsspec's HTTP filesystem: here a web server on a local port."""
+    import functools
+    import http.server
+    import threading
+
+    local = write_all_formats(tmp_path)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        expected = clean_rows(recipe_for(tmp_path, local["jsonl"]))
+        for name in ("d.jsonl", "d.jsonl.gz", "d.parquet"):
+            recipe = recipe_for(tmp_path, f"{url}/{name}")
+            assert check_recipe(recipe).counts["train"] == 21 and clean_rows(recipe) == expected, name
+    finally:
+        server.shutdown()
