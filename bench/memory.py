@@ -93,9 +93,12 @@ def plan_for(recipe_path, procs: int):
 
     try:
         recipe = load_recipe(recipe_path)
-        splits = check_recipe(recipe)
+        summary = check_recipe(recipe)
         return recipe, make_plan(
-            recipe, num_train_samples=len(splits.train), procs_per_node=procs, device="cuda" if ranks(1)[1] else "cpu"
+            recipe,
+            num_train_samples=summary.counts["train"],
+            procs_per_node=procs,
+            device="cuda" if ranks(1)[1] else "cpu",
         )
     except RecipeError as exc:
         return None, str(exc).splitlines()[-1].strip()

@@ -30,6 +30,7 @@ examples:
   launch export runs/x --merge                         a LoRA run's adapter folded into full weights
   launch plan recipes/x.yaml --nodes 2 --gpus-per-node 8 --gpu-memory 80GiB   memory per GPU of every strategy
   launch preflight recipes/x.yaml --nodes 4 --cluster cluster/slurm.yaml   versions, bandwidth, shared FS, RAM/disk
+  launch prepare recipes/x.yaml [--nodes 4 --cluster cluster/slurm.yaml]   tokenize into the cache, start no rank
 
 exit status: 0 done, 1 training failed (the failing rank is named), 2 invalid recipe or data,
              128+N stopped by signal N, 75 stopped on request (USR1) after a checkpoint (relaunch to resume).
@@ -42,6 +43,7 @@ SUBCOMMANDS: dict[str, str] = {
     "export": "launcher.commands.export:main",
     "plan": "launcher.commands.plan:main",
     "preflight": "launcher.commands.preflight:main",
+    "prepare": "launcher.commands.prepare:main",
 }
 
 
@@ -113,6 +115,7 @@ def launch_recipe(request: LaunchRequest, started: float | None = None) -> ExitC
     from launcher.config.loading import load_recipe
     from launcher.errors import Problem, RecipeError, UsageError
     from launcher.planning.checks import check_recipe, ignored_settings, missing_weights
+    from launcher.planning.data_cache import make_data_plan
     from launcher.planning.packing import train_lengths
     from launcher.planning.plan import make_plan
     from launcher.spec import LaunchFacts
@@ -130,39 +133,39 @@ def launch_recipe(request: LaunchRequest, started: float | None = None) -> ExitC
     if problems:
         raise UsageError("command line", problems)
     recipe = load_recipe(request.recipe, request.overrides)
-    splits = check_recipe(recipe)
+    summary = check_recipe(recipe)
     layout = backend.layout(nodes=request.nodes, procs=request.procs)
     gpu_memory = parse_bytes(profile.gpu_memory) if getattr(profile, "gpu_memory", None) else None
+    data_plan = make_data_plan(recipe, summary)
     packing = recipe.data.packing == "pack"  # the plan counts bins: the rows' token lengths (tokenized, cached)
     plan = make_plan(
         recipe,
-        num_train_samples=len(splits.train),
-        num_validation_samples=len(splits.validation),
-        num_test_samples=len(splits.test),
+        num_train_samples=summary.counts["train"],
+        num_validation_samples=summary.counts["validation"],
+        num_test_samples=summary.counts["test"],
         num_nodes=layout.num_nodes,
         procs_per_node=layout.procs_per_node,
         device=layout.device,
         gpu_memory=gpu_memory,
-        train_lengths=train_lengths(recipe, splits) if packing else None,
+        train_lengths=train_lengths(recipe, data_plan) if packing else None,
         peak_tflops=getattr(profile, "peak_tflops", None),
+        data=data_plan,
     )
     resume = resume_point(recipe, plan)
     for note in [*ignored_settings(recipe), *plan.warnings]:
         print(f"warning: {note}", file=sys.stderr)
-    for note in splits.notes:
+    for note in summary.notes:
         print(f"warning: {note}", file=sys.stderr)
-    for split, count in splits.dropped.items():
+    for split, count in summary.dropped.items():
         if count:
-            print(
-                f"warning: dropped {count} rows of {split} with an empty field (data.on_missing=drop)", file=sys.stderr
-            )
+            print(f"warning: dropped {count} rows of {split} that cannot train (data.on_missing=drop)", file=sys.stderr)
     print_plan(recipe, plan, resume, gpu_memory)
     if request.dry_run:
         preview = backend.preview(recipe, plan)  # what a cluster backend would submit
         if preview is not None:
             print(preview, end="")
         return ExitCode.OK
-    refused = missing_weights(recipe)
+    refused = missing_weights(recipe) if recipe.data.prepare != "only" else []
     if refused:
         raise RecipeError("launch", refused)
     if request.submit:

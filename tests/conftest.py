@@ -9,6 +9,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+# Nothing reaches a model or dataset hub: set before any test module imports huggingface_hub or datasets,
+# which read it once, at import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 from helpers import CHAT_TEMPLATE, RECIPES, TEST_MODELS, TESTBED, WORD_CHAT_TEMPLATE, minilm_path
 
 
@@ -27,7 +32,6 @@ def pytest_collection_modifyitems(config, items):
 def _offline_cache(tmp_path_factory):
     """Tokenized data is cached per test session, never in the user's home."""
     os.environ["LAUNCHER_CACHE_DIR"] = str(tmp_path_factory.mktemp("launcher-cache"))
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")

@@ -68,7 +68,12 @@ class LocalBackend(Backend):
         return Layout(1, procs or gpus or 1, "cuda" if gpus else "cpu")
 
     def launch(self, recipe: Recipe, plan: Plan, facts: LaunchFacts, *, follow: bool) -> str:
-        """Run every rank here (a local run always follows)."""
+        """Tokenize what the cache lacks, then run every rank here (a local run always follows)."""
+        from launcher.commands.prepare import before_ranks, closing
+
+        print(before_ranks(recipe, plan), flush=True)
+        if recipe.data.prepare == "only":
+            return closing(recipe)
         spec = write_spec(Path(recipe.output_dir), recipe, plan, facts)
         environ = {**os.environ, **self.profile.env}
         run_ranks(plan, spec, {**self.profile.env, **worker_env(plan, environ)})

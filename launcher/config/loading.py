@@ -9,6 +9,7 @@ edit instead of one launch per mistake.
 from __future__ import annotations
 
 import difflib
+import glob
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,13 +24,11 @@ from launcher.errors import Problem, RecipeError, UsageError, UserError
 # Input paths travel with the recipe (relative to its folder); outputs land where you run.
 INPUT_PATHS = [
     ("model", "path"),
-    ("data", "train"),
-    ("data", "validation"),
-    ("data", "test"),
     ("train", "resume"),
     ("distributed", "deepspeed_config"),
     ("task", "chat_template_file"),
 ]
+DATA_SOURCES = ("train", "validation", "test")  # data sources: a path, a {path: ...} mapping, or a list of them
 MAX_YAML_BYTES = 1_000_000
 
 
@@ -184,6 +183,37 @@ def _resolve_inputs(data: dict, base: Path, cwd: Path, overridden: set[tuple]) -
         if loc == ("model", "path") and not candidate.exists():
             continue
         node[loc[-1]] = str(candidate.resolve())
+    section = data.get("data")
+    for split in DATA_SOURCES if isinstance(section, dict) else ():
+        root = cwd if any(loc[:2] == ("data", split) for loc in overridden) else base
+        value = section.get(split)
+        if isinstance(value, list):
+            section[split] = [_resolved_item(item, root) for item in value]
+        elif value is not None:
+            section[split] = _resolved_item(value, root)
+
+
+def _resolved_item(item: Any, root: Path) -> Any:
+    """One data source as written (a path, or a mapping with `path`), its path resolved."""
+    if isinstance(item, str):
+        return _resolved_source(item, root)
+    if isinstance(item, dict) and isinstance(item.get("path"), str):
+        return {**item, "path": _resolved_source(item["path"], root)}
+    return item
+
+
+def _resolved_source(path: str, root: Path) -> str:
+    """A data source path relative to `root` made absolute; URLs and hub names stay as written (a hub: name that
+    is a local folder, a clone of a dataset repository, is resolved like a path)."""
+    from launcher.config.recipe import HUB_PREFIX, is_url
+
+    if is_url(path):
+        return path
+    if path.startswith(HUB_PREFIX):
+        name = path[len(HUB_PREFIX) :]
+        local = root / name
+        return HUB_PREFIX + str(local.resolve()) if not Path(name).is_absolute() and local.is_dir() else path
+    return path if Path(path).is_absolute() else str((root / path).resolve())
 
 
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str] | None:
@@ -276,13 +306,22 @@ def validate(schema: type[BaseModel], data: dict, source: Source, extra=None, er
 
 
 def _missing_inputs(data: dict, source: Source) -> list[Problem]:
-    """Data files that do not exist, reported beside schema errors so one edit fixes everything."""
+    """Local data files that do not exist, reported beside schema errors so one edit fixes everything (a glob,
+    a URL or a hub: name is looked up by the data checks)."""
+    from launcher.config.recipe import HUB_PREFIX, is_url
+
     section = data.get("data") if isinstance(data.get("data"), dict) else {}
     problems = []
-    for split in ("train", "validation", "test"):
+    for split in DATA_SOURCES:
         value = section.get(split)
-        if isinstance(value, str) and not Path(value).exists():
-            problems.append(Problem(f"data.{split}", f"file not found: {value}", source.where(("data", split))))
+        for i, item in enumerate(value if isinstance(value, list) else [value]):
+            path = item.get("path") if isinstance(item, dict) else item
+            if not isinstance(path, str) or is_url(path) or path.startswith(HUB_PREFIX) or glob.has_magic(path):
+                continue
+            if not Path(path).exists():
+                loc = ("data", split) + ((i,) if isinstance(value, list) else ())
+                name = f"data.{split}" + (f".{i}" if isinstance(value, list) else "")
+                problems.append(Problem(name, f"file not found: {path}", source.where(loc)))
     return problems
 
 

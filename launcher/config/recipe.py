@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from launcher.config.tasks import TASKS, TaskSpec
 
@@ -286,13 +286,98 @@ class SplitRatios(Strict):
         return self
 
 
+HUB_PREFIX = "hub:"  # a data source named `hub:NAME` is a Hugging Face Hub dataset (or a local clone of its repository)
+
+
+def is_url(path: str) -> bool:
+    """An fsspec URL (s3://, gs://, https://, file://, ...) rather than a local path."""
+    scheme, sep, _ = path.partition("://")
+    return bool(sep) and scheme.replace("+", "").replace("-", "").isalnum()
+
+
+class SourceConfig(Strict):
+    """One data source: a file, folder, glob, URL or Hub dataset, with its share of a mixture."""
+
+    path: str = Field(
+        min_length=1,
+        description="A file (.jsonl .json .csv .tsv .parquet, optionally compressed .gz .bz2 .xz .zst), a folder "
+        "(of such files, or written by datasets' save_to_disk), a glob ('data/part-*.jsonl'), an fsspec URL "
+        "(s3://, gs://, https://, file://; credentials come from the environment only), or 'hub:NAME' for a "
+        "Hugging Face Hub dataset (or a local clone of a dataset repository), read through datasets.load_dataset.",
+    )
+    split: str | None = Field(None, description="hub: the dataset's split (default: train, validation or test).")
+    subset: str | None = Field(None, description="hub: the dataset's configuration (subset) name.")
+    revision: str | None = Field(None, description="hub: branch, tag or commit of the dataset repository.")
+    weight: float | None = Field(
+        None,
+        gt=0,
+        description="In a list of training sources: this source's share of every epoch, relative to the others' "
+        "(by rows or by tokens: data.mix_by). Without weights, an epoch is every row of every source once.",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SourceConfig:
+        path = self.path
+        if is_url(path) and "@" in path.split("://", 1)[1].split("/", 1)[0]:
+            raise ValueError(
+                f"{path.split('://', 1)[0]}:// URL holds credentials; give them in the environment "
+                "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS, ...), never in the recipe"
+            )
+        if not path.startswith(HUB_PREFIX):
+            given = [name for name in ("split", "subset", "revision") if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} apply to hub: sources only (path is {path!r})")
+        elif not path[len(HUB_PREFIX) :].strip():
+            raise ValueError("hub: needs a dataset name, e.g. hub:org/name")
+        return self
+
+    @property
+    def is_hub(self) -> bool:
+        return self.path.startswith(HUB_PREFIX)
+
+    @property
+    def label(self) -> str:
+        """How messages name this source: the path as written (with the hub split and subset)."""
+        extra = [f"{k} {getattr(self, k)}" for k in ("subset", "split", "revision") if getattr(self, k) is not None]
+        return self.path + (f" ({', '.join(extra)})" if extra else "")
+
+
+def _as_source(value):
+    """A source as the recipe may write it (a path, a mapping) → what SourceConfig validates."""
+    if isinstance(value, str):
+        return {"path": value}
+    if isinstance(value, (dict, SourceConfig)):
+        return value
+    raise ValueError(
+        f"expected a path, URL or hub:NAME, or a mapping with `path` (and weight, split, subset, revision); "
+        f"got {value!r}"
+    )
+
+
 class DataConfig(Strict):
-    train: str = Field(description="Training file (.jsonl, .json, .csv, .tsv, .parquet) or a saved HF dataset folder.")
-    validation: str | None = Field(None, description="Validation file; when absent, `split` carves it from train.")
-    test: str | None = Field(None, description="Test file; when absent, `split` may carve it from train.")
+    train: Annotated[list[SourceConfig], Field(min_length=1)] = Field(
+        description="Training data: one source (a file, folder, glob, URL or hub:NAME; see SourceConfig.path), or a "
+        "list of sources, each with an optional `weight` (a mixture)."
+    )
+    validation: SourceConfig | None = Field(
+        None, description="Validation source; when absent, `split` carves it from train."
+    )
+    test: SourceConfig | None = Field(None, description="Test source; when absent, `split` may carve it from train.")
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _train_sources(cls, value):
+        return [_as_source(v) for v in value] if isinstance(value, list) else [_as_source(value)]
+
+    @field_validator("validation", "test", mode="before")
+    @classmethod
+    def _split_source(cls, value):
+        return None if value is None else _as_source(value)
+
     split: SplitRatios = Field(
         default_factory=SplitRatios,
-        description="Seeded split of `train` for the splits that have no file of their own.",
+        description="Seeded split of `train` for the splits that have no source of their own (of each training "
+        "source, in a mixture).",
     )
     text_field: str = Field("text", description="Text column (tagging tasks: a list of words).")
     text_pair_field: str | None = Field(None, description="Second text column for pair tasks (NLI, similarity).")
@@ -332,6 +417,79 @@ class DataConfig(Strict):
         description="Classification and tagging: batches of rows of similar length (less padding), "
         "seeded per epoch like the shuffle.",
     )
+    mix_by: Literal["rows", "tokens"] = Field(
+        "rows",
+        description="What the weights of a list of training sources share out: rows (samples) or tokens (a "
+        "source of long rows then gets fewer of them).",
+    )
+    streaming: bool = Field(
+        False,
+        description="Read the training data as it trains, tokenizing each global batch on the ranks, for data "
+        "larger than the disk; needs train.max_steps (the number of rows is not known ahead) and a validation "
+        "source of its own. Resume is exact at any world size (by sample position).",
+    )
+    shuffle_buffer: int = Field(
+        10_000, ge=1, description="data.streaming: rows in the seeded shuffle buffer of each source (1: file order)."
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Folder of the tokenized cache (default: $LAUNCHER_CACHE_DIR, else ~/.cache/launcher). On a "
+        "folder every node sees, one process tokenizes and the others wait for its file.",
+    )
+    num_proc: int | None = Field(
+        None, ge=1, description="Processes that tokenize (default: one per CPU for large data, else one)."
+    )
+    prepare: Literal["before_ranks", "only"] = Field(
+        "before_ranks",
+        description="'before_ranks': tokenize into the cache before any rank starts (when not cached yet); "
+        "'only': tokenize and stop, start no rank (what `launch prepare` sets).",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DataConfig:
+        errors = []
+        sources = self.train
+        weighted = [s.weight is not None for s in sources]
+        if any(weighted) and not all(weighted):
+            errors.append("train: give every source a weight, or none (then every row is used once per epoch)")
+        for split in ("validation", "test"):
+            value = getattr(self, split)
+            if value is not None and value.weight is not None:
+                errors.append(f"{split}: weight applies to the training sources only")
+        if self.csv_columns is not None:
+            twice = sorted({c for c in self.csv_columns if self.csv_columns.count(c) > 1})
+            if twice:
+                errors.append(f"csv_columns: column names must be unique ({', '.join(map(repr, twice))} twice)")
+        if self.streaming:
+            carved = [s for s in ("validation", "test") if getattr(self, s) is None and getattr(self.split, s) > 0]
+            if carved:
+                errors.append(
+                    f"streaming reads train as it trains, so no {'/'.join(carved)} split can be carved from it: "
+                    f"give data.{carved[0]} a source of its own, or set data.split.{carved[0]}=0"
+                )
+            if self.mix_by == "tokens" and len(sources) > 1:
+                errors.append("streaming mixes sources by rows: token counts are not known before training")
+            if self.balance:
+                errors.append("balance draws from the whole training set; it cannot be combined with streaming")
+        if self.balance and len(sources) > 1:
+            errors.append("balance and a list of training sources both set each epoch's draw; use one of them")
+        if self.packing == "pack" or self.group_by_length:
+            setting = "packing: pack" if self.packing == "pack" else "group_by_length"
+            if self.streaming:
+                errors.append(
+                    f"{setting} orders the whole tokenized training split, which streaming never holds; "
+                    "use packing: padding_free with streaming"
+                )
+            elif any(weighted):
+                errors.append(f"{setting} and weighted training sources both set each epoch's draw; use one of them")
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    @property
+    def weighted(self) -> bool:
+        """A mixture: the training sources carry weights."""
+        return any(s.weight is not None for s in self.train)
 
 
 # ----------------------------------------------------------------------------- train
@@ -491,6 +649,11 @@ class Recipe(Strict):
         problems = self.task.spec.recipe_problems(self)
         if bool(self.data.prompt_field) != bool(self.data.response_field) and self.task.spec.rows == "plain":
             problems.insert(min(1, len(problems)), "data.prompt_field and data.response_field go together")
+        if self.data.streaming and getattr(self.task.loss, "class_weights", None) == "auto":
+            problems.append(
+                "task.loss.class_weights: auto counts the training labels before training, which data.streaming "
+                "does not read ahead; give the weights as a list"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self

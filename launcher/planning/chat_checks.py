@@ -83,7 +83,7 @@ def file_encoder(recipe, folder: Path | str) -> PairEncoder:
     return pair_encoder(recipe, template, variables, encode, variables.get("eos_token"))
 
 
-def _listed(failures: list[tuple[int, str]]) -> str:
+def _listed(failures: list[tuple[str, str]]) -> str:
     """Rows grouped by reason: 'rows 2, 5: reason; row 7: other reason' (a few of each)."""
     by_reason: dict[str, list[int]] = {}
     for number, why in failures:
@@ -100,50 +100,17 @@ def _rows(count: int) -> str:
     return f"{count} row{'s' if count != 1 else ''}"
 
 
-def check_rows(rows: list[dict], recipe, where: str, encoder: PairEncoder | None) -> tuple[list, list, int]:
-    """Rows that can train, the problems (one per kind, naming rows), and how many were dropped for having
-    no answer token within max_length (data.on_missing=drop). `encoder` None: structure only."""
-    spec, data = recipe.task.spec, recipe.data
-    conversations = spec.rows == "conversation"
-    structural = conversation_problem if conversations else pair_problem
-    field, column = (
-        ("data.messages_field", data.messages_field)
-        if conversations
-        else ("data.chosen_field", f"{data.prompt_field or 'prompt'}/{data.chosen_field}/{data.rejected_field}")
-    )
-    invalid: dict[str, list[tuple[int, str]]] = {}
-    empty: list[tuple[int, str]] = []
-    kept = []
-    for number, row in enumerate(rows, start=1):
-        problem = structural(row["messages"] if conversations else row)
-        if problem:
-            invalid.setdefault(field, []).append((number, problem))
-            continue
-        if encoder is not None:
-            try:
-                encoder.conversation(row["messages"]) if conversations else encoder.pair(row)
-            except RowProblem as exc:
-                (empty if exc.empty else invalid.setdefault(exc.field, [])).append((number, str(exc)))
-                continue
-        kept.append(row)
-    problems = [
-        Problem(field_, f"{_rows(len(found))} of {where} cannot be trained on ({column}): {_listed(found)}")
-        for field_, found in invalid.items()
-    ]
-    if empty and data.on_missing == "error":
-        problems.append(
-            Problem(
-                "data.on_missing",
-                f"{_rows(len(empty))} of {where} with no answer token within data.max_length={data.max_length}: "
-                f"{_listed(empty)}; raise data.max_length, or set data.on_missing=drop to skip them",
-            )
-        )
-    return kept, problems, len(empty) if data.on_missing == "drop" else 0
+def _field_and_column(recipe) -> tuple[str, str]:
+    data = recipe.data
+    if recipe.task.spec.rows == "conversation":
+        return "data.messages_field", data.messages_field
+    return "data.chosen_field", f"{data.prompt_field or 'prompt'}/{data.chosen_field}/{data.rejected_field}"
 
 
 class RowsCheck:
-    """The row checks of one recipe across its splits (the encoder is built once): `problems` that concern
-    every row (no template, an end-of-turn token that is not one token) and `notes` to warn about."""
+    """The row checks of one recipe across its sources (the encoder is built once): `failure(row)` for one
+    row, `problems` that concern every row (no template, an end-of-turn token that is not one token), and
+    `notes` to warn about."""
 
     def __init__(self, recipe):
         self.recipe, self.problems, self.notes = recipe, [], []
@@ -157,7 +124,7 @@ class RowsCheck:
         if folder is None:
             self.notes.append(
                 "the row checks that need the tokenizer (template rendering, end-of-turn tokens, truncation) run "
-                f"on the ranks: the tokenizer of {recipe.model.path} is not on this machine yet"
+                f"when the cache is written: the tokenizer of {recipe.model.path} is not on this machine yet"
             )
             return
         try:
@@ -165,11 +132,81 @@ class RowsCheck:
         except RowProblem as exc:
             self.problems.append(Problem(exc.field, str(exc)))
 
-    def __call__(self, rows: list[dict], where: str) -> tuple[list[dict], list[Problem]]:
-        kept, problems, dropped = check_rows(rows, self.recipe, where, self.encoder)
-        if dropped:
-            self.notes.append(
-                f"dropped {_rows(dropped)} of {where} with no answer token within data.max_length="
-                f"{self.recipe.data.max_length} (data.on_missing=drop)"
+    def failure(self, row: dict) -> tuple[str, str, bool] | None:
+        return row_failure(row, self.recipe, self.encoder)
+
+
+def row_failure(row: dict, recipe, encoder: PairEncoder | None) -> tuple[str, str, bool] | None:
+    """Why the row cannot be trained on, as (field, reason, no answer token left); None: it can. `encoder`
+    None: the structure only."""
+    conversations = recipe.task.spec.rows == "conversation"
+    problem = (conversation_problem if conversations else pair_problem)(row["messages"] if conversations else row)
+    if problem:
+        return _field_and_column(recipe)[0], problem, False
+    if encoder is not None:
+        try:
+            encoder.conversation(row["messages"]) if conversations else encoder.pair(row)
+        except RowProblem as exc:
+            return exc.field, str(exc), exc.empty
+    return None
+
+
+class RowFailures:
+    """The rows of one source that failed the RowsCheck: by field and reason, with their row names ('2', or
+    '2 of b.jsonl' in a source of several files)."""
+
+    def __init__(self, recipe):
+        self.recipe = recipe
+        self.invalid: dict[str, list[tuple[str, str]]] = {}
+        self.empty: list[tuple[str, str]] = []
+
+    def add(self, name: str, failure: tuple[str, str, bool]) -> None:
+        field, why, empty = failure
+        (self.empty if empty else self.invalid.setdefault(field, [])).append((name, why))
+
+    @property
+    def fatal(self) -> bool:
+        return bool(self.invalid) or (bool(self.empty) and self.recipe.data.on_missing == "error")
+
+    @property
+    def dropped(self) -> int:
+        """Rows dropped for having no answer token within max_length (data.on_missing=drop)."""
+        return len(self.empty) if self.recipe.data.on_missing == "drop" else 0
+
+    def problems(self, where: str) -> list[Problem]:
+        data, column = self.recipe.data, _field_and_column(self.recipe)[1]
+        problems = [
+            Problem(field_, f"{_rows(len(found))} of {where} cannot be trained on ({column}): {_listed(found)}")
+            for field_, found in self.invalid.items()
+        ]
+        if self.empty and data.on_missing == "error":
+            problems.append(
+                Problem(
+                    "data.on_missing",
+                    f"{_rows(len(self.empty))} of {where} with no answer token within data.max_length="
+                    f"{data.max_length}: {_listed(self.empty)}; raise data.max_length, or set data.on_missing=drop "
+                    "to skip them",
+                )
             )
-        return kept, problems
+        return problems
+
+    def note(self, where: str) -> str | None:
+        if not self.dropped:
+            return None
+        return (
+            f"dropped {_rows(self.dropped)} of {where} with no answer token within data.max_length="
+            f"{self.recipe.data.max_length} (data.on_missing=drop)"
+        )
+
+
+def check_rows(rows: list[dict], recipe, where: str, encoder: PairEncoder | None) -> tuple[list, list, int]:
+    """Rows that can train, the problems (one per kind, naming rows), and how many were dropped for having
+    no answer token within max_length (data.on_missing=drop). `encoder` None: structure only."""
+    failures, kept = RowFailures(recipe), []
+    for number, row in enumerate(rows, start=1):
+        failure = row_failure(row, recipe, encoder)
+        if failure is None:
+            kept.append(row)
+        else:
+            failures.add(str(number), failure)
+    return kept, failures.problems(where), failures.dropped

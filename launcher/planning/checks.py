@@ -12,7 +12,7 @@ from pathlib import Path
 from launcher.config.loading import resolve_model_path
 from launcher.config.recipe import Recipe
 from launcher.errors import Problem, RecipeError
-from launcher.planning.data_files import Splits, load_splits
+from launcher.planning.data_files import DataSummary, check_data
 
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
@@ -104,17 +104,35 @@ def ignored_settings(recipe: Recipe) -> list[str]:
         )
     if recipe.train.eval_every is not None and recipe.data.validation is None and recipe.data.split.validation == 0:
         notes.append("train.eval_every is ignored: there is no validation split")
+    data, fields = recipe.data, recipe.data.model_fields_set
+    if "shuffle_buffer" in fields and not data.streaming:
+        notes.append("data.shuffle_buffer is ignored: it shuffles streamed data (data.streaming: true)")
+    if "mix_by" in fields and not data.weighted:
+        notes.append("data.mix_by is ignored: no training source has a weight")
+    if data.weighted and len(data.train) == 1:
+        notes.append("data.train's weight is ignored: there is one training source")
     return notes
 
 
-def check_recipe(recipe: Recipe) -> Splits:
+def check_recipe(recipe: Recipe) -> DataSummary:
     """Everything checkable before launch; raises one RecipeError with all problems."""
-    problems = check_model(recipe) + check_paths(recipe)
+    problems = check_model(recipe) + check_paths(recipe) + check_cache_dir(recipe)
     try:
-        splits = load_splits(recipe)
+        summary = check_data(recipe)
     except RecipeError as exc:
         problems += exc.problems
-        splits = None
+        summary = None
     if problems:
         raise RecipeError("recipe", problems)
-    return splits
+    return summary
+
+
+def check_cache_dir(recipe: Recipe) -> list[Problem]:
+    from launcher.planning.data_cache import cache_root
+
+    root = cache_root(recipe)
+    existing = next((p for p in [root, *root.parents] if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        field = "data.cache_dir" if recipe.data.cache_dir else "LAUNCHER_CACHE_DIR"
+        return [Problem(field, f"{existing} is a file, so the tokenized cache {root} cannot be created; give a folder")]
+    return []

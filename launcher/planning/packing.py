@@ -79,13 +79,15 @@ def packing_stats(lengths, capacity: int, seed: int) -> PackingStats:
     return PackingStats(len(lengths), len(bins), int(np.sum(lengths)), capacity)
 
 
-def train_lengths(recipe, splits) -> list[int]:
-    """Token lengths of the training rows, through the ranks' tokenization and its cache (imports
-    transformers and torch: only called when data.packing is pack)."""
+def train_lengths(recipe, data_plan) -> np.ndarray:
+    """Token lengths of the training rows: the training sources tokenized into the cache here, before launch
+    (what the ranks would otherwise do first; they then only open it), and read from its arrow offsets.
+    Imports transformers and torch: only called when data.packing is pack."""
     import datasets
 
     from launcher.errors import Problem, RecipeError
-    from launcher.train.data import prepare
+    from launcher.train.cache import prepare_cache
+    from launcher.train.data import open_data
     from launcher.train.model import load_tokenizer
 
     datasets.disable_progress_bars()
@@ -94,4 +96,6 @@ def train_lengths(recipe, splits) -> list[int]:
     except (OSError, ValueError) as exc:  # no tokenizer files, a hub id offline
         why = f"counting the bins needs the model's tokenizer, which could not be loaded: {str(exc).splitlines()[0]}"
         raise RecipeError("plan", [Problem("data.packing", why[:300])]) from None
-    return [len(row["input_ids"]) for row in prepare(recipe, splits, tokenizer)["train"]]
+    train_plan = data_plan.model_copy(update={"sources": [s for s in data_plan.sources if s.split == "train"]})
+    prepare_cache(recipe, train_plan, tokenizer, say=lambda line: print(f"[launch] data: {line}", flush=True))
+    return open_data(recipe, train_plan).train.lengths()

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 from launcher.config.recipe import Recipe
 from launcher.errors import Problem, RecipeError
 from launcher.planning import compat, dsconfig, speed
+from launcher.planning.data_cache import DataPlan
 from launcher.planning.packing import packing_stats
 
 
@@ -59,6 +60,9 @@ class Plan(BaseModel):
         """What one epoch shuffles and the global batch counts: bins when packing, else rows."""
         return self.num_train_bins if self.num_train_bins is not None else self.num_train_samples
 
+    # the sources, their rows and shares, and the tokenized cache's entries (None: a plan made without data)
+    data: DataPlan | None = None
+
     @property
     def choice(self):
         from launcher.planning.memory import Choice
@@ -92,6 +96,7 @@ class Plan(BaseModel):
             ("total optimizer steps", str(self.total_steps)),
             ("warm-up steps", str(self.warmup_steps)),
             ("causal-LM loss", self.lm_loss),
+            *(self.data.rows() if self.data is not None else []),
         ]
 
     def packing_rows(self) -> list[tuple[str, str]]:
@@ -154,11 +159,24 @@ def make_plan(
     gpu_memory: int | None = None,
     train_lengths: list[int] | None = None,
     peak_tflops: float | None = None,
+    data: DataPlan | None = None,
 ) -> Plan:
-    """`train_lengths`: the training rows' token lengths, needed with data.packing: pack (the plan counts bins)."""
+    """The plan of `recipe` on this layout. With data.streaming the number of training rows is unknown:
+    train.max_steps sets the run's length, and `num_train_samples` is what it will draw. `train_lengths`: the
+    training rows' token lengths, needed with data.packing: pack (the plan counts bins)."""
     train = recipe.train
     world = procs_per_node * num_nodes
     problems: list[Problem] = []
+    if recipe.data.streaming:
+        if train.max_steps is None:
+            problems.append(
+                Problem(
+                    "train.max_steps",
+                    "data.streaming reads the training data as it trains, so its number of rows (and of epochs) "
+                    "is not known before the run: set train.max_steps",
+                )
+            )
+        num_train_samples = (train.max_steps or 1) * train.batch_size
     if device == "cpu" and train.precision == "fp16":
         problems.append(Problem("train.precision", "fp16 needs a GPU; use bf16 or fp32 on CPU"))
     micro = micro_batch_size(recipe, world)
@@ -254,6 +272,7 @@ def make_plan(
         packing_efficiency=None if packed is None else round(packed.efficiency, 4),
         lm_loss=speed.lm_loss(recipe, decision.strategy),
         peak_tflops=peak_tflops,
+        data=data,
     )
     ds_config, ds_problems = dsconfig.resolve(recipe, plan)
     if ds_problems:

@@ -52,3 +52,12 @@ class Drill:
         if want.get("kind") == "hang":
             _hang()
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def delay(phase: str) -> None:
+    """LAUNCHER_FAULT="phase=prepare,kind=slow,seconds=S": work outside any rank (the tokenized cache's
+    preparation, before the ranks start) takes S seconds longer, to show that no collective waits on it."""
+    spec = os.environ.get(FAULT_ENV)
+    want = dict(part.split("=", 1) for part in spec.split(",")) if spec else {}
+    if want.get("phase") == phase and want.get("kind") == "slow":
+        time.sleep(float(want.get("seconds", "10")))

@@ -58,18 +58,25 @@ class Feed:
         plan = self.batches(step, self.rank)
         counts = StepCounts()
         micro = []
+        lengths = self.collate.task.lengths
         for groups in plan.micro_batches:
-            rows = [[self.rows[i] for i in group] for group in groups]
+            rows = [self._rows(group) for group in groups]
             batch = self.collate(rows)
             for group in rows:
                 for row in group:
-                    n = len(row["input_ids"])
-                    counts.input_tokens += n
-                    counts.squared_lengths += n * n
+                    for n in lengths(row):
+                        counts.input_tokens += n
+                        counts.squared_lengths += n * n
                     counts.trained_tokens += row["weight"]
             counts.positions += batch["input_ids"].numel()
             micro.append({k: v.pin_memory() for k, v in batch.items()} if self.pin else batch)
         return FedStep(micro, plan.global_weight, counts)
+
+    def _rows(self, indices: list[int]) -> list[dict]:
+        """Rows by index: one read of the memory-mapped split (SplitView.rows), or one by one (streaming)."""
+        if hasattr(self.rows, "rows"):
+            return self.rows.rows(indices)
+        return [self.rows[i] for i in indices]
 
     def _fill(self, first: int, last: int) -> None:
         for step in range(first, last):

@@ -27,7 +27,7 @@ import torch
 from launcher.config.recipe import Recipe
 from launcher.planning.packing import epoch_bins
 from launcher.planning.plan import Plan
-from launcher.train.data import Collate, Sampler, StepBatch, balanced_row_probs
+from launcher.train.data import Collate, Sampler, StepBatch, TokenizedData, balanced_row_probs, make_sampler
 from launcher.train.tasks import IGNORE, TaskHooks
 
 GROUP_SPAN = 50  # data.group_by_length sorts runs of 50 global batches by length (transformers' mega-batches)
@@ -107,21 +107,22 @@ class Batches:
         return StepRows(groups, batch.global_weight)
 
 
-def make_batches(plan: Plan, recipe: Recipe, rows) -> Batches:
-    """The sampler the recipe's data settings ask for, wrapped to give model rows."""
-    data = recipe.data
-    weights = np.array([r["weight"] for r in rows], dtype=np.float64)
-    needs_lengths = data.packing == "pack" or data.group_by_length
-    lengths = [len(r["input_ids"]) for r in rows] if needs_lengths else None
-    if data.packing == "pack":
-        sampler: Sampler = PackedSampler(plan, data.seed, weights, lengths, data.max_length)
+def make_batches(plan: Plan, recipe: Recipe, data: TokenizedData) -> Batches:
+    """The sampler the recipe's data settings ask for (over the opened, memory-mapped splits), wrapped to give
+    model rows. Packing and length grouping read only the rows' lengths (arrow offsets) and weights."""
+    settings, train = recipe.data, data.train
+    if settings.streaming:  # the streamed split is its own sampler (compat refuses pack/group_by_length there)
+        return Batches(train, settings.packing)
+    if settings.packing == "pack":
+        weights = train.column("weight").astype(np.float64)
+        sampler: Sampler = PackedSampler(plan, settings.seed, weights, train.lengths(), settings.max_length)
+    elif settings.group_by_length:
+        weights = train.column("weight").astype(np.float64)
+        probs = balanced_row_probs(train.column("labels")) if settings.balance else None
+        sampler = LengthGroupedSampler(plan, settings.seed, weights, train.lengths(), probs)
     else:
-        probs = balanced_row_probs([r["labels"] for r in rows]) if data.balance else None
-        if data.group_by_length:
-            sampler = LengthGroupedSampler(plan, data.seed, weights, lengths, probs)
-        else:
-            sampler = Sampler(plan, data.seed, weights, probs)
-    return Batches(sampler, data.packing)
+        sampler = make_sampler(recipe, plan, data)
+    return Batches(sampler, settings.packing)
 
 
 class PackedCollate:
@@ -176,6 +177,7 @@ class Collator:
     """Model rows (lists of data rows) → a batch: padded one row each (data.packing none), else packed."""
 
     def __init__(self, task: TaskHooks, recipe: Recipe):
+        self.task = task
         self.packed = recipe.data.packing != "none"
         self.plain = Collate(task)
         self.pack = PackedCollate(task, recipe.model.attn_implementation)

@@ -19,7 +19,6 @@ import torch
 
 from launcher.config.recipe import Recipe
 from launcher.errors import ExitCode
-from launcher.planning.data_files import label_counts, load_splits
 from launcher.planning.plan import Plan
 from launcher.records import CheckpointState, LossEnds, Summary
 from launcher.spec import LaunchFacts
@@ -33,7 +32,7 @@ from launcher.train.components import (
     quiet_libraries,
     shutdown,
 )
-from launcher.train.data import Collate, check_planned_rows, prepare
+from launcher.train.data import Collate, open_training_data
 from launcher.train.drills import Drill
 from launcher.train.engines import make_engine
 from launcher.train.evaluate import Evaluator
@@ -105,9 +104,9 @@ class Run:
         set_seed(recipe.train.seed)
         self.tokenizer = load_tokenizer(recipe)
         self.task = hooks(recipe, self.tokenizer)
-        self.splits = load_splits(recipe)
-        check_planned_rows(self.splits, plan)
-        self.data = prepare(recipe, self.splits, self.tokenizer)
+        # the cache entries written before the ranks started, memory-mapped (train.data)
+        self.data = open_training_data(recipe, plan, self.task, self.log.info, self.beat.advance)
+        self.splits = self.data  # .train / .validation / .test: the splits, for what is run and evaluated
         self.clock.mark("data")
         self.memory_before_model = peak_memory_bytes()
         self.engine = make_engine(acc, recipe, plan)
@@ -126,7 +125,7 @@ class Run:
         self.collate = Collate(self.task)
         self.evaluator = Evaluator(acc, self.model, self.loss_fn, self.collate, self.task, recipe, plan)
         first, last = self.resume()
-        self.batches = make_batches(plan, recipe, self.data["train"])  # data.packing / group_by_length
+        self.batches = make_batches(plan, recipe, self.data)  # data.packing / group_by_length
         self.throughput = Throughput(acc, flops, plan.peak_tflops, recipe.distributed.straggler_factor, self.log)
         self.reporter = Reporter(
             self.run_dir, acc.is_main_process, plan.total_steps, self.start_step, recipe.train.log_every,
@@ -136,7 +135,7 @@ class Run:
         self.eval_every = plan.steps_per_epoch if recipe.train.eval_every == "epoch" else recipe.train.eval_every
 
     def train_label_counts(self) -> list[int]:
-        return label_counts(self.splits.train, self.recipe.task.resolved_num_labels)
+        return self.data.label_counts(self.recipe.task.resolved_num_labels)
 
     def resume(self) -> tuple[float | None, float | None]:
         """Load the checkpoint the launcher chose (chosen again here, by the same rule); the first and last

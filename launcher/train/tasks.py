@@ -21,6 +21,15 @@ from launcher.planning.conversations import Encoded, pair_encoder
 IGNORE = -100  # label of a position that carries no loss (padding, a prompt token, a word's later sub-words)
 
 
+def as_rows(columns: dict[str, list]) -> list[dict]:
+    """A batch as datasets.map hands it (column → values) → one dict per row."""
+    return [dict(zip(columns, values)) for values in zip(*columns.values())]
+
+
+def as_columns(rows: list[dict]) -> dict[str, list]:
+    return {key: [row[key] for row in rows] for key in rows[0]} if rows else {}
+
+
 class TaskHooks:
     """A sequence-level task: one text (and optional pair) in, one label out. Subclasses change what differs."""
 
@@ -34,8 +43,31 @@ class TaskHooks:
     def tokenize(self, row: dict) -> dict:
         """One clean row (launcher.planning.data_files) → model inputs, `labels`, and `weight`: how many loss
         terms it contributes (the loop normalises by the global batch's sum of weights)."""
-        enc = self.tok(row["text"], row.get("text_pair"), truncation=True, max_length=self.max_length)
-        return {**dict(enc), "labels": row["label"], "weight": 1}
+        return as_rows(self._encode(as_columns([row])))[0]
+
+    def tokenize_batch(self, batch: dict[str, list]) -> dict[str, list]:
+        """Columns of clean rows → columns of tokenized rows: what the cache's batched datasets.map calls. The
+        built-in tasks make one fast-tokenizer call per batch; a subclass that overrides `tokenize` gets it
+        called row by row (so overriding `tokenize` alone is always enough)."""
+        if self._batched(TaskHooks):
+            return self._encode(batch)
+        return as_columns([self.tokenize(row) for row in as_rows(batch)])
+
+    def _batched(self, owner: type) -> bool:
+        """`owner`'s batched encoding applies: this object's tokenize is still owner's own."""
+        return type(self).tokenize is owner.tokenize
+
+    def _encode(self, batch: dict[str, list]) -> dict[str, list]:
+        enc = self.tok(batch["text"], batch.get("text_pair"), truncation=True, max_length=self.max_length)
+        return {
+            **{k: list(v) for k, v in enc.items()},
+            "labels": list(batch["label"]),
+            "weight": [1] * len(enc["input_ids"]),
+        }
+
+    def lengths(self, row: dict) -> list[int]:
+        """Tokens of each sequence a tokenized row feeds the model (the throughput's token counts)."""
+        return [len(row["input_ids"])]
 
     def collate(self, rows: list[dict], pad: Callable[[list[dict]], dict]) -> dict[str, torch.Tensor]:
         """Rows → a batch; `pad` (train.data.Collate.pad) pads model inputs and calls collate_labels."""
@@ -104,12 +136,22 @@ class TokenLevel(TaskHooks):
 class TokenClassification(TokenLevel):
     def tokenize(self, row):
         """The word's label on its first sub-word; later sub-words and special tokens are IGNORE."""
-        enc = self.tok(row["text"], is_split_into_words=True, truncation=True, max_length=self.max_length)
-        labels, previous = [], None
-        for word in enc.word_ids():
-            labels.append(IGNORE if word is None or word == previous else row["label"][word])
-            previous = word
-        return {**dict(enc), "labels": labels, "weight": sum(1 for x in labels if x != IGNORE)}
+        return as_rows(self._encode(as_columns([row])))[0]
+
+    def tokenize_batch(self, batch):
+        return self._encode(batch) if self._batched(TokenClassification) else super().tokenize_batch(batch)
+
+    def _encode(self, batch):
+        enc = self.tok(batch["text"], is_split_into_words=True, truncation=True, max_length=self.max_length)
+        all_labels, weights = [], []
+        for i, tags in enumerate(batch["label"]):
+            labels, previous = [], None
+            for word in enc.word_ids(i):
+                labels.append(IGNORE if word is None or word == previous else tags[word])
+                previous = word
+            all_labels.append(labels)
+            weights.append(sum(1 for x in labels if x != IGNORE))
+        return {**{k: list(v) for k, v in enc.items()}, "labels": all_labels, "weight": weights}
 
     def eval_outputs(self, logits, labels):
         keep = labels != IGNORE
@@ -140,29 +182,42 @@ class CausalLM(TokenLevel):
     def tokenize(self, row):
         """Plain text: every token is a target. Prompt/response (SFT): the prompt is masked out of the loss,
         and the response ends with EOS so the model learns to stop."""
+        return as_rows(self._encode(as_columns([row])))[0]
+
+    def tokenize_batch(self, batch):
+        return self._encode(batch) if self._batched(CausalLM) else super().tokenize_batch(batch)
+
+    def _encode(self, batch):
         tok, max_length = self.tok, self.max_length
         eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-        if "prompt" not in row:
-            ids = tok(row["text"], add_special_tokens=True)["input_ids"] + eos
-            ids = ids[:max_length]
-            labels = list(ids)
+        if "prompt" not in batch:
+            texts = tok(batch["text"], add_special_tokens=True)["input_ids"]
+            pairs = [([], ids + eos) for ids in texts]
+        elif self.recipe.task.chat_template:
+            pairs = [self._chat(prompt, response, eos) for prompt, response in zip(batch["prompt"], batch["response"])]
         else:
-            if self.recipe.task.chat_template:
-                user = [{"role": "user", "content": row["prompt"]}]
-                prompt = list(
-                    tok.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=False)
-                )
-                turns = user + [{"role": "assistant", "content": row["response"]}]
-                full = list(tok.apply_chat_template(turns, tokenize=True, return_dict=False))
-                if full[: len(prompt)] != prompt:  # templates that re-render the prompt differently
-                    full = prompt + tok(row["response"], add_special_tokens=False)["input_ids"] + eos
-            else:
-                prompt = tok(row["prompt"], add_special_tokens=True)["input_ids"]
-                full = prompt + tok(row["response"], add_special_tokens=False)["input_ids"] + eos
+            prompts = tok(batch["prompt"], add_special_tokens=True)["input_ids"]
+            responses = tok(batch["response"], add_special_tokens=False)["input_ids"]
+            pairs = [(prompt, prompt + response + eos) for prompt, response in zip(prompts, responses)]
+        out = {"input_ids": [], "attention_mask": [], "labels": [], "weight": []}
+        for prompt, full in pairs:
             ids = full[:max_length]
-            labels = [IGNORE] * min(len(prompt), len(ids)) + ids[len(prompt) :]
-        weight = sum(1 for x in labels[1:] if x != IGNORE)  # next-token targets
-        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels, "weight": weight}
+            masked = min(len(prompt), len(ids))
+            out["input_ids"].append(ids)
+            out["attention_mask"].append([1] * len(ids))
+            out["labels"].append([IGNORE] * masked + ids[masked:])
+            out["weight"].append(max(0, len(ids) - max(masked, 1)))  # next-token targets: labels[1:] not IGNORE
+        return out
+
+    def _chat(self, prompt: str, response: str, eos: list[int]) -> tuple[list[int], list[int]]:
+        tok = self.tok
+        user = [{"role": "user", "content": prompt}]
+        prompt_ids = list(tok.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=False))
+        turns = user + [{"role": "assistant", "content": response}]
+        full = list(tok.apply_chat_template(turns, tokenize=True, return_dict=False))
+        if full[: len(prompt_ids)] != prompt_ids:  # templates that re-render the prompt differently
+            full = prompt_ids + tok(response, add_special_tokens=False)["input_ids"] + eos
+        return prompt_ids, full
 
     def eval_outputs(self, logits, labels):
         return None
@@ -214,9 +269,16 @@ class ChatSFT(Conversations, CausalLM):
 
 class Seq2Seq(TokenLevel):
     def tokenize(self, row):
-        enc = self.tok(row["prompt"], truncation=True, max_length=self.max_length)
-        target = self.tok(text_target=row["response"], truncation=True, max_length=self.max_length)["input_ids"]
-        return {**dict(enc), "labels": target, "weight": len(target)}
+        return as_rows(self._encode(as_columns([row])))[0]
+
+    def tokenize_batch(self, batch):
+        return self._encode(batch) if self._batched(Seq2Seq) else super().tokenize_batch(batch)
+
+    def _encode(self, batch):
+        enc = self.tok(batch["prompt"], truncation=True, max_length=self.max_length)
+        targets = self.tok(text_target=batch["response"], truncation=True, max_length=self.max_length)["input_ids"]
+        targets = [list(t) for t in targets]
+        return {**{k: list(v) for k, v in enc.items()}, "labels": targets, "weight": [len(t) for t in targets]}
 
     def model_inputs(self, model, batch):
         """The decoder reads the target shifted right (teacher forcing), made by the model itself."""
@@ -278,6 +340,9 @@ class Pairs(Conversations, TokenLevel):
             "rejected_labels": labels_of(rejected),
             "weight": 1,  # one loss term per pair
         }
+
+    def lengths(self, row):
+        return [len(row["chosen_input_ids"]), len(row["rejected_input_ids"])]
 
     def collate(self, rows, pad):
         return pad(

@@ -95,6 +95,8 @@ def test_two_workers_on_two_ray_nodes(clean_run):
     assert s["steps"] == 12 and s["resumed_from"] is None and not s["ray"]["resumed_from_ray_storage"]
     assert s["param_checksum_per_rank"][0] == s["param_checksum_per_rank"][1]
     assert s["train_loss"]["last"] < s["train_loss"]["first"]
+    # a prepare task on each of the two Ray nodes saw to the tokenized cache before the workers started
+    assert len(set(re.findall(r"\(Ray node (\w+)\): data", run.output))) == 2, run.output[-3000:]
     # every complete checkpoint was reported to Ray and copied into its storage
     ray_dir = next((out / "ray").iterdir())
     assert sorted(p.name for p in ray_dir.glob("checkpoint-*")) == ["checkpoint-00000008", "checkpoint-00000012"]

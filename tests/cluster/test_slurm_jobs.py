@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 from helpers import RECIPES, REPO, final_weights, launch, metric_lines, summary
 
@@ -91,6 +92,9 @@ def test_two_nodes_train_one_world_and_one_node_resumes_it(slurm_cluster, tiny, 
     checksums = s["param_checksum_per_rank"]
     assert checksums[0] == checksums[1], "the two nodes hold the same weights"
     assert (out / "job.sbatch").exists() and (out / "slurm.log").exists()
+    # each node's agent saw to the tokenized cache before its ranks started (one writer, or already there)
+    prepared = re.findall(r"\[launch\] node (n\d) \(\d of 2, job \d+\): data", (out / "slurm.log").read_text())
+    assert sorted(set(prepared)) == ["n1", "n2"], (out / "slurm.log").read_text()[-3000:]
     assert SECRET not in run.output and HF_SECRET not in run.output
     assert_no_secret_written(out, tmp_path / "slurm-cpu.yaml")
     status = launch("status", out)
@@ -115,6 +119,31 @@ def test_two_nodes_train_one_world_and_one_node_resumes_it(slurm_cluster, tiny, 
     assert r["resumed_world_size"] == 2 and r["world_size"] == 1 and r["steps_this_launch"] == 4
     a, b = final_weights(out), final_weights(one)
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+
+
+@pytest.mark.slow
+def test_launch_prepare_as_a_job_step_on_every_node(slurm_cluster, tiny, tmp_path):
+    """`launch prepare --cluster`: the job's one step runs each node's agent, which tokenizes into the cache
+    folder both nodes share (one writes each entry, the other waits on its lock file) and starts no rank."""
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    run = launch(
+        "prepare",
+        *tiny_run(tiny["bert"], out),
+        "--nodes",
+        "2",
+        "--cluster",
+        cpu_profile(tmp_path),
+        "--follow",
+        env={**ENV, "LAUNCHER_CACHE_DIR": str(cache)},
+        timeout=300,
+    )
+    assert run.returncode == 0, run.output[-4000:]
+    log = (out / "slurm.log").read_text()
+    assert "node n1" in log and "node n2" in log and log.count(": data prepared") == 2, log[-3000:]
+    written = re.findall(r"tokenized [\d,]+ rows", log)
+    assert len(written) == 2, log[-3000:]  # train and validation, each written by one node only
+    assert len(list((cache / "tokenized").glob("*/manifest.json"))) == 2
+    assert not (out / "summary.json").exists() and not list(out.glob("checkpoint-*"))
 
 
 def test_cancel_a_submitted_job(slurm_cluster, tiny, tmp_path):

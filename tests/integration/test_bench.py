@@ -17,7 +17,7 @@ from helpers import REPO
 TITLES = {
     "step_overhead": "step overhead: samples/s",
     "startup": "start-up: seconds to the first optimizer step",
-    "data": "short texts → tokenized rows",
+    "data": "SFT rows, max_length",
     "memory": "memory per rank (MiB)",
     "gpu": "GPU: ",
     "sft_throughput": "SFT throughput: trained tokens/s",
@@ -72,7 +72,8 @@ def test_startup(started):
 
 def test_data(started):
     out, result = finished(started, "data")
-    assert all(m["total_s"] > 0 for m in result["median"].values())
+    assert all(run["wall_s"] > 0 and run["peak_rss_bytes"] > 0 for run in result["runs"].values())
+    assert result["manifest"]["rows"] == 3000 and result["torchrun_cache"]["time_to_first_step_s"] > 0
 
 
 def test_memory(started):

@@ -33,16 +33,14 @@ def held_out_perplexity(model_path: Path, recipe_overrides: list[str]) -> float:
     from transformers import AutoModelForCausalLM
 
     from launcher.config.loading import load_recipe
-    from launcher.planning.checks import check_recipe
-    from launcher.train.data import Collate, prepare
+    from launcher.train.data import Collate, open_prepared
     from launcher.train.losses import LossContext, build_loss
     from launcher.train.model import forward_logits, load_tokenizer
     from launcher.train.tasks import hooks
 
     recipe = load_recipe(RECIPES / "llama-lora.yaml", recipe_overrides)
-    splits = check_recipe(recipe)
     tokenizer = load_tokenizer(recipe)
-    rows = prepare(recipe, splits, tokenizer)["validation"]
+    rows = open_prepared(recipe, tokenizer)["validation"]
     model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32).eval()
     task = hooks(recipe, tokenizer)
     loss_fn, collate = build_loss(recipe.task.resolved_loss, LossContext(task.spec)), Collate(task)

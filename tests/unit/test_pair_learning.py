@@ -15,9 +15,8 @@ import torch
 from helpers import RECIPES
 
 from launcher.config.recipe import Recipe
-from launcher.planning.data_files import load_splits
 from launcher.planning.plan import make_plan
-from launcher.train.data import Collate
+from launcher.train.data import Collate, open_prepared
 from launcher.train.engines.ddp import DDPEngine
 from launcher.train.evaluate import Evaluator
 from launcher.train.losses import LossContext, build_loss
@@ -63,10 +62,10 @@ class Trainer:
         torch.manual_seed(0)
         self.recipe, tokenizer = recipe, load_tokenizer(recipe)
         self.task = hooks(recipe, tokenizer)
-        splits = load_splits(recipe)
-        self.rows = {name: [self.task.tokenize(r) for r in rows] for name, rows in splits.items() if rows}
+        data = open_prepared(recipe, tokenizer, say=lambda line: None)  # checked, tokenized into the cache
+        self.rows = {name: list(data[name]) for name in ("train", "validation", "test") if len(data[name])}
         accelerator = Accelerator(cpu=True)
-        plan = make_plan(recipe, num_train_samples=len(splits.train), procs_per_node=1)
+        plan = make_plan(recipe, num_train_samples=len(data.train), procs_per_node=1)
         self.model = build(recipe, tokenizer)
         self.task.set_up(DDPEngine(accelerator, recipe, plan), lambda: build(recipe, tokenizer))
         self.loss_fn = build_loss(recipe.task.resolved_loss, LossContext(recipe.task.spec))

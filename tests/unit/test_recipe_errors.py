@@ -75,8 +75,8 @@ def test_on_missing_drop_counts_rows(write, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"text": t, "label": "ham"}) + "\n" for t in ["a", "", "b", None, "c"]))
     recipe = load_recipe(write(GOOD, train=data), ["data.on_missing=drop", "data.split.validation=0"])
-    splits = check_recipe(recipe)
-    assert len(splits.train) == 3 and splits.dropped == {"train": 2}
+    summary = check_recipe(recipe)
+    assert summary.counts["train"] == 3 and summary.dropped == {"train": 2}
 
 
 def test_empty_dataset_and_unknown_column(write, tmp_path):

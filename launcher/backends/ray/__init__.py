@@ -103,6 +103,10 @@ class RayBackend(Backend):
         finally:
             signal.signal(signal.SIGTERM, previous)
             ray.shutdown()
+        if recipe.data.prepare == "only":
+            from launcher.commands.prepare import closing
+
+            return closing(recipe)
         return f"done: {Path(recipe.output_dir).resolve() / result_file(recipe)}"
 
     def submit(self, submission: Submission, recipe: Recipe) -> RayJob:

@@ -68,6 +68,9 @@ def fit(recipe: Recipe, plan: Plan, profile: RayProfile, facts: LaunchFacts) -> 
     storage = profile.storage_path or str((Path(recipe.output_dir) / "ray").resolve())
     resources = {"CPU": profile.cpus_per_worker, **({"GPU": 1} if profile.gpus_per_node else {})}
     connect(profile, plan)
+    prepare_on_nodes(recipe, plan, profile)  # before TorchTrainer makes the process group
+    if recipe.data.prepare == "only":
+        return
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
@@ -92,6 +95,53 @@ def fit(recipe: Recipe, plan: Plan, profile: RayProfile, facts: LaunchFacts) -> 
         ),
     )
     trainer.fit()
+
+
+def prepare_on_nodes(recipe: Recipe, plan: Plan, profile: RayProfile) -> None:
+    """The tokenized cache written before any worker starts: here for a private one-node Ray, else one Ray task
+    on every node with a CPU (on a cache folder the nodes share, one writes each entry, the others wait on its
+    lock file). A task's data error is raised here as it is (exit 2)."""
+    import ray
+
+    from launcher.commands.prepare import before_ranks
+
+    if profile.address == "local":
+        print(before_ranks(recipe, plan), flush=True)
+        return
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) >= 1]
+    task = ray.remote(num_cpus=1, max_retries=0)(prepare_task)
+    env = {"env_vars": ray_worker_env(plan, profile)}
+    refs = [
+        task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False), runtime_env=env).remote(
+            dump_recipe(recipe), plan.model_dump_json()
+        )
+        for node in nodes
+    ]
+    try:
+        for lines in ray.get(refs):
+            print(lines, flush=True)
+    except ray.exceptions.RayTaskError as exc:
+        from launcher.errors import UserError
+
+        if isinstance(exc.cause, UserError):
+            raise exc.cause from None
+        raise
+
+
+def prepare_task(recipe_text: str, plan_json: str) -> str:
+    """One node's share of prepare_on_nodes (a Ray task)."""
+    import socket
+
+    import ray
+    import yaml
+
+    from launcher.commands.prepare import before_ranks
+
+    recipe, plan = Recipe.model_validate(yaml.safe_load(recipe_text)), Plan.model_validate_json(plan_json)
+    node = ray.get_runtime_context().get_node_id()[:8]
+    return before_ranks(recipe, plan, f"node {socket.gethostname()} (Ray node {node}): ")
 
 
 def describe_failure(exc) -> str:

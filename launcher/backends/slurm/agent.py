@@ -44,6 +44,12 @@ def agent(recipe: Recipe, plan: Plan, profile: SlurmProfile, env: SlurmEnvironme
         f"join_timeout={RENDEZVOUS_JOIN_TIMEOUT_S}",
     ]
     node = f"node {host} ({(env.node_id or 0) + 1} of {env.num_nodes}, job {env.job_id})"
+    from launcher.commands.prepare import before_ranks
+
+    # before any process group: on a shared cache folder one node writes each entry, the others wait on its file
+    print(before_ranks(recipe, plan, f"{node}: "), flush=True)
+    if recipe.data.prepare == "only":
+        return f"[launch] {node}: data prepared"
     print(f"[launch] {node}: {plan.procs_per_node} rank(s), rendezvous {master}:{env.rendezvous_port}", flush=True)
     environ = {**os.environ, **profile.env}
     # The spec goes to a node-local folder: nodes writing one shared file at once could be read half-written.
