@@ -129,6 +129,9 @@ def launch_recipe(request: LaunchRequest, started: float | None = None) -> ExitC
     if problems:
         raise UsageError("command line", problems)
     recipe = load_recipe(request.recipe, request.overrides)
+    problems = backend.recipe_problems(recipe)
+    if problems:
+        raise RecipeError("recipe", problems)
     splits = check_recipe(recipe)
     layout = backend.layout(nodes=request.nodes, procs=request.procs)
     gpu_memory = parse_bytes(profile.gpu_memory) if getattr(profile, "gpu_memory", None) else None

@@ -13,10 +13,10 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from launcher.config.loading import Source, read_yaml, validate
-from launcher.config.recipe import MemorySize, Strict
+from launcher.config.recipe import FREE_TEXT, MemorySize, Strict
 from launcher.errors import Problem, ProfileError
 
 BYTES = {
@@ -91,12 +91,63 @@ class RayProfile(Strict):
     )
 
 
+# The syntax of what a Slurm profile writes into the job script, checked before anything is written (every
+# string is also one line of printable text: recipe.Strict). Values are quoted there as well (backends/slurm).
+SYNTAX = {
+    "name": (r"[A-Za-z0-9_][A-Za-z0-9_.+-]*", "a Slurm name (letters, digits, _ . + -)"),
+    "names": (r"[A-Za-z0-9_][A-Za-z0-9_.+-]*(,[A-Za-z0-9_][A-Za-z0-9_.+-]*)*", "Slurm names, comma-separated"),
+    "features": (r"[A-Za-z0-9_.,&|*!()\[\]:=+-]+", "Slurm features joined by & | , [ ] * (no spaces)"),
+    "time": (
+        r"(\d+|\d+:\d{1,2}(:\d{1,2})?|\d+-\d{1,2}(:\d{1,2}){0,2}|(?i:unlimited|infinite))",
+        "a Slurm time: MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS or UNLIMITED",
+    ),
+    "variable": (r"[A-Za-z_][A-Za-z0-9_]*", "an environment variable name (letters, digits, _; not a digit first)"),
+    "word": (r"[^\s-]\S*", "one word, not an option (no spaces, not starting with -)"),
+    "mount": (r"[^\s,]+", "SRC:DST[:FLAGS] without spaces or commas (mounts are joined with commas)"),
+    "option": (r"-\S.*", "an sbatch option, e.g. --exclusive"),
+}
+
+
+def syntax_problem(value: str, kind: str) -> str | None:
+    """Why `value` is not of the syntax `kind` (SYNTAX), or None."""
+    pattern, what = SYNTAX[kind]
+    return None if re.fullmatch(pattern, value) else f"{value!r} is not {what}"
+
+
+def _checked(kind: str, value):
+    """`value` (a string, a list of them, a dict's keys, or None) if of syntax `kind`; else ValueError."""
+    for text in [] if value is None else [value] if isinstance(value, str) else value:
+        problem = syntax_problem(text, kind)
+        if problem:
+            raise ValueError(problem)
+    return value
+
+
+# SlurmProfile field → its syntax
+FIELD_SYNTAX = {
+    "partition": "names",
+    "account": "name",
+    "qos": "name",
+    "constraint": "features",
+    "time": "time",
+    "env": "variable",
+    "secret_env": "variable",
+    "modules": "word",
+    "extra_sbatch": "option",
+}
+
+
 class Container(Strict):
     image: str = Field(description="Image for every rank, started by srun (pyxis/enroot: --container-image).")
     mounts: list[str] = Field(
         default_factory=list,
         description="SRC:DST mounts (--container-mounts); the run directory must be reachable at the same path inside.",
     )
+
+    @field_validator("image", "mounts")
+    @classmethod
+    def _container_syntax(cls, value, info: ValidationInfo):
+        return _checked("word" if info.field_name == "image" else "mount", value)
 
 
 # Never written anywhere, whatever the profile says: passed from the submitting environment only.
@@ -134,9 +185,19 @@ class SlurmProfile(Strict):
         f"environment, never written to a file ({', '.join(ALWAYS_SECRET)} always are).",
     )
     modules: list[str] = Field(default_factory=list, description="`module load` these before anything else.")
-    setup: list[str] = Field(default_factory=list, description="Shell lines run in the job before the ranks start.")
+    setup: list[str] = Field(
+        default_factory=list,
+        description="Shell lines run in the job before the ranks start: the one field that is code.",
+        json_schema_extra=FREE_TEXT,
+    )
     container: Container | None = Field(None, description="Run the ranks in a container (pyxis).")
     python: str | None = Field(None, description="Python on the compute nodes; default: the one running `launch`.")
+
+    @field_validator(*FIELD_SYNTAX)
+    @classmethod
+    def _slurm_syntax(cls, value, info: ValidationInfo):
+        """What reaches the job script in the syntax Slurm (or the shell) gives it; env: its names."""
+        return _checked(FIELD_SYNTAX[info.field_name], value)
 
     @model_validator(mode="after")
     def _secrets_stay_out_of_files(self):

@@ -23,7 +23,7 @@ from launcher.backends.local import count_gpus
 from launcher.backends.slurm.agent import agent
 from launcher.backends.slurm.environment import SlurmEnvironment
 from launcher.backends.slurm.jobs import SlurmJob
-from launcher.backends.slurm.script import LOG, SCRIPT, render_script, resolved
+from launcher.backends.slurm.script import LOG, SCRIPT, recipe_problems, render_script, resolved
 from launcher.config.cluster import SlurmProfile
 from launcher.config.recipe import Recipe
 from launcher.errors import JobFailed, Problem, ProfileError, UsageError
@@ -81,6 +81,9 @@ class SlurmBackend(Backend):
             )
         return agent(recipe, plan, self.profile, env, facts)
 
+    def recipe_problems(self, recipe: Recipe) -> list[Problem]:
+        return recipe_problems(recipe)
+
     def preview(self, recipe: Recipe, plan: Plan) -> str:
         """--dry-run: the job script that would be submitted; nothing is written."""
         return f"# {Path(recipe.output_dir).resolve() / SCRIPT}\n{render_script(recipe, plan, self.profile)}"
@@ -91,10 +94,11 @@ class SlurmBackend(Backend):
     def _submit(self, recipe: Recipe, plan: Plan, *, follow: bool) -> str:
         profile = self.profile
         run_dir = Path(recipe.output_dir).resolve()
+        text = render_script(recipe, plan, profile)  # refuses what it cannot write safely, before anything is written
         spec = write_spec(run_dir, recipe, plan, LaunchFacts.now())
         (spec / "cluster.yaml").write_text(yaml.safe_dump(resolved(profile).model_dump(mode="json"), sort_keys=False))
         script = run_dir / SCRIPT
-        script.write_text(render_script(recipe, plan, profile))
+        script.write_text(text)
         for name in profile.secret_env:
             if name not in os.environ:
                 print(f"warning: secret_env names {name}, which is not set here; the job will not have it",
