@@ -112,6 +112,7 @@ def launch_recipe(request: LaunchRequest, started: float | None = None) -> ExitC
     from launcher.config.cluster import load_profile, parse_bytes
     from launcher.config.loading import load_recipe
     from launcher.errors import Problem, RecipeError, UsageError
+    from launcher.ownership import in_use, refuse_if_in_use
     from launcher.planning.checks import check_recipe, ignored_settings, missing_weights
     from launcher.planning.plan import make_plan
     from launcher.spec import LaunchFacts
@@ -132,6 +133,12 @@ def launch_recipe(request: LaunchRequest, started: float | None = None) -> ExitC
     problems = backend.recipe_problems(recipe)
     if problems:
         raise RecipeError("recipe", problems)
+    run_dir = Path(recipe.output_dir)
+    holder = in_use(run_dir)  # first, and in milliseconds: a second launch into a busy output_dir stops here
+    if holder and not request.dry_run:
+        refuse_if_in_use(run_dir)
+    elif holder:
+        print(f"warning: output_dir is in use by {holder}; launching now would be refused", file=sys.stderr)
     splits = check_recipe(recipe)
     layout = backend.layout(nodes=request.nodes, procs=request.procs)
     gpu_memory = parse_bytes(profile.gpu_memory) if getattr(profile, "gpu_memory", None) else None
@@ -145,8 +152,8 @@ def launch_recipe(request: LaunchRequest, started: float | None = None) -> ExitC
         device=layout.device,
         gpu_memory=gpu_memory,
     )
-    resume = resume_point(recipe, plan)
-    for note in [*ignored_settings(recipe), *plan.warnings]:
+    resume = resume_point(recipe, plan, splits)
+    for note in [*ignored_settings(recipe, splits), *plan.warnings]:
         print(f"warning: {note}", file=sys.stderr)
     for split, count in splits.dropped.items():
         if count:
@@ -174,11 +181,13 @@ def launch_recipe(request: LaunchRequest, started: float | None = None) -> ExitC
     return ExitCode.OK
 
 
-def resume_point(recipe, plan) -> str:
-    """Where training will start; a checkpoint that cannot continue this recipe, or whose files do not match its
-    manifest, is refused here, before launch (resume: auto passes over damaged ones with a warning)."""
+def resume_point(recipe, plan, splits) -> str:
+    """Where training will start, and the train settings that changed since that checkpoint (they take effect);
+    a checkpoint that cannot continue this recipe, whose files do not match its manifest, or that holds a
+    pickle naming code, is refused here, before launch (resume: auto passes over damaged ones with a warning)."""
     from launcher.errors import Problem, RecipeError
-    from launcher.train.checkpoint import CheckpointMismatch, check_compatible, newest_intact, world_size_note
+    from launcher.train.checkpoint import CheckpointMismatch, newest_intact
+    from launcher.train.compatibility import check_compatible, settings_changes, world_size_note
 
     try:
         found, skipped = newest_intact(Path(recipe.output_dir), recipe.train.resume)
@@ -186,11 +195,14 @@ def resume_point(recipe, plan) -> str:
             print(f"warning: {note}; resuming from an older checkpoint", file=sys.stderr)
         if found is None:
             return "from the pretrained weights"
-        state = check_compatible(found, recipe, plan)
+        state = check_compatible(found, recipe, plan, splits)
     except CheckpointMismatch as exc:
         raise RecipeError("resume", [Problem("train.resume", str(exc))]) from None
-    note = world_size_note(state, plan.world_size)
-    return f"step {state.step} of {found}" + (f" ({note})" if note else "")
+    notes = [world_size_note(state, plan.world_size)]
+    changes = settings_changes(state, recipe)
+    if changes:
+        notes.append(f"changed since the checkpoint, taking effect: {', '.join(changes)}")
+    return f"step {state.step} of {found}" + "".join(f" ({note})" for note in notes if note)
 
 
 def print_plan(recipe, plan, resume: str, gpu_memory: int | None) -> None:

@@ -209,6 +209,12 @@ class TaskConfig(Strict):
         spec = self.spec
         if spec.needs_classes and self.labels is None and self.num_labels is None:
             errors.append(f"task type {self.type!r} needs num_labels or labels")
+        elif spec.label in ("class", "tags") and self.resolved_num_labels < 2:
+            errors.append(
+                f"task type {self.type!r} with {self.resolved_num_labels} class: a softmax over one class is "
+                "always 1, so the loss is 0 and accuracy 1.0 whatever the model does; give at least 2 classes "
+                "(a score to predict is task type 'regression')"
+            )
         if self.loss is not None and self.loss.name not in spec.losses:
             valid = ", ".join(sorted(spec.losses))
             errors.append(f"loss {self.loss.name!r} does not fit task {self.type!r}; valid: {valid}")
