@@ -187,7 +187,7 @@ def resume_point(recipe, plan, splits) -> str:
     pickle naming code, is refused here, before launch (resume: auto passes over damaged ones with a warning)."""
     from launcher.errors import Problem, RecipeError
     from launcher.train.checkpoint import CheckpointMismatch, newest_intact
-    from launcher.train.compatibility import check_compatible, settings_changes, world_size_note
+    from launcher.train.compatibility import check_compatible, settings_changes, unrecorded, world_size_note
 
     try:
         found, skipped = newest_intact(Path(recipe.output_dir), recipe.train.resume)
@@ -198,6 +198,10 @@ def resume_point(recipe, plan, splits) -> str:
         state = check_compatible(found, recipe, plan, splits)
     except CheckpointMismatch as exc:
         raise RecipeError("resume", [Problem("train.resume", str(exc))]) from None
+    missing = unrecorded(state)
+    if missing:
+        print(f"warning: {found} was written by an earlier launcher, which did not record {', '.join(missing)}: "
+              "a change of those since cannot be detected", file=sys.stderr)  # fmt: skip
     notes = [world_size_note(state, plan.world_size)]
     changes = settings_changes(state, recipe)
     if changes:

@@ -47,50 +47,6 @@ class LocalProfile(Strict):
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables set for every rank.")
 
 
-class RayProfile(Strict):
-    """A Ray cluster: Ray Train starts one worker per GPU (or cpu_workers_per_node CPU workers) on each node."""
-
-    backend: Literal["ray"]
-    address: str = Field(
-        "local",
-        description="'local' starts a private one-node Ray for this run; otherwise a "
-        "running cluster: 'auto', 'HOST:6379' (its GCS) or 'ray://HOST:10001' (Ray Client).",
-    )
-    dashboard: str | None = Field(None, description="Ray Jobs address for --submit, e.g. http://HOST:8265.")
-    gpus_per_node: int = Field(0, ge=0, description="GPUs per node, one worker each; 0 trains on CPU workers.")
-    gpu_memory: MemorySize | None = Field(None, description="Memory per GPU for the planner, e.g. 80GiB.")
-    cpu_workers_per_node: int = Field(
-        1, ge=1, description="Workers per node when gpus_per_node is 0 (--procs overrides it)."
-    )
-    cpus_per_worker: int = Field(1, ge=1, description="CPUs Ray reserves per worker; also its OMP_NUM_THREADS.")
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
-        "PACK", description="Ray placement group strategy; STRICT_SPREAD puts every worker on its own node."
-    )
-    runtime_env: dict[str, Any] = Field(
-        default_factory=dict,
-        description="Ray runtime_env of the job: "
-        "working_dir, pip, env_vars, ... (docs.ray.io, 'runtime environments').",
-    )
-    storage_path: str | None = Field(
-        None,
-        description="Where Ray keeps the checkpoints it restarts from: a "
-        "shared filesystem or s3://, gs://. Default: OUTPUT_DIR/ray.",
-    )
-    max_failures: int = Field(
-        2, ge=-1, description="Restarts of the worker group after a worker or node failure (-1: no limit)."
-    )
-    object_store_memory: MemorySize = Field(
-        "512MiB", description="Object store of the private cluster (address: local); Ray's default is 30% of RAM."
-    )
-    auth: Literal["token", "disabled"] = Field(
-        "token",
-        description="Ray token authentication (on by default "
-        "for `ray start --head` in Ray 2.60): RAY_AUTH_MODE for the "
-        "driver; the token comes from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH "
-        "or ~/.ray/auth_token.",
-    )
-
-
 # The syntax of what a Slurm profile writes into the job script, checked before anything is written (every
 # string is also one line of printable text: recipe.Strict). Values are quoted there as well (backends/slurm).
 SYNTAX = {
@@ -137,6 +93,76 @@ FIELD_SYNTAX = {
 }
 
 
+# Never written anywhere, whatever the profile says: passed from the submitting environment only.
+ALWAYS_SECRET = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
+
+
+class RayProfile(Strict):
+    """A Ray cluster: Ray Train starts one worker per GPU (or cpu_workers_per_node CPU workers) on each node."""
+
+    backend: Literal["ray"]
+    address: str = Field(
+        "local",
+        description="'local' starts a private one-node Ray for this run; otherwise a "
+        "running cluster: 'auto', 'HOST:6379' (its GCS) or 'ray://HOST:10001' (Ray Client).",
+    )
+    dashboard: str | None = Field(None, description="Ray Jobs address for --submit, e.g. http://HOST:8265.")
+    gpus_per_node: int = Field(0, ge=0, description="GPUs per node, one worker each; 0 trains on CPU workers.")
+    gpu_memory: MemorySize | None = Field(None, description="Memory per GPU for the planner, e.g. 80GiB.")
+    cpu_workers_per_node: int = Field(
+        1, ge=1, description="Workers per node when gpus_per_node is 0 (--procs overrides it)."
+    )
+    cpus_per_worker: int = Field(1, ge=1, description="CPUs Ray reserves per worker; also its OMP_NUM_THREADS.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement group strategy; STRICT_SPREAD puts every worker on its own node."
+    )
+    runtime_env: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Ray runtime_env of the job: "
+        "working_dir, pip, env_vars, ... (docs.ray.io, 'runtime environments').",
+    )
+    storage_path: str | None = Field(
+        None,
+        description="Where Ray keeps the checkpoints it restarts from: a "
+        "shared filesystem or s3://, gs://. Default: OUTPUT_DIR/ray.",
+    )
+    max_failures: int = Field(
+        2, ge=-1, description="Restarts of the worker group after a worker or node failure (-1: no limit)."
+    )
+    object_store_memory: MemorySize = Field(
+        "512MiB", description="Object store of the private cluster (address: local); Ray's default is 30% of RAM."
+    )
+    secret_env: list[str] = Field(
+        default_factory=list,
+        description="Names of variables the workers get from the driver's environment through the object "
+        f"store, never in a runtime_env, which Ray records ({', '.join(ALWAYS_SECRET)} always are).",
+    )
+    auth: Literal["token", "disabled"] = Field(
+        "token",
+        description="Ray token authentication (on by default "
+        "for `ray start --head` in Ray 2.60): RAY_AUTH_MODE for the "
+        "driver; the token comes from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH "
+        "or ~/.ray/auth_token.",
+    )
+
+    @field_validator("secret_env")
+    @classmethod
+    def _secret_names(cls, value):
+        return _checked("variable", value)
+
+    @model_validator(mode="after")
+    def _secrets_stay_out_of_ray_state(self):
+        env_vars = self.runtime_env.get("env_vars") or {}
+        leaked = sorted(set(env_vars) & (set(self.secret_env) | set(ALWAYS_SECRET)))
+        if leaked:
+            raise ValueError(
+                f"runtime_env.env_vars must not hold secrets ({', '.join(leaked)}): Ray records a runtime_env in "
+                "its state (State API, dashboard, export events); export them in the shell that runs `launch` "
+                "(and list them in secret_env): the workers get them through the object store"
+            )
+        return self
+
+
 class Container(Strict):
     image: str = Field(description="Image for every rank, started by srun (pyxis/enroot: --container-image).")
     mounts: list[str] = Field(
@@ -148,10 +174,6 @@ class Container(Strict):
     @classmethod
     def _container_syntax(cls, value, info: ValidationInfo):
         return _checked("word" if info.field_name == "image" else "mount", value)
-
-
-# Never written anywhere, whatever the profile says: passed from the submitting environment only.
-ALWAYS_SECRET = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
 
 
 class SlurmProfile(Strict):

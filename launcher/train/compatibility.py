@@ -35,6 +35,12 @@ def fingerprint(recipe, splits) -> dict:
     }
 
 
+FINGERPRINT_FIELDS = ("model", "task", "num_labels", "labels", "global_batch_size", "lora", "max_length", "data_seed",
+                      "data")  # fmt: skip
+# what every launcher version recorded: compared even when absent (then the checkpoint is not one of ours)
+ALWAYS_RECORDED = ("model", "task", "num_labels", "global_batch_size")
+
+
 # data settings that turn the files into rows (max_length and seed are fields of their own in the fingerprint;
 # the files' paths are not: a checkpoint resumes on a copy of the same data elsewhere)
 DATA_FILES = ("train", "validation", "test")
@@ -87,7 +93,7 @@ def check_compatible(folder: Path, recipe, plan, splits) -> CheckpointState:
             "numbers, text and the state types README.md lists; nothing of it was loaded. Remove that folder, "
             "or start over with train.resume=never in a fresh output_dir."
         )
-    mine = fingerprint(recipe, splits)
+    mine = {k: v for k, v in fingerprint(recipe, splits).items() if k in state.fingerprint or k in ALWAYS_RECORDED}
     differ = {k: (state.fingerprint.get(k), v) for k, v in mine.items() if state.fingerprint.get(k) != v}
     if differ:
         detail = "; ".join(f"{k}: checkpoint {a!r}, recipe {b!r}" for k, (a, b) in differ.items())
@@ -104,6 +110,11 @@ def check_compatible(folder: Path, recipe, plan, splits) -> CheckpointState:
             f"it (any number of processes works), or train.resume=never in a fresh output_dir"
         )
     return state
+
+
+def unrecorded(state: CheckpointState) -> list[str]:
+    """The fingerprint fields a checkpoint of an earlier launcher version did not record (not compared)."""
+    return [k for k in FINGERPRINT_FIELDS if k not in (state.fingerprint or {})]
 
 
 def world_size_note(state: CheckpointState, world_size: int) -> str | None:

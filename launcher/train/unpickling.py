@@ -32,11 +32,15 @@ from pathlib import Path
 
 # torch's weights_only families (torch._weights_only_unpickler._get_allowed_globals; tests check that every
 # name these patterns admit is on torch's list)
+_STEMS = "BFloat16|Bool|Byte|Char|Double|Float|Half|Int|Long|Short"
 TORCH_FAMILIES = re.compile(
-    r"torch\.(cuda\.|sparse\.)?[A-Za-z0-9]+(Storage|Tensor)"
+    rf"torch\.(cuda\.)?({_STEMS}|ComplexDouble|ComplexFloat|QInt32|QInt8|QUInt2x4|QUInt4x2|QUInt8)Storage"
+    rf"|torch\.(cuda\.)?(sparse\.)?({_STEMS})Tensor"
     r"|torch\.(u?int[1-8]|u?int(16|32|64)|float(16|32|64)|float8_\w+|float4_\w+|bfloat16|complex(32|64|128)|bool"
     r"|bits\w+|q(u)?int\w+|per_\w+|Size|Tensor|device)"
-    r"|torch\._utils\._rebuild_\w+|torch\._tensor\._rebuild_from_type_v2|torch\.serialization\._get_layout"
+    r"|torch\._utils\._rebuild_(tensor(_v2|_v3)?|parameter(_with_state)?|qtensor|sparse_tensor|nested_tensor"
+    r"|meta_tensor_no_storage|wrapper_subclass|device_tensor_from_cpu_tensor|device_tensor_from_numpy)"
+    r"|torch\._tensor\._rebuild_from_type_v2|torch\.serialization\._get_layout"
     r"|torch\.nn\.parameter\.Parameter|torch\.storage\.(Typed|Untyped)Storage"
 )
 # module → names: what torch itself allows beyond its own types, and the state types the ranks' libraries write
