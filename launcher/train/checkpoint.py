@@ -16,6 +16,7 @@ and its own temporary folders.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -131,8 +132,8 @@ def save(
         accelerator.save_state(str(tmp), safe_serialization=True)
         if engine is not None:
             engine.save(tmp)
-    except (OSError, RuntimeError) as exc:
-        raise _write_failed(exc, tmp, run_dir, step) from None
+    except Exception as exc:  # torch, safetensors and DeepSpeed each raise their own type for a full disk
+        _raise_write_failed(exc, tmp, run_dir, step)
     if written is not None:
         written()
     accelerator.wait_for_everyone()
@@ -141,7 +142,7 @@ def save(
             state.write(tmp / STATE_FILE)
             write_manifest(tmp, hash_files)
         except OSError as exc:
-            raise _write_failed(exc, tmp, run_dir, step) from None
+            _raise_write_failed(exc, tmp, run_dir, step)
         if final.exists() or final.is_symlink():  # the same step saved again (end of run after a save_every hit)
             remove_own(final)
         os.replace(tmp, final)
@@ -155,21 +156,31 @@ class CheckpointWriteFailed(RuntimeError):
     """A checkpoint could not be written (most often: the disk is full); the message says where and why."""
 
 
-def _write_failed(exc: BaseException, tmp: Path, run_dir: Path, step: int) -> CheckpointWriteFailed:
-    """The failure of a checkpoint write, said plainly (torch's is "[enforce fail at inline_container.cc]
-    unexpected pos" for a full disk), with the partial folder removed: it can never be resumed from."""
+DISK_FULL = ("No space left on device", "os error 28", "unexpected pos", "Disk quota exceeded")
+
+
+def _raise_write_failed(exc: Exception, tmp: Path, run_dir: Path, step: int):
+    """A checkpoint write failed: remove its partial folder (it can never be resumed from); a full disk is said
+    plainly with the file system's free space (torch says "[enforce fail at inline_container.cc] unexpected
+    pos", safetensors "I/O error ... os error 28"); any other failure is raised as it is."""
     free = shutil.disk_usage(run_dir)
     written = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) if tmp.is_dir() else 0
     shutil.rmtree(tmp, ignore_errors=True)
-    full = getattr(exc, "errno", None) == 28 or "unexpected pos" in str(exc) or free.free < max(written, 2**20)
-    why = "the disk is full" if full else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(w in str(exc) for w in DISK_FULL)
+    if not (full or free.free < 2**20):
+        raise exc
+    why = "the disk is full" if full else f"{free.free} bytes left after {type(exc).__name__}: {exc}"
     newest = complete(run_dir)
     kept = f"the newest complete checkpoint, {newest[-1].name}, is intact" if newest else "no earlier checkpoint"
-    return CheckpointWriteFailed(
-        f"the checkpoint of step {step} could not be written to {run_dir} ({why}; {free.free / 2**30:.2f} GiB "
-        f"free of {free.total / 2**30:.2f} GiB on that file system; {written / 2**30:.2f} GiB were written "
-        f"before the failure and removed). Free space or lower train.keep_last, then launch again: {kept}."
-    )
+    raise CheckpointWriteFailed(
+        f"the checkpoint of step {step} could not be written to {run_dir} ({why}; {_size(free.free)} free of "
+        f"{_size(free.total)} on that file system; {_size(written)} were written before the failure and "
+        f"removed). Free space or lower train.keep_last, then launch again: {kept}."
+    ) from None
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**30:.2f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
 
 
 def file_sha256(path: Path) -> str:

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("spec", type=Path, help="folder holding recipe.yaml, plan.json and facts.json")
     args = parser.parse_args(argv)
-    from launcher.train.checkpoint import CheckpointMismatch
+    from launcher.train.checkpoint import CheckpointMismatch, CheckpointWriteFailed
     from launcher.train.components import WorldMismatch
     from launcher.train.preflight import PreflightFailed
     from launcher.train.run import run
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     recipe, plan, facts = read_spec(args.spec)
     try:
         run(recipe, plan, facts)
-    except (PreflightFailed, CheckpointMismatch, WorldMismatch) as exc:
+    except (PreflightFailed, CheckpointMismatch, CheckpointWriteFailed, WorldMismatch) as exc:
         # A verdict every rank reaches alike, whose message says it all: the launcher names it per rank from
         # the error file; a traceback from every rank would only bury it.
         get_error_handler().record_exception(exc)

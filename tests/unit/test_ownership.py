@@ -128,15 +128,17 @@ def test_a_torn_metrics_line_is_dropped_and_said(tmp_path):
 
 
 def test_a_full_disk_during_a_checkpoint_write_is_named_and_the_partial_folder_removed(tmp_path):
+    """(a real full file system: tests/integration/test_disk_full.py)"""
     run = tmp_path / "run"
     checkpoint_folder(run, 4)
     partial = run / ".tmp-checkpoint-00000008"
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"x" * 1000)
-    failure = checkpoint._write_failed(OSError(errno.ENOSPC, "No space left on device"), partial, run, 8)
-    text = str(failure)
+    with pytest.raises(checkpoint.CheckpointWriteFailed) as failure:
+        checkpoint._raise_write_failed(OSError(errno.ENOSPC, "No space left on device"), partial, run, 8)
+    text = str(failure.value)
     assert text.startswith(f"the checkpoint of step 8 could not be written to {run} (the disk is full; ")
-    assert "GiB free of" in text and "checkpoint-00000004, is intact" in text
+    assert " free of " in text and "checkpoint-00000004, is intact" in text
     assert not partial.exists()
 
 
@@ -189,3 +191,11 @@ def test_a_carved_split_that_rounds_to_no_row_is_said(tmp_path):
     recipe = load_recipe(REPO / "recipes/quickstart.yaml", ["data.validation=null", "data.split.validation=0.0005"])
     notes = ignored_settings(recipe, load_splits(recipe))
     assert any("data.split.validation 0.0005 of 800 rows rounds to 0 rows: there is no evaluation" in n for n in notes)
+
+
+def test_another_failure_of_a_checkpoint_write_is_raised_as_it_is(tmp_path):
+    partial = tmp_path / ".tmp-checkpoint-00000002"
+    partial.mkdir()
+    with pytest.raises(TypeError, match="a bug"):
+        checkpoint._raise_write_failed(TypeError("a bug"), partial, tmp_path, 2)
+    assert not partial.exists()

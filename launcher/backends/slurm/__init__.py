@@ -99,7 +99,7 @@ class SlurmBackend(Backend):
         text = render_script(recipe, plan, profile)  # refuses what it cannot write safely, before anything is written
         # held while submitting; from then on the job holds it (its id, the newest line of launch/jobs: ownership)
         with claim(run_dir):
-            spec = write_spec(run_dir, recipe, plan, LaunchFacts.now())
+            spec = write_spec(run_dir, _resuming_itself(recipe), plan, LaunchFacts.now())
             (spec / "cluster.yaml").write_text(
                 yaml.safe_dump(resolved(profile).model_dump(mode="json"), sort_keys=False)
             )
@@ -126,3 +126,11 @@ class SlurmBackend(Backend):
             return submitted
         print(submitted, flush=True)
         return SlurmJob(job_id, run_dir).follow().outcome()
+
+
+def _resuming_itself(recipe: Recipe) -> Recipe:
+    """The recipe the job runs. `train.resume: never` holds at submission (output_dir has no checkpoint then:
+    planning.checks.mixed_runs); a requeued job continues from its own checkpoints, so the job resumes `auto`."""
+    if recipe.train.resume != "never":
+        return recipe
+    return recipe.model_copy(update={"train": recipe.train.model_copy(update={"resume": "auto"})})
