@@ -16,7 +16,8 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from launcher.config.loading import Source, read_yaml, validate
-from launcher.config.recipe import FREE_TEXT, MemorySize, Strict
+from launcher.config.recipe import MemorySize
+from launcher.config.strict import FREE_TEXT, Strict
 from launcher.errors import Problem, ProfileError
 
 BYTES = {
@@ -48,7 +49,7 @@ class LocalProfile(Strict):
 
 
 # The syntax of what a Slurm profile writes into the job script, checked before anything is written (every
-# string is also one line of printable text: recipe.Strict). Values are quoted there as well (backends/slurm).
+# string is also one line of printable text: strict.Strict). Values are quoted there as well (backends/slurm).
 SYNTAX = {
     "name": (r"[A-Za-z0-9_][A-Za-z0-9_.+-]*", "a Slurm name (letters, digits, _ . + -)"),
     "names": (r"[A-Za-z0-9_][A-Za-z0-9_.+-]*(,[A-Za-z0-9_][A-Za-z0-9_.+-]*)*", "Slurm names, comma-separated"),

@@ -4,7 +4,7 @@ profile into OUTPUT_DIR/job.sbatch.
 Two parsers read it, and every value is made safe for the one that reads it: sbatch reads the #SBATCH lines
 (up to the first command; `directive` quotes a value for sbatch's own word splitting, in which spaces, quotes,
 backslashes and an unquoted # matter, and `filename_pattern` doubles the % of --output's file name pattern),
-and bash reads the rest (`shquote`). No value holds a control character (config.recipe.Strict), so none can
+and bash reads the rest (`shquote`). No value holds a control character (config.strict.Strict), so none can
 end a line; profile fields are also checked for Slurm's syntax (config.cluster.SYNTAX)."""
 
 from __future__ import annotations
