@@ -125,7 +125,11 @@ def _active_job(run_dir: Path) -> str | None:
 
 
 def in_use(run_dir: Path) -> str | None:
-    """Who holds output_dir right now, or None. Never blocks, never writes."""
+    """Who holds output_dir right now, or None. Never blocks, never writes. A follower node of a Slurm job step
+    asks nothing: node 0 of its own job holds the folder (and a shared file system may show it the lock's
+    record late)."""
+    if _follower():
+        return None
     path = lock_path(run_dir)
     if path.is_file():
         with open(path, "rb") as f:
