@@ -124,23 +124,42 @@ def _active_job(run_dir: Path) -> str | None:
     return f"job {status.job_id} ({status.state})"
 
 
+# Inside a submitted job, the `launch` that submitted it may still hold the lock for a moment (the job can start
+# before sbatch or Ray Jobs has returned its id to it): a job waits this long for the lock before it is refused.
+JOB_START_PATIENCE_S = 60.0
+
+
+def _patience() -> float:
+    return JOB_START_PATIENCE_S if _own_job() else 0.0
+
+
+def _held_by_another(path: Path) -> str | None:
+    """The holder of the lock file, unless it is free or held by this process's own job."""
+    with open(path, "rb") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            record = _record(path)
+            return None if record.get("job") and record.get("job") == _own_job() else _holder(record)
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
 def in_use(run_dir: Path) -> str | None:
-    """Who holds output_dir right now, or None. Never blocks, never writes. A follower node of a Slurm job step
-    asks nothing: node 0 of its own job holds the folder (and a shared file system may show it the lock's
-    record late)."""
+    """Who holds output_dir right now, or None. Never writes; waits only inside a job (JOB_START_PATIENCE_S). A
+    follower node of a Slurm job step asks nothing: node 0 of its own job holds the folder (and a shared file
+    system may show it the lock's record late)."""
     if _follower():
         return None
     path = lock_path(run_dir)
-    if path.is_file():
-        with open(path, "rb") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                record = _record(path)
-                if not (record.get("job") and record.get("job") == _own_job()):
-                    return _holder(record)
-            else:
-                fcntl.flock(f, fcntl.LOCK_UN)
+    deadline = time.time() + _patience()
+    while path.is_file():
+        holder = _held_by_another(path)
+        if holder is None:
+            break
+        if time.time() >= deadline:
+            return holder
+        time.sleep(0.2)
     return _active_job(run_dir)
 
 
@@ -181,10 +200,15 @@ def claim(run_dir: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise _refusal(run_dir, _holder(_record(path))) from None
+        deadline = time.time() + _patience()
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.time() >= deadline:
+                    raise _refusal(run_dir, _holder(_record(path))) from None
+                time.sleep(0.2)
         job = _active_job(run_dir)
         if job:
             raise _refusal(run_dir, job)
