@@ -124,7 +124,7 @@ def test_a_secret_reaches_the_workers_but_never_rays_state(clean_run, ray_cluste
     runtime envs, events, Ray Train runs) contains it, while the runtime_env's plain settings are there."""
     out, run = clean_run
     assert run.returncode == 0, run.output[-4000:]
-    assert summary(out)["ray"]["secrets_received"] == ["HF_TOKEN"]
+    assert "HF_TOKEN" in summary(out)["ray"]["secrets_received"]
     state = ray_state(ray_cluster[1])
     assert any(PLAIN_PROBE in text for text in state.values()), "the state searched holds the workers' runtime_env"
     leaked = [endpoint for endpoint, text in state.items() if SECRET_TOKEN in text]
