@@ -187,7 +187,7 @@ def test_a_payload_in_any_pickle_of_a_checkpoint_is_refused_and_never_runs(runs,
     assert out[name].returncode == 0, out[name].output[-3000:]
     newest = complete(root / name)[-1]
     holders = sorted(p.relative_to(newest) for p in newest.rglob("*") if p.is_file() and any(pickles_in(p)))
-    assert len(holders) >= 3, holders
+    assert len(holders) >= 2, holders  # ddp on 1 rank: optimizer.bin, random_states_0.pkl
     marker = tmp_path / "payload-ran"
     extra = STRATEGIES.get(name, [])
     for relative in holders:
