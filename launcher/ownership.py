@@ -124,41 +124,42 @@ def _active_job(run_dir: Path) -> str | None:
     return f"job {status.job_id} ({status.state})"
 
 
-# Inside a submitted job, the `launch` that submitted it may still hold the lock for a moment (the job can start
-# before sbatch or Ray Jobs has returned its id to it): a job waits this long for the lock before it is refused.
+# A submitted job can start before sbatch (or Ray Jobs) has returned its id to the `launch` that submitted it,
+# which holds the lock until then: inside a job, a lock held by a submission is waited for this long.
 JOB_START_PATIENCE_S = 60.0
 
 
-def _patience() -> float:
-    return JOB_START_PATIENCE_S if _own_job() else 0.0
-
-
-def _held_by_another(path: Path) -> str | None:
-    """The holder of the lock file, unless it is free or held by this process's own job."""
+def _held(path: Path) -> dict | None:
+    """The record of whoever else holds the lock file now, or None (free, or held by this process's own job)."""
     with open(path, "rb") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             record = _record(path)
-            return None if record.get("job") and record.get("job") == _own_job() else _holder(record)
+            return None if record.get("job") and record.get("job") == _own_job() else record
         fcntl.flock(f, fcntl.LOCK_UN)
     return None
 
 
+def _wait_for_submitter(record: dict, deadline: float) -> bool:
+    """Whether to wait for this holder: it is submitting a job, and this process runs in one (maybe that job)."""
+    return bool(record.get("submitting")) and _own_job() is not None and time.time() < deadline
+
+
 def in_use(run_dir: Path) -> str | None:
-    """Who holds output_dir right now, or None. Never writes; waits only inside a job (JOB_START_PATIENCE_S). A
-    follower node of a Slurm job step asks nothing: node 0 of its own job holds the folder (and a shared file
-    system may show it the lock's record late)."""
+    """Who holds output_dir right now, or None. Never writes, and waits only for a submission in progress when
+    run inside a job (JOB_START_PATIENCE_S). A follower node of a Slurm job step asks nothing: node 0 of its own
+    job holds the folder (and a shared file system may show it the lock's record late)."""
     if _follower():
         return None
     path = lock_path(run_dir)
-    deadline = time.time() + _patience()
+    deadline = time.time() + JOB_START_PATIENCE_S
     while path.is_file():
-        holder = _held_by_another(path)
-        if holder is None:
+        record = _held(path)
+        if record is None:
             break
-        if time.time() >= deadline:
-            return holder
+        if not _wait_for_submitter(record, deadline):
+            return _holder(record)
         time.sleep(0.2)
     return _active_job(run_dir)
 
@@ -189,9 +190,10 @@ def _follower() -> bool:
 
 
 @contextlib.contextmanager
-def claim(run_dir: Path) -> Iterator[None]:
-    """Hold output_dir for the block: create it (and launch/), take the lock, write who holds it. Raises
-    RecipeError naming the holder when another launch has it."""
+def claim(run_dir: Path, submitting: bool = False) -> Iterator[None]:
+    """Hold output_dir for the block: create it (and launch/), take the lock, write who holds it (`submitting`: a
+    job is being submitted, which then holds the folder by its id). Raises RecipeError naming the holder when
+    another launch has it."""
     if _follower():
         yield
         return
@@ -200,19 +202,22 @@ def claim(run_dir: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        deadline = time.time() + _patience()
+        deadline = time.time() + JOB_START_PATIENCE_S
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                if time.time() >= deadline:
-                    raise _refusal(run_dir, _holder(_record(path))) from None
+                holder = _record(path)
+                if not _wait_for_submitter(holder, deadline):
+                    raise _refusal(run_dir, _holder(holder)) from None
                 time.sleep(0.2)
         job = _active_job(run_dir)
         if job:
             raise _refusal(run_dir, job)
         record = {"host": socket.gethostname(), "pid": os.getpid(), "job": _own_job(), "since": time.time()}
+        if submitting:
+            record["submitting"] = True
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(record).encode(), 0)
         os.fsync(fd)

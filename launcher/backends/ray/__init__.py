@@ -126,7 +126,7 @@ class RayBackend(Backend):
         else:  # the head sees this folder and this Python (a shared filesystem)
             entrypoint = f"cd {shlex.quote(os.getcwd())} && {shlex.join([sys.executable, *command])}"
         spec = Path(recipe.output_dir) / SPEC_DIR
-        with claim(Path(recipe.output_dir)):  # then the job holds it while it runs (launch/jobs: ownership)
+        with claim(Path(recipe.output_dir), submitting=True):  # then the job holds it (launch/jobs: ownership)
             with scoped_environ({"RAY_AUTH_MODE": profile.auth}):
                 client = JobSubmissionClient(profile.dashboard)
                 job_id = client.submit_job(entrypoint=entrypoint, runtime_env=profile.runtime_env or None)

@@ -98,7 +98,7 @@ class SlurmBackend(Backend):
         run_dir = Path(recipe.output_dir).resolve()
         text = render_script(recipe, plan, profile)  # refuses what it cannot write safely, before anything is written
         # held while submitting; from then on the job holds it (its id, the newest line of launch/jobs: ownership)
-        with claim(run_dir):
+        with claim(run_dir, submitting=True):
             spec = write_spec(run_dir, _resuming_itself(recipe), plan, LaunchFacts.now())
             (spec / "cluster.yaml").write_text(
                 yaml.safe_dump(resolved(profile).model_dump(mode="json"), sort_keys=False)
