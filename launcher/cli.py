@@ -112,6 +112,7 @@ def launch_recipe(request: LaunchRequest, started: float | None = None) -> ExitC
     from launcher.config.cluster import load_profile, parse_bytes
     from launcher.config.loading import load_recipe
     from launcher.errors import Problem, RecipeError, UsageError
+    from launcher.ownership import in_use, refuse_if_in_use
     from launcher.planning.checks import check_recipe, ignored_settings, missing_weights
     from launcher.planning.packing import train_lengths
     from launcher.planning.plan import make_plan
@@ -130,6 +131,15 @@ def launch_recipe(request: LaunchRequest, started: float | None = None) -> ExitC
     if problems:
         raise UsageError("command line", problems)
     recipe = load_recipe(request.recipe, request.overrides)
+    problems = backend.recipe_problems(recipe)
+    if problems:
+        raise RecipeError("recipe", problems)
+    run_dir = Path(recipe.output_dir)
+    holder = in_use(run_dir)  # first, and in milliseconds: a second launch into a busy output_dir stops here
+    if holder and not request.dry_run:
+        refuse_if_in_use(run_dir)
+    elif holder:
+        print(f"warning: output_dir is in use by {holder}; launching now would be refused", file=sys.stderr)
     splits = check_recipe(recipe)
     layout = backend.layout(nodes=request.nodes, procs=request.procs)
     gpu_memory = parse_bytes(profile.gpu_memory) if getattr(profile, "gpu_memory", None) else None
@@ -146,8 +156,8 @@ def launch_recipe(request: LaunchRequest, started: float | None = None) -> ExitC
         train_lengths=train_lengths(recipe, splits) if packing else None,
         peak_tflops=getattr(profile, "peak_tflops", None),
     )
-    resume = resume_point(recipe, plan)
-    for note in [*ignored_settings(recipe), *plan.warnings]:
+    resume = resume_point(recipe, plan, splits)
+    for note in [*ignored_settings(recipe, splits), *plan.warnings]:
         print(f"warning: {note}", file=sys.stderr)
     for note in splits.notes:
         print(f"warning: {note}", file=sys.stderr)
@@ -177,11 +187,13 @@ def launch_recipe(request: LaunchRequest, started: float | None = None) -> ExitC
     return ExitCode.OK
 
 
-def resume_point(recipe, plan) -> str:
-    """Where training will start; a checkpoint that cannot continue this recipe, or whose files do not match its
-    manifest, is refused here, before launch (resume: auto passes over damaged ones with a warning)."""
+def resume_point(recipe, plan, splits) -> str:
+    """Where training will start, and the train settings that changed since that checkpoint (they take effect);
+    a checkpoint that cannot continue this recipe, whose files do not match its manifest, or that holds a
+    pickle naming code, is refused here, before launch (resume: auto passes over damaged ones with a warning)."""
     from launcher.errors import Problem, RecipeError
-    from launcher.train.checkpoint import CheckpointMismatch, check_compatible, newest_intact, world_size_note
+    from launcher.train.checkpoint import CheckpointMismatch, newest_intact
+    from launcher.train.compatibility import check_compatible, settings_changes, unrecorded, world_size_note
 
     try:
         found, skipped = newest_intact(Path(recipe.output_dir), recipe.train.resume)
@@ -189,11 +201,18 @@ def resume_point(recipe, plan) -> str:
             print(f"warning: {note}; resuming from an older checkpoint", file=sys.stderr)
         if found is None:
             return "from the pretrained weights"
-        state = check_compatible(found, recipe, plan)
+        state = check_compatible(found, recipe, plan, splits)
     except CheckpointMismatch as exc:
         raise RecipeError("resume", [Problem("train.resume", str(exc))]) from None
-    note = world_size_note(state, plan.world_size)
-    return f"step {state.step} of {found}" + (f" ({note})" if note else "")
+    missing = unrecorded(state)
+    if missing:
+        print(f"warning: {found} was written by an earlier launcher, which did not record {', '.join(missing)}: "
+              "a change of those since cannot be detected", file=sys.stderr)  # fmt: skip
+    notes = [world_size_note(state, plan.world_size)]
+    changes = settings_changes(state, recipe)
+    if changes:
+        notes.append(f"changed since the checkpoint, taking effect: {', '.join(changes)}")
+    return f"step {state.step} of {found}" + "".join(f" ({note})" for note in notes if note)
 
 
 def print_plan(recipe, plan, resume: str, gpu_memory: int | None) -> None:

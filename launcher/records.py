@@ -72,9 +72,12 @@ class CheckpointState(Record):
 
     what: ClassVar[str] = "checkpoint state"
     step: int
-    # None where a writer left them out; train.checkpoint.check_compatible refuses a checkpoint without them
+    # None where a writer left them out; train.compatibility.check_compatible refuses a checkpoint without them
     world_size: int | None = None
-    fingerprint: dict[str, Any] | None = None  # train.checkpoint.fingerprint(recipe): model, task, classes, batch
+    # train.compatibility.fingerprint: what a resume must match (model, task, classes, batch, data, max_length...)
+    fingerprint: dict[str, Any] | None = None
+    # train.compatibility.train_settings: the recipe's train section it was written under (may change on resume)
+    settings: dict[str, Any] | None = None
     epoch: float | None = None
     samples_seen: int | None = None
     first_loss: float | None = None

@@ -131,3 +131,20 @@ def preflight_recipe(model: str, out: Path, *extra: str) -> list:
 
 def preflight_report(out: Path) -> dict:
     return json.loads((out / "preflight.json").read_text())
+
+
+def ended(processes: list, timeout: float) -> list:
+    """The processes (psutil.Process) still running after `timeout` s; a zombie (ended, not yet reaped by init)
+    counts as ended."""
+    import psutil
+
+    def running(p) -> bool:
+        try:
+            return p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.time() + timeout
+    while any(running(p) for p in processes) and time.time() < deadline:
+        time.sleep(0.02)
+    return [p for p in processes if running(p)]

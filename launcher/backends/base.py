@@ -102,6 +102,10 @@ class Backend(ABC):
             return [Problem("--submit", f"--submit needs a Ray cluster profile; the {self.name} backend runs here")]
         return []
 
+    def recipe_problems(self, recipe: Recipe) -> list[Problem]:
+        """What of a valid recipe this backend cannot carry (e.g. a path its job script cannot name)."""
+        return []
+
     @abstractmethod
     def layout(self, *, nodes: int, procs: int | None) -> Layout:
         """Nodes, ranks per node and device for this launch, or a ProfileError / UsageError."""

@@ -13,6 +13,7 @@ from launcher.backends.torchrun import run_ranks, worker_env
 from launcher.config.cluster import LocalProfile
 from launcher.config.recipe import Recipe
 from launcher.errors import Problem, ProfileError, UsageError
+from launcher.ownership import claim
 from launcher.planning.plan import Plan
 from launcher.spec import LaunchFacts, write_spec
 
@@ -68,8 +69,9 @@ class LocalBackend(Backend):
         return Layout(1, procs or gpus or 1, "cuda" if gpus else "cpu")
 
     def launch(self, recipe: Recipe, plan: Plan, facts: LaunchFacts, *, follow: bool) -> str:
-        """Run every rank here (a local run always follows)."""
-        spec = write_spec(Path(recipe.output_dir), recipe, plan, facts)
-        environ = {**os.environ, **self.profile.env}
-        run_ranks(plan, spec, {**self.profile.env, **worker_env(plan, environ)})
+        """Run every rank here (a local run always follows), holding output_dir while they run."""
+        with claim(Path(recipe.output_dir)):
+            spec = write_spec(Path(recipe.output_dir), recipe, plan, facts)
+            environ = {**os.environ, **self.profile.env}
+            run_ranks(plan, spec, {**self.profile.env, **worker_env(plan, environ)})
         return f"done: {Path(recipe.output_dir).resolve() / result_file(recipe)}"

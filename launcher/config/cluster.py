@@ -13,10 +13,11 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from launcher.config.loading import Source, read_yaml, validate
-from launcher.config.recipe import MemorySize, Strict
+from launcher.config.recipe import MemorySize
+from launcher.config.strict import FREE_TEXT, Strict
 from launcher.errors import Problem, ProfileError
 
 BYTES = {
@@ -52,6 +53,56 @@ class LocalProfile(Strict):
     gpu_memory: MemorySize | None = Field(None, description="Memory per GPU for the planner, e.g. 80GiB.")
     peak_tflops: float | None = Field(None, gt=0, description=PEAK_TFLOPS_HELP)
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables set for every rank.")
+
+
+# The syntax of what a Slurm profile writes into the job script, checked before anything is written (every
+# string is also one line of printable text: strict.Strict). Values are quoted there as well (backends/slurm).
+SYNTAX = {
+    "name": (r"[A-Za-z0-9_][A-Za-z0-9_.+-]*", "a Slurm name (letters, digits, _ . + -)"),
+    "names": (r"[A-Za-z0-9_][A-Za-z0-9_.+-]*(,[A-Za-z0-9_][A-Za-z0-9_.+-]*)*", "Slurm names, comma-separated"),
+    "features": (r"[A-Za-z0-9_.,&|*!()\[\]:=+-]+", "Slurm features joined by & | , [ ] * (no spaces)"),
+    "time": (
+        r"(\d+|\d+:\d{1,2}(:\d{1,2})?|\d+-\d{1,2}(:\d{1,2}){0,2}|(?i:unlimited|infinite))",
+        "a Slurm time: MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS or UNLIMITED",
+    ),
+    "variable": (r"[A-Za-z_][A-Za-z0-9_]*", "an environment variable name (letters, digits, _; not a digit first)"),
+    "word": (r"[^\s-]\S*", "one word, not an option (no spaces, not starting with -)"),
+    "mount": (r"[^\s,]+", "SRC:DST[:FLAGS] without spaces or commas (mounts are joined with commas)"),
+    "option": (r"-\S.*", "an sbatch option, e.g. --exclusive"),
+}
+
+
+def syntax_problem(value: str, kind: str) -> str | None:
+    """Why `value` is not of the syntax `kind` (SYNTAX), or None."""
+    pattern, what = SYNTAX[kind]
+    return None if re.fullmatch(pattern, value) else f"{value!r} is not {what}"
+
+
+def _checked(kind: str, value):
+    """`value` (a string, a list of them, a dict's keys, or None) if of syntax `kind`; else ValueError."""
+    for text in [] if value is None else [value] if isinstance(value, str) else value:
+        problem = syntax_problem(text, kind)
+        if problem:
+            raise ValueError(problem)
+    return value
+
+
+# SlurmProfile field → its syntax
+FIELD_SYNTAX = {
+    "partition": "names",
+    "account": "name",
+    "qos": "name",
+    "constraint": "features",
+    "time": "time",
+    "env": "variable",
+    "secret_env": "variable",
+    "modules": "word",
+    "extra_sbatch": "option",
+}
+
+
+# Never written anywhere, whatever the profile says: passed from the submitting environment only.
+ALWAYS_SECRET = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
 
 
 class RayProfile(Strict):
@@ -90,6 +141,11 @@ class RayProfile(Strict):
     object_store_memory: MemorySize = Field(
         "512MiB", description="Object store of the private cluster (address: local); Ray's default is 30% of RAM."
     )
+    secret_env: list[str] = Field(
+        default_factory=list,
+        description="Names of variables the workers get from the driver's environment through the object "
+        f"store, never in a runtime_env, which Ray records ({', '.join(ALWAYS_SECRET)} always are).",
+    )
     auth: Literal["token", "disabled"] = Field(
         "token",
         description="Ray token authentication (on by default "
@@ -97,6 +153,23 @@ class RayProfile(Strict):
         "driver; the token comes from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH "
         "or ~/.ray/auth_token.",
     )
+
+    @field_validator("secret_env")
+    @classmethod
+    def _secret_names(cls, value):
+        return _checked("variable", value)
+
+    @model_validator(mode="after")
+    def _secrets_stay_out_of_ray_state(self):
+        env_vars = self.runtime_env.get("env_vars") or {}
+        leaked = sorted(set(env_vars) & (set(self.secret_env) | set(ALWAYS_SECRET)))
+        if leaked:
+            raise ValueError(
+                f"runtime_env.env_vars must not hold secrets ({', '.join(leaked)}): Ray records a runtime_env in "
+                "its state (State API, dashboard, export events); export them in the shell that runs `launch` "
+                "(and list them in secret_env): the workers get them through the object store"
+            )
+        return self
 
 
 class Container(Strict):
@@ -106,9 +179,10 @@ class Container(Strict):
         description="SRC:DST mounts (--container-mounts); the run directory must be reachable at the same path inside.",
     )
 
-
-# Never written anywhere, whatever the profile says: passed from the submitting environment only.
-ALWAYS_SECRET = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
+    @field_validator("image", "mounts")
+    @classmethod
+    def _container_syntax(cls, value, info: ValidationInfo):
+        return _checked("word" if info.field_name == "image" else "mount", value)
 
 
 class SlurmProfile(Strict):
@@ -143,9 +217,19 @@ class SlurmProfile(Strict):
         f"environment, never written to a file ({', '.join(ALWAYS_SECRET)} always are).",
     )
     modules: list[str] = Field(default_factory=list, description="`module load` these before anything else.")
-    setup: list[str] = Field(default_factory=list, description="Shell lines run in the job before the ranks start.")
+    setup: list[str] = Field(
+        default_factory=list,
+        description="Shell lines run in the job before the ranks start: the one field that is code.",
+        json_schema_extra=FREE_TEXT,
+    )
     container: Container | None = Field(None, description="Run the ranks in a container (pyxis).")
     python: str | None = Field(None, description="Python on the compute nodes; default: the one running `launch`.")
+
+    @field_validator(*FIELD_SYNTAX)
+    @classmethod
+    def _slurm_syntax(cls, value, info: ValidationInfo):
+        """What reaches the job script in the syntax Slurm (or the shell) gives it; env: its names."""
+        return _checked(FIELD_SYNTAX[info.field_name], value)
 
     @model_validator(mode="after")
     def _secrets_stay_out_of_files(self):

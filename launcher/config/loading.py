@@ -249,6 +249,10 @@ def _problem(err: dict, data: dict, source: Source, schema: type[BaseModel] = Re
         msg = err["msg"].removeprefix("Value error, ")
         if given is not None and not isinstance(given, (dict, list)):
             msg += f" (given: {given!r})"
+        field, sep, rest = msg.partition(": ")
+        if sep and isinstance(given, dict) and field in given:  # a section's check naming one of its keys
+            loc, msg = (*loc, field), rest
+            dotted = ".".join(str(p) for p in loc)
     return Problem(dotted, msg, source.where(loc))
 
 

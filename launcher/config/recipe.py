@@ -9,46 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from launcher.config.strict import Strict
 from launcher.config.tasks import TASKS, TaskSpec
 
 # the task types are the registry's (config.tasks); Literal[...] of its names keeps the schema's error messages
 TaskType = Literal[tuple(TASKS)]  # type: ignore[valid-type]
 Precision = Literal["fp32", "bf16", "fp16"]
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}  # bytes per value of each Precision
-
-
-class Strict(BaseModel):
-    # inf/nan are never a meaningful setting (lr: 1e999 reads as inf)
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_bool_as_number(cls, data):
-        """YAML reads yes/no/on/off as booleans, and pydantic would take True as the number 1; an integer of
-        40 digits would be taken as it is (a run of 10^40 steps) and overflow torch and numpy later."""
-        if isinstance(data, dict):
-            for key, value in data.items():
-                field = cls.model_fields.get(key) if isinstance(key, str) else None
-                if isinstance(value, bool) and field is not None and bool not in _types_in(field.annotation):
-                    raise ValueError(
-                        f"{key}: expected a number or text, got the boolean {value!r} (YAML reads "
-                        "yes/no/on/off/true/false as booleans)"
-                    )
-                if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
-                    raise ValueError(f"{key}: {value} is out of range (a setting here is a 64-bit integer)")
-        return data
-
-
-def _types_in(annotation) -> set:
-    """The plain types an annotation admits (unions, Optional and Annotated unwrapped)."""
-    if isinstance(annotation, type):
-        return {annotation}
-    found = set()
-    for arg in getattr(annotation, "__args__", ()) or ():
-        found |= _types_in(arg)
-    return found
 
 
 # ----------------------------------------------------------------------------- model
@@ -224,6 +193,12 @@ class TaskConfig(Strict):
         spec = self.spec
         if spec.needs_classes and self.labels is None and self.num_labels is None:
             errors.append(f"task type {self.type!r} needs num_labels or labels")
+        elif spec.label in ("class", "tags") and self.resolved_num_labels < 2:
+            errors.append(
+                f"task type {self.type!r} with {self.resolved_num_labels} class: a softmax over one class is "
+                "always 1, so the loss is 0 and accuracy 1.0 whatever the model does; give at least 2 classes "
+                "(a score to predict is task type 'regression')"
+            )
         if self.loss is not None and self.loss.name not in spec.losses:
             valid = ", ".join(sorted(spec.losses))
             errors.append(f"loss {self.loss.name!r} does not fit task {self.type!r}; valid: {valid}")

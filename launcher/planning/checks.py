@@ -12,6 +12,7 @@ from pathlib import Path
 from launcher.config.loading import resolve_model_path
 from launcher.config.recipe import Recipe
 from launcher.errors import Problem, RecipeError
+from launcher.ownership import folder_problems
 from launcher.planning.data_files import Splits, load_splits
 
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
@@ -82,6 +83,7 @@ def check_paths(recipe: Recipe) -> list[Problem]:
     existing = next((p for p in out.absolute().parents if p.exists()), None)
     if not out.exists() and existing is not None and not existing.is_dir():
         problems.append(Problem("output_dir", f"{existing} is a file, so {out} cannot be created; give a folder"))
+    problems += folder_problems(recipe.output_dir)
     resume = recipe.train.resume
     if resume not in ("auto", "never") and not Path(resume).is_dir():
         problems.append(
@@ -89,12 +91,34 @@ def check_paths(recipe: Recipe) -> list[Problem]:
                 "train.resume", f"checkpoint folder {resume} not found; use 'auto', 'never' or a checkpoint-* folder"
             )
         )
-    return problems
+    return problems + mixed_runs(recipe)
 
 
-def ignored_settings(recipe: Recipe) -> list[str]:
-    """Settings that are valid but have no effect for this task: said, not silently dropped."""
+def mixed_runs(recipe: Recipe) -> list[Problem]:
+    """Starting over (resume: never), or from a checkpoint elsewhere, in an output_dir that holds checkpoints of
+    an earlier launch would mix two runs there: retention would count the other run's checkpoints, and the
+    next `resume: auto` would pick whichever has the highest step."""
+    from launcher.train.checkpoint import complete
+
+    resume, out = recipe.train.resume, Path(recipe.output_dir)
+    found = complete(out)
+    if resume == "auto" or not found or (resume != "never" and Path(resume).resolve().parent == out.resolve()):
+        return []
+    start = "starting over" if resume == "never" else f"resuming {resume}"
+    return [
+        Problem(
+            "train.resume",
+            f"{start} in {out}, which holds checkpoints of an earlier launch ({found[-1].name}, ...), would mix two "
+            f"runs there; use a fresh output_dir, or remove those checkpoints first",
+        )
+    ]
+
+
+def ignored_settings(recipe: Recipe, splits: Splits | None = None) -> list[str]:
+    """Settings that are valid but have no effect for this task (or on these rows): said, not silently dropped."""
     notes = recipe.task.spec.ignored_settings(recipe)
+    if splits is not None:
+        notes += empty_carved_splits(recipe, splits)
     if recipe.train.max_steps is not None and "epochs" in recipe.train.model_fields_set:
         notes.append("train.epochs is ignored: train.max_steps sets the length of the run")
     dist = recipe.distributed
@@ -104,6 +128,24 @@ def ignored_settings(recipe: Recipe) -> list[str]:
         )
     if recipe.train.eval_every is not None and recipe.data.validation is None and recipe.data.split.validation == 0:
         notes.append("train.eval_every is ignored: there is no validation split")
+    return notes
+
+
+def empty_carved_splits(recipe: Recipe, splits: Splits) -> list[str]:
+    """A validation or test share of `data.split` that rounds to no row of this training file: evaluation would
+    be off (or the test split empty) without a word."""
+    notes = []
+    total = len(splits.train) + sum(
+        len(getattr(splits, s)) for s in ("validation", "test") if getattr(recipe.data, s) is None
+    )
+    for split in ("validation", "test"):
+        ratio = getattr(recipe.data.split, split)
+        if getattr(recipe.data, split) is None and ratio > 0 and not getattr(splits, split):
+            effect = "there is no evaluation (train.eval_every is ignored)" if split == "validation" else "no test"
+            notes.append(
+                f"data.split.{split} {ratio:g} of {total} rows rounds to 0 rows: {effect}; use at least "
+                f"{1 / total:.2g}, or give data.{split} a file"
+            )
     return notes
 
 

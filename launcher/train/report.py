@@ -41,14 +41,23 @@ class _ConsoleHandler(logging.Handler):
         self.console.print(self.format(record), markup=False, highlight=False, soft_wrap=True)
 
 
-def truncate_metrics(run_dir: Path, last_step: int) -> None:
-    """On resume, forget records of steps after the checkpoint: they are trained again."""
+def truncate_metrics(run_dir: Path, last_step: int, log: logging.Logger | None = None) -> None:
+    """On resume, forget records of steps after the checkpoint: they are trained again. A line that is not a
+    JSON record (a kill in the middle of a write tears the last one) is dropped, and said."""
     path = run_dir / METRICS_FILE
     if not path.exists():
         return
-    kept = [
-        line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= last_step
-    ]
+    kept, torn = [], []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except ValueError:
+            torn.append(number)
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= last_step:
+            kept.append(line)
+    if torn and log is not None:
+        log.warning(f"{path}: dropped {len(torn)} line(s) that are not JSON records (line {torn[0]}: torn by a kill?)")
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)

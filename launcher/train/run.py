@@ -23,7 +23,7 @@ from launcher.planning.data_files import label_counts, load_splits
 from launcher.planning.plan import Plan
 from launcher.records import CheckpointState, LossEnds, Summary
 from launcher.spec import LaunchFacts
-from launcher.train import checkpoint, preflight
+from launcher.train import checkpoint, compatibility, preflight
 from launcher.train.clock import Clock
 from launcher.train.components import (
     make_accelerator,
@@ -46,6 +46,7 @@ from launcher.train.report import Reporter, StepLosses, rank_logger, truncate_me
 from launcher.train.stop import StopRequest
 from launcher.train.tasks import hooks
 from launcher.train.throughput import ModelFlops, Throughput
+from launcher.train.unpickling import safe_loading
 
 OnCheckpoint = Callable[[Path, CheckpointState], None]
 # heartbeat phase → the failure drill that fires on entering it (train.drills; "write" fires inside the save)
@@ -121,11 +122,12 @@ class Run:
         note = self.task.set_up(self.engine, lambda: build(recipe, self.tokenizer, acc.device))  # a reference model
         if note:
             self.log.info(note)
-        self.scheduler = make_scheduler(self.engine.base_optimizer, recipe, plan)
-        acc.register_for_checkpointing(self.scheduler)
         self.collate = Collate(self.task)
         self.evaluator = Evaluator(acc, self.model, self.loss_fn, self.collate, self.task, recipe, plan)
+        self.fingerprint = compatibility.fingerprint(recipe, self.splits)
         first, last = self.resume()
+        # after the resume: the schedule is the recipe's at this step, whatever the checkpoint's optimizer held
+        self.scheduler = make_scheduler(self.engine.base_optimizer, recipe, plan, self.start_step)
         self.batches = make_batches(plan, recipe, self.data["train"])  # data.packing / group_by_length
         self.throughput = Throughput(acc, flops, plan.peak_tflops, recipe.distributed.straggler_factor, self.log)
         self.reporter = Reporter(
@@ -145,19 +147,22 @@ class Run:
         first = last = None
         found, _ = checkpoint.newest_intact(self.run_dir, self.recipe.train.resume)
         if found is not None:
-            state = checkpoint.check_compatible(found, self.recipe, self.plan)
-            self.acc.load_state(str(found))
-            self.engine.load(found, state.world_size)
+            state = compatibility.check_compatible(found, self.recipe, self.plan, self.splits)
+            with safe_loading():  # weights_only for every torch.load, whatever the library asks (train.unpickling)
+                self.acc.load_state(str(found))
+                self.engine.load(found, state.world_size)
+                seeded = checkpoint.restore_rng(found, self.rank, self.recipe.train.seed, state.step)
             self.start_step, self.resumed_from, self.resumed_world_size = state.step, str(found), state.world_size
             first, last = state.first_loss, state.last_loss
             self.log.info(f"resumed from {found} at step {self.start_step}")
-            note = checkpoint.world_size_note(state, self.world)
-            if note:
+            changes = compatibility.settings_changes(state, self.recipe)
+            notes = [compatibility.world_size_note(state, self.world)] + [f"takes effect: {c}" for c in changes]
+            for note in filter(None, notes):
                 self.log.info(note)
-            if checkpoint.restore_missing_rng(found, self.rank, self.recipe.train.seed, self.start_step):
+            if seeded:
                 self.log.info(f"no saved random state for rank {self.rank}: seeded from (seed, step, rank)")
         if self.acc.is_main_process:  # steps after the checkpoint (all, when a killed run had none) are run again
-            truncate_metrics(self.run_dir, self.start_step)
+            truncate_metrics(self.run_dir, self.start_step, self.log)
         self.acc.wait_for_everyone()
         return first, last
 
@@ -234,12 +239,13 @@ class Run:
             world_size=self.world,
             first_loss=self.losses.first,
             last_loss=self.losses.last,
-            fingerprint=checkpoint.fingerprint(self.recipe),
+            fingerprint=self.fingerprint,
+            settings=compatibility.train_settings(self.recipe),
             plan=plan.model_dump(),
         )
         folder = checkpoint.save(
             self.acc, self.run_dir, step, state, self.recipe.train.keep_last, engine=self.engine,
-            hash_files=self.recipe.train.checkpoint_hash, written=lambda: self.drill(step, "write"),
+            hash_files=self.recipe.train.checkpoint_hash, written=lambda: self.drill(step, "write"), note=self.log.info,
         )  # fmt: skip
         if self.on_checkpoint is not None:
             self.on_checkpoint(folder, state)

@@ -77,11 +77,58 @@ def ray_run(model: str, out, profile, *extra: str, env: dict | None = None):
     return launch(*small_run(model, out), *extra, "--nodes", "2", "--cluster", profile, env=env, timeout=RAY_TIMEOUT)
 
 
+# The clean run's environment holds a secret (which Ray must never receive in a runtime_env) and a plain setting
+# that does travel in the workers' runtime_env: Ray's state shows the second, so a search for the first means
+# something.
+SECRET_TOKEN = f"hf_{secrets.token_hex(16)}"
+PLAIN_PROBE = f"probe-{secrets.token_hex(8)}"
+
+
 @pytest.fixture(scope="module")
 def clean_run(tiny, ray_profile, tmp_path_factory):
     """An uninterrupted 2-worker run: dropout on, so the resumed run must restore every rank's RNG too."""
     out = tmp_path_factory.mktemp("ray-clean") / "run"
-    return out, ray_run(tiny["bert_dropout"], out, ray_profile)
+    # Ray Train keeps its run state (shown by the dashboard's Train API) when this is on: searched below too
+    env = {"HF_TOKEN": SECRET_TOKEN, "LAUNCHER_STATE_PROBE": PLAIN_PROBE, "RAY_TRAIN_ENABLE_STATE_TRACKING": "1"}
+    return out, ray_run(tiny["bert_dropout"], out, ray_profile, env=env)
+
+
+def ray_state(dashboard: str) -> dict[str, str]:
+    """What Ray's State API and dashboard hold about jobs, actors, tasks, runtime envs, events and Ray Train runs
+    (the raw JSON answers), read with this session's token as an API client would."""
+    import urllib.request
+
+    answers = {}
+    for endpoint in (
+        "/api/v0/tasks?detail=1&limit=10000",
+        "/api/v0/actors?detail=1&limit=10000",
+        "/api/v0/jobs?limit=10000",
+        "/api/jobs/",
+        "/api/v0/runtime_envs?limit=10000",
+        "/api/v0/cluster_events?limit=10000",
+        "/api/v0/workers?detail=1&limit=10000",
+        "/api/v0/objects?limit=10000",
+        "/api/train/v2/runs/v1",
+    ):
+        request = urllib.request.Request(
+            dashboard + endpoint, headers={"Authorization": f"Bearer {os.environ['RAY_AUTH_TOKEN']}"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            answers[endpoint] = answer.read().decode()
+    return answers
+
+
+def test_a_secret_reaches_the_workers_but_never_rays_state(clean_run, ray_cluster):
+    """HF_TOKEN travels from the driver to the workers through the object store (backends/ray/trainer.py): the
+    workers have it, and no answer of Ray's State API or dashboard (jobs, actors, tasks with their runtime_env,
+    runtime envs, events, Ray Train runs) contains it, while the runtime_env's plain settings are there."""
+    out, run = clean_run
+    assert run.returncode == 0, run.output[-4000:]
+    assert "HF_TOKEN" in summary(out)["ray"]["secrets_received"]
+    state = ray_state(ray_cluster[1])
+    assert any(PLAIN_PROBE in text for text in state.values()), "the state searched holds the workers' runtime_env"
+    leaked = [endpoint for endpoint, text in state.items() if SECRET_TOKEN in text]
+    assert leaked == [], f"Ray recorded the token in {leaked}"
 
 
 def test_two_workers_on_two_ray_nodes(clean_run):

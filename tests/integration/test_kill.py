@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import RECIPES, REPO, final_weights, launch, metric_lines, summary
+from helpers import RECIPES, REPO, ended, final_weights, launch, metric_lines, summary
 
 from launcher.train import checkpoint
 
@@ -186,3 +186,35 @@ def test_kill_at_random_points(tiny, clean, tmp_path):
         f"mean {sum(results) / len(results):.1f} s"
     )
     assert max(results) < EXIT_WITHIN_S
+
+
+def test_kill_9_of_launch_ends_its_ranks(tiny, tmp_path):
+    """SIGKILL of `launch` itself (no handler runs): its ranks end within 10 s (train.lifeline), write nothing
+    more, and output_dir is free again (the kernel released the lock)."""
+    import psutil
+
+    from launcher.ownership import in_use
+
+    run = tmp_path / "run"
+    args = [str(a) for a in small_run(tiny["bert"], run)[:-2]] + ["train.max_steps=400", "--procs", "2"]
+    proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.time() + 300
+        while steps_done(run) < 1:
+            assert proc.poll() is None and time.time() < deadline, "training never started"
+            time.sleep(0.05)
+        ranks = psutil.Process(proc.pid).children()
+        assert len(ranks) == 2 and in_use(run)
+        proc.kill()
+        killed = time.time()
+        alive = ended(ranks, timeout=10)
+        print(f"kill -9 of launch: its ranks ended {time.time() - killed:.2f} s later")
+        assert alive == [], f"ranks outlived launch: {[p.pid for p in alive]}"
+    finally:
+        proc.kill()
+        proc.wait()
+    steps = steps_done(run)
+    time.sleep(1)
+    assert steps_done(run) == steps and not (run / "summary.json").exists()
+    assert in_use(run) is None

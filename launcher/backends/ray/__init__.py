@@ -29,6 +29,7 @@ from launcher.backends.ray.trainer import describe_failure, fit, newer_than_outp
 from launcher.config.cluster import RayProfile
 from launcher.config.recipe import Recipe
 from launcher.errors import JobFailed, Problem, ProfileError, StoppedBySignal, TrainingFailed, UsageError
+from launcher.ownership import claim
 from launcher.planning.plan import Plan
 from launcher.spec import SPEC_DIR, LaunchFacts, write_spec
 
@@ -79,14 +80,15 @@ class RayBackend(Backend):
         import ray
 
         profile = self.profile
-        write_spec(Path(recipe.output_dir), recipe, plan, facts)
 
         def stop(signum, _frame):
             raise StoppedBySignal(signum)
 
         previous = signal.signal(signal.SIGTERM, stop)
         try:
-            with scoped_environ({"RAY_AUTH_MODE": profile.auth}):  # read when ray is initialised
+            # the driver holds output_dir while the workers run; RAY_AUTH_MODE is read when ray is initialised
+            with claim(Path(recipe.output_dir)), scoped_environ({"RAY_AUTH_MODE": profile.auth}):
+                write_spec(Path(recipe.output_dir), recipe, plan, facts)
                 fit(recipe, plan, profile, facts)
         except (ConnectionError, ray.exceptions.AuthenticationError) as exc:  # from connect
             raise JobFailed(
@@ -123,14 +125,14 @@ class RayBackend(Backend):
             entrypoint = shlex.join(["python", *command])
         else:  # the head sees this folder and this Python (a shared filesystem)
             entrypoint = f"cd {shlex.quote(os.getcwd())} && {shlex.join([sys.executable, *command])}"
-        with scoped_environ({"RAY_AUTH_MODE": profile.auth}):
-            client = JobSubmissionClient(profile.dashboard)
-            job_id = client.submit_job(entrypoint=entrypoint, runtime_env=profile.runtime_env or None)
         spec = Path(recipe.output_dir) / SPEC_DIR
-        spec.mkdir(parents=True, exist_ok=True)
-        (spec / "cluster.yaml").write_text(yaml.safe_dump(profile.model_dump(mode="json"), sort_keys=False))
-        with open(spec / "jobs", "a") as jobs:
-            jobs.write(job_id + "\n")
+        with claim(Path(recipe.output_dir), submitting=True):  # then the job holds it (launch/jobs: ownership)
+            with scoped_environ({"RAY_AUTH_MODE": profile.auth}):
+                client = JobSubmissionClient(profile.dashboard)
+                job_id = client.submit_job(entrypoint=entrypoint, runtime_env=profile.runtime_env or None)
+            (spec / "cluster.yaml").write_text(yaml.safe_dump(profile.model_dump(mode="json"), sort_keys=False))
+            with open(spec / "jobs", "a") as jobs:
+                jobs.write(job_id + "\n")
         print(f"submitted Ray job {job_id}; its logs: ray job logs --follow {job_id} --address {profile.dashboard}")
         return RayJob(job_id, profile.dashboard, Path(recipe.output_dir))
 

@@ -9,7 +9,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from launcher.backends.torchrun import worker_env
-from launcher.config.cluster import RayProfile
+from launcher.config.cluster import ALWAYS_SECRET, RayProfile
 from launcher.config.loading import dump_recipe
 from launcher.config.recipe import Recipe
 from launcher.planning.plan import Plan
@@ -30,13 +30,26 @@ def run_name(recipe: Recipe) -> str:
 
 
 def ray_worker_env(plan: Plan, profile: RayProfile) -> dict[str, str]:
-    """Environment of every worker; the profile's runtime_env.env_vars win."""
+    """Environment of every worker, without a secret (see `secrets`); the profile's runtime_env.env_vars win.
+    It becomes the workers' runtime_env, which Ray records in its state (State API, dashboard, export events)."""
     env = worker_env(plan)
     # Ray would guess from the reservation; say it, since a missing OMP_NUM_THREADS costs up to 40x on CPU.
     env["OMP_NUM_THREADS"] = str(profile.cpus_per_worker)
-    env.update({k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES)})
+    secret = set(secret_names(profile))
+    env.update({k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES) and k not in secret})
     env.update(profile.runtime_env.get("env_vars", {}))
     return env
+
+
+def secret_names(profile: RayProfile) -> list[str]:
+    return [*ALWAYS_SECRET, *profile.secret_env]
+
+
+def secrets(profile: RayProfile) -> dict[str, str]:
+    """The secrets of this environment the workers need (HF_TOKEN, ...). They never go into a runtime_env: the
+    driver puts them into the object store (ray.put), the workers read them with ray.get and set them in their
+    own process. Ray records object ids, sizes and call sites, never an object's content."""
+    return {name: os.environ[name] for name in secret_names(profile) if name in os.environ}
 
 
 def connect(profile: RayProfile, plan: Plan) -> None:
@@ -67,6 +80,8 @@ def fit(recipe: Recipe, plan: Plan, profile: RayProfile, facts: LaunchFacts) -> 
 
     storage = profile.storage_path or str((Path(recipe.output_dir) / "ray").resolve())
     resources = {"CPU": profile.cpus_per_worker, **({"GPU": 1} if profile.gpus_per_node else {})}
+    import ray
+
     connect(profile, plan)
     trainer = TorchTrainer(
         train_worker,
@@ -74,6 +89,7 @@ def fit(recipe: Recipe, plan: Plan, profile: RayProfile, facts: LaunchFacts) -> 
             "recipe": dump_recipe(recipe),
             "plan": plan.model_dump_json(),
             "facts": facts.model_dump_json(),
+            "secrets": [ray.put(secrets(profile))],  # a reference, resolved by each worker (in a list: not by Ray)
         },
         # Ray Train makes the process group; give it the recipe's collective timeout (Ray's default: 30 min)
         torch_config=TorchConfig(backend=plan.backend, timeout_s=int(recipe.distributed.collective_timeout)),
@@ -116,6 +132,8 @@ def train_worker(config: dict) -> None:
 
     from launcher.train.run import run
 
+    received = ray.get(config["secrets"][0])
+    os.environ.update(received)  # this worker's own process: what the libraries read (HF_TOKEN, ...)
     recipe = Recipe.model_validate(yaml.safe_load(config["recipe"]))
     plan = Plan.model_validate_json(config["plan"])
     facts = LaunchFacts.model_validate_json(config["facts"])
@@ -145,6 +163,7 @@ def train_worker(config: dict) -> None:
             "node_id_per_rank": nodes,
             "resumed_from_ray_storage": from_ray,
             "torch_threads": torch.get_num_threads(),
+            "secrets_received": sorted(received),  # names only
         }
         summary.write(Path(recipe.output_dir) / "summary.json")
 

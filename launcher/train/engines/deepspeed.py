@@ -99,12 +99,13 @@ class DeepSpeedEngine(Engine):
     def _load_resharded(self, folder: Path) -> None:
         """ZeRO partitions depend on the world size, so a checkpoint of another world size is converted to
         DeepSpeed's universal checkpoint (one fp32 file per parameter and per Adam moment) by rank 0, into a
-        hidden folder beside the checkpoint (which stays as written), and loaded from there by every rank."""
+        hidden folder of this run's output_dir (the checkpoint stays as written, and may be someone else's:
+        train.resume=PATH), and loaded from there by every rank."""
         from argparse import Namespace
 
         from deepspeed.checkpoint import ds_to_universal
 
-        universal = folder.parent / f".universal-{folder.name}"
+        universal = Path(self.recipe.output_dir) / f".universal-{folder.name}"
         if self.acc.is_main_process:
             print(
                 f"resharding the ZeRO states of {folder.name} for {self.acc.num_processes} processes through "

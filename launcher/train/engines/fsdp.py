@@ -69,8 +69,10 @@ class FSDPEngine(Engine):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
+        from launcher.train.unpickling import dcp_reader
+
         state = self._dcp_state()
-        dcp.load(state, checkpoint_id=str(folder / "fsdp"))
+        dcp.load(state, storage_reader=dcp_reader(folder / "fsdp"))  # its metadata unpickled with an allow-list
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     def unwrapped(self):
