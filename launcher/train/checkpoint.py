@@ -1,9 +1,10 @@
 """Atomic checkpoints, resume and retention.
 
 A checkpoint is written into a hidden temporary folder and renamed into
-place by rank 0 only after every rank has finished writing, so a folder named
-checkpoint-* is always complete; a crash mid-write leaves only a .tmp folder
-that the next save or resume removes. Before the rename rank 0 also writes a
+place by rank 0 only after every rank has finished writing (at once, or in
+the background: `save_in_background`), so a folder named checkpoint-* is
+always complete; a crash mid-write leaves only a .tmp folder that the next
+save or resume removes. Before the rename rank 0 also writes a
 manifest (every file's size, and its SHA-256 unless train.checkpoint_hash is off),
 verified before resume, so a checkpoint damaged later (a truncated copy, a
 deleted shard, a file swapped in) is found at plan time rather than mid-load.
@@ -17,6 +18,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 from launcher.records import CheckpointState, RecordError, write_json_atomic
@@ -140,6 +142,20 @@ def save(
     """Every rank calls this; it returns once the checkpoint is in place. `engine` (train.strategy) adds the
     sharded model and optimizer states that Accelerate does not hold. `written()` runs on each rank once its
     own files are written, before the rename (the failure drill's phase=write)."""
+    tmp, final = _begin(accelerator, run_dir, step)
+    if engine is not None:
+        engine.save(tmp)
+    if written is not None:
+        written()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _put_in_place(tmp, final, state, keep_last, hash_files)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _begin(accelerator, run_dir: Path, step: int) -> tuple[Path, Path]:
+    """The fresh temporary folder of step's checkpoint, with Accelerate's states (RNG, scheduler) in it."""
     final = run_dir / f"{PREFIX}{step:08d}"
     tmp = run_dir / f".tmp-{PREFIX}{step:08d}"
     if accelerator.is_main_process:
@@ -148,21 +164,75 @@ def save(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
-    if engine is not None:
-        engine.save(tmp)
-    if written is not None:
-        written()
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        state.write(tmp / STATE_FILE)
-        write_manifest(tmp, hash_files)
-        if final.exists():  # the same step saved again (e.g. end of run after a save_every hit)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(run_dir)
-        prune(run_dir, keep_last)
-    accelerator.wait_for_everyone()
-    return final
+    return tmp, final
+
+
+def _put_in_place(tmp: Path, final: Path, state: CheckpointState, keep_last: int, hash_files: bool) -> None:
+    """Rank 0, once every rank's files are in `tmp`: the state and the manifest, then the atomic rename."""
+    state.write(tmp / STATE_FILE)
+    write_manifest(tmp, hash_files)
+    if final.exists():  # the same step saved again (e.g. end of run after a save_every hit)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    prune(final.parent, keep_last)
+
+
+class Background:
+    """A checkpoint whose sharded states are being written in the background (engine.save_async), e.g. torch
+    DCP's async_save under fsdp: the loop goes on once the states are copied to host memory.
+
+    The guarantees of `save` hold: the folder is renamed into place only when complete, with its manifest, so a
+    kill during the background write leaves a .tmp folder and the previous checkpoint as they were. Rank 0
+    renames it in its writing thread: its DCP write ends by gathering every rank's write results (DCP's
+    metadata), so every rank's files are then written, Accelerate's states too (saved before the write began).
+    """
+
+    def __init__(self, accelerator, final: Path, state: CheckpointState, written: Future):
+        self.acc, self.folder, self.state, self.written = accelerator, final, state, written
+
+    def done(self) -> bool:
+        """Whether the checkpoint is in place, agreed by every rank (a collective: every rank calls it)."""
+        import torch
+
+        mine = torch.tensor([int(self.written.done())], device=self.acc.device)
+        torch.distributed.all_reduce(mine, op=torch.distributed.ReduceOp.MIN)
+        return bool(mine.item())
+
+    def wait(self) -> Path:
+        """Block until the checkpoint is in place on every rank; a failed background write raises here."""
+        self.written.result()
+        self.acc.wait_for_everyone()
+        return self.folder
+
+
+def save_in_background(
+    accelerator,
+    run_dir: Path,
+    step: int,
+    state: CheckpointState,
+    keep_last: int,
+    engine,
+    hash_files: bool = True,
+    written: Callable[[], None] | None = None,
+) -> Background:
+    """Like `save`, returning as soon as the engine has staged its states; `written()` runs in the writing
+    thread once this rank's sharded files are written, before the rename (the failure drill's phase=write)."""
+    tmp, final = _begin(accelerator, run_dir, step)
+    writes = engine.save_async(tmp, written)
+    in_place: Future = Future()
+
+    def settle(finished: Future) -> None:  # in the writing thread, or here when it finished already
+        try:
+            finished.result()
+            if accelerator.is_main_process:
+                _put_in_place(tmp, final, state, keep_last, hash_files)
+            in_place.set_result(final)
+        except BaseException as exc:  # the loop sees it at done()/wait()
+            in_place.set_exception(exc)
+
+    writes.add_done_callback(settle)
+    return Background(accelerator, final, state, in_place)
 
 
 class CheckpointDamaged(CheckpointMismatch):

@@ -40,7 +40,7 @@ from launcher.train.engines import make_engine
 from launcher.train.evaluate import Evaluator
 from launcher.train.heartbeat import Heartbeat
 from launcher.train.losses import LossContext, build_loss
-from launcher.train.model import build, load_tokenizer
+from launcher.train.model import load_tokenizer
 from launcher.train.report import Reporter, StepLosses, rank_logger, truncate_metrics
 from launcher.train.stop import StopRequest
 from launcher.train.tasks import hooks
@@ -64,6 +64,7 @@ class Run:
         self.clock = Clock(facts)
         self.stop = StopRequest()  # early: the default action of USR1 kills
         self.run_dir = Path(recipe.output_dir)
+        self.background: checkpoint.Background | None = None  # a checkpoint being written in the background
 
     def execute(self) -> Summary | None:
         self.start()
@@ -108,7 +109,7 @@ class Run:
         self.clock.mark("data")
         self.memory_before_model = peak_memory_bytes()
         self.engine = make_engine(acc, recipe, plan)
-        model = build(recipe, self.tokenizer, acc.device)
+        model = self.engine.build_model(recipe, self.tokenizer)
         self.clock.mark("model")
         context = LossContext(recipe.task.spec, self.train_label_counts, self.log.info)
         self.loss_fn = build_loss(recipe.task.resolved_loss, context)
@@ -171,6 +172,7 @@ class Run:
             saved = bool(self.recipe.train.save_every) and done % self.recipe.train.save_every == 0 and done != total
             if saved:
                 self.save(done)
+            self.settle_checkpoint(wait=False)
             self.phase(done, "stop-sync")
             if done != total and self.stop.agreed(self.acc.device):
                 self.stop_here(done, saved)
@@ -223,10 +225,22 @@ class Run:
             fingerprint=checkpoint.fingerprint(self.recipe),
             plan=plan.model_dump(),
         )
-        folder = checkpoint.save(
-            self.acc, self.run_dir, step, state, self.recipe.train.keep_last, engine=self.engine,
-            hash_files=self.recipe.train.checkpoint_hash, written=lambda: self.drill(step, "write"),
-        )  # fmt: skip
+        self.settle_checkpoint(wait=True)  # at most one checkpoint is written in the background
+        args = (self.acc, self.run_dir, step, state, self.recipe.train.keep_last)
+        options = {"hash_files": self.recipe.train.checkpoint_hash, "written": lambda: self.drill(step, "write")}
+        if self.engine.saves_in_background and self.recipe.train.checkpoint_async:
+            self.background = checkpoint.save_in_background(*args, self.engine, **options)
+        else:
+            self.checkpointed(checkpoint.save(*args, engine=self.engine, **options), state)
+
+    def settle_checkpoint(self, wait: bool) -> None:
+        """The checkpoint written in the background, once in place on every rank (`wait`: block until it is)."""
+        pending = self.background
+        if pending is not None and (wait or pending.done()):
+            self.background = None
+            self.checkpointed(pending.wait(), pending.state)
+
+    def checkpointed(self, folder: Path, state: CheckpointState) -> None:
         if self.on_checkpoint is not None:
             self.on_checkpoint(folder, state)
 
@@ -234,6 +248,7 @@ class Run:
         """Every rank agreed to stop at `step` (a USR1 reached one of them): checkpoint it, exit 75."""
         if not saved:
             self.save(step)
+        self.settle_checkpoint(wait=True)
         self.reporter.close()  # save() returned on every rank only once the checkpoint was in place
         self.log.info(
             f"stop requested by signal: checkpoint of step {step} written, exiting with {int(ExitCode.STOPPED)}"
@@ -248,6 +263,7 @@ class Run:
         steps_run = total - self.start_step
         if steps_run:
             self.save(total, "final-save")
+            self.settle_checkpoint(wait=True)
         results = {}
         for split in ("validation", "test"):
             if getattr(self.splits, split):
