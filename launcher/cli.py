@@ -131,7 +131,7 @@ def launch_recipe(request: LaunchRequest, started: float | None = None) -> ExitC
     recipe = load_recipe(request.recipe, request.overrides)
     splits = check_recipe(recipe)
     layout = backend.layout(nodes=request.nodes, procs=request.procs)
-    gpu_memory = parse_bytes(profile.gpu_memory) if getattr(profile, "gpu_memory", None) else None
+    gpu_memory = parse_bytes(profile.gpu_memory) if getattr(profile, "gpu_memory", None) else layout.gpu_memory
     plan = make_plan(
         recipe,
         num_train_samples=len(splits.train),

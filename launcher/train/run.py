@@ -27,6 +27,7 @@ from launcher.spec import LaunchFacts
 from launcher.train import checkpoint, preflight
 from launcher.train.clock import Clock
 from launcher.train.components import (
+    host_memory,
     make_accelerator,
     make_optimizer,
     make_scheduler,
@@ -108,12 +109,14 @@ class Run:
         self.data = prepare(recipe, self.splits, self.tokenizer)
         self.clock.mark("data")
         self.memory_before_model = peak_memory_bytes()
+        self.host_before_model = host_memory()  # loading = building the model until the engine holds it
         self.engine = make_engine(acc, recipe, plan)
         model = self.engine.build_model(recipe, self.tokenizer)
         self.clock.mark("model")
         context = LossContext(recipe.task.spec, self.train_label_counts, self.log.info)
         self.loss_fn = build_loss(recipe.task.resolved_loss, context)
         self.model = self.engine.prepare(model, lambda m: make_optimizer(m, recipe))
+        self.host_after_load = host_memory()
         self.scheduler = make_scheduler(self.engine.base_optimizer, recipe, plan)
         acc.register_for_checkpointing(self.scheduler)
         self.collate = Collate(self.task)
@@ -316,6 +319,11 @@ class Run:
             memory={
                 "before_model_bytes_per_rank": [int(x) for x in gathered(self.memory_before_model)],
                 "peak_bytes_per_rank": [int(x) for x in gathered(self.memory_peak)],
+                # host resident set before the model was loaded, and its high-water mark once the engine held it
+                # (what loading cost; bench/memory.py compares it with the planner's host RAM at load)
+                "host_before_load_bytes_per_rank": [int(x) for x in gathered(self.host_before_model[0])],
+                "host_peak_before_load_bytes_per_rank": [int(x) for x in gathered(self.host_before_model[1])],
+                "host_peak_after_load_bytes_per_rank": [int(x) for x in gathered(self.host_after_load[1])],
             },
             timings=self.clock.timings(steps_run, plan.global_batch_size),
         )

@@ -79,6 +79,10 @@ def test_memory(started):
     ddp = result["strategies"]["ddp"]
     assert all(g > 0 for g in ddp["growth_bytes_per_rank"])
     assert ddp["reference_bytes"] == 16 * result["num_params"]
+    assert "loading the weights, host memory per rank" in out
+    for strategy in ("ddp", "fsdp"):
+        loaded = result["load"]["strategies"][strategy]
+        assert loaded["planner_node"] > 0 and len(loaded["growth_bytes_per_rank"]) == result["procs"]
 
 
 def test_gpu_script_smoke(started):

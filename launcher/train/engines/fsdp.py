@@ -10,7 +10,7 @@ import torch
 from torch.distributed.checkpoint import FileSystemWriter
 
 from launcher.train.engines.base import Engine
-from launcher.train.engines.fsdp_loading import RankZeroWeights
+from launcher.train.engines.fsdp_loading import RankZeroWeights, follow_rank_zero_rng
 from launcher.train.model import build
 
 
@@ -23,8 +23,12 @@ class FSDPEngine(Engine):
 
     def build_model(self, recipe, tokenizer):
         """Rank 0 loads the pretrained weights; the other ranks build the model on the meta device."""
-        on_meta = self.acc.num_processes > 1 and not self.acc.is_main_process
-        return build(recipe, tokenizer, self.acc.device, quant_storage=self.quant_storage, on_meta=on_meta)
+        if self.acc.num_processes == 1:
+            return super().build_model(recipe, tokenizer)
+        on_meta = not self.acc.is_main_process
+        model = build(recipe, tokenizer, self.acc.device, quant_storage=self.quant_storage, on_meta=on_meta)
+        follow_rank_zero_rng(self.acc.device)
+        return model
 
     def prepare(self, model, make_optimizer):
         from torch.distributed.device_mesh import init_device_mesh

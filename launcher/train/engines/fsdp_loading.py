@@ -7,12 +7,12 @@ meta device (`build(on_meta=True)`: shapes only, no storage, no weight read). Ar
              the quantization state of each 4-bit layer; a mirror rank gives its 4-bit layers rank 0's packed
              shapes (bitsandbytes decides them while quantizing) and checks that the rest agrees
     shard    fully_shard on every rank: rank 0 cuts its real tensors, the others their meta ones
-    after    a mirror rank allocates its shards (`to_empty`); rank 0 broadcasts each whole tensor in turn,
-             and every rank keeps its own shard of it (buffers, which FSDP does not shard, whole)
+    after    a mirror rank allocates its shards (`to_empty`); rank 0 scatters each tensor in turn, every rank
+             receiving only its own shard (buffers, which FSDP does not shard, are broadcast whole)
 
-So a rank other than 0 holds its shards, one whole tensor in flight, and the 4-bit layers' quantization
-constants (which neither FSDP nor ZeRO shards: they are attributes, not parameters); rank 0 holds the whole
-model once, as before. bench/memory.py measures both against the planner (memory.host_load_bytes).
+So a rank other than 0 holds its shards, one shard in flight, and the 4-bit layers' quantization constants
+(which neither FSDP nor ZeRO shards: they are attributes, not parameters); rank 0 holds the whole model
+once, as before. bench/memory.py measures both against the planner (memory.host_load_bytes).
 """
 
 from __future__ import annotations
@@ -32,6 +32,17 @@ def _four_bit_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     except ImportError:
         return {}
     return {name: m for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+
+
+def follow_rank_zero_rng(device: torch.device) -> None:
+    """Give every rank rank 0's random state after building: rank 0 drew the random initialisation of new
+    modules (a task head, LoRA's A matrices) and a meta rank drew nothing, so their dropout would differ from
+    what the same recipe does under ddp (where every rank draws the same)."""
+    states = [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if device.type == "cuda" else [])
+    dist.broadcast_object_list(states, src=0, device=torch.device("cpu") if dist.get_backend() == "gloo" else device)
+    torch.set_rng_state(states[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(states[1], device)
 
 
 class RankZeroWeights:
@@ -88,25 +99,45 @@ class RankZeroWeights:
             module.quant_state = QuantState.from_dict(quant[name], device=self.device)
 
     def after_sharding(self) -> None:
-        from torch.distributed.tensor import DTensor, distribute_tensor
+        from torch.distributed.tensor import DTensor
 
         model = self.model
         if not self.source:
             model.to_empty(device=self.device)
         comm = self._comm_device()
         for (name, tensor), (_, shape, dtype) in zip(named_tensors(model), self.layout):
-            whole = self.whole.pop(name).to(comm) if self.source else torch.empty(shape, dtype=dtype, device=comm)
-            dist.broadcast(whole, src=0)
-            if self.source:
-                continue  # fully_shard cut rank 0's shards from these very values
-            with torch.no_grad():
-                if isinstance(tensor, DTensor):
-                    mine = distribute_tensor(whole, tensor.device_mesh, tensor.placements, src_data_rank=None)
-                    tensor.to_local().copy_(mine.to_local())
-                else:
-                    tensor.copy_(whole)
-            del whole
+            whole = self.whole.pop(name).to(comm) if self.source else None
+            if isinstance(tensor, DTensor):
+                self._scatter_rows(tensor, whole, shape, dtype, comm)
+                continue
+            received = whole if self.source else torch.empty(shape, dtype=dtype, device=comm)
+            dist.broadcast(received, src=0)  # a buffer: whole on every rank
+            if not self.source:
+                with torch.no_grad():
+                    tensor.copy_(received)
         self.whole = {}
+
+    def _scatter_rows(self, tensor, whole: torch.Tensor | None, shape: tuple, dtype: torch.dtype, comm) -> None:
+        """Rank r receives rows [r·c, (r+1)·c) of the tensor, c = ⌈rows / world⌉: FSDP2's dim-0 shards (the
+        torch.chunk split), so no rank but 0 ever holds more than one shard of it."""
+        from torch.distributed.tensor import Shard
+
+        world, rank = dist.get_world_size(), dist.get_rank()
+        if tuple(tensor.placements) != (Shard(0),) or tensor.device_mesh.size() != world:
+            raise RuntimeError(f"expected fsdp's dim-0 shards over the world, got {tensor.placements} for {shape}")
+        per = -(-shape[0] // world)
+        mine = torch.empty((per, *shape[1:]), dtype=dtype, device=comm)
+        parts = None
+        if self.source:
+            padded = torch.zeros((per * world, *shape[1:]), dtype=dtype, device=comm)
+            padded[: shape[0]].copy_(whole)
+            parts = list(padded.chunk(world))
+        dist.scatter(mine, parts, src=0)
+        if not self.source:
+            local = tensor.to_local()
+            assert local.shape[0] == max(0, min(per, shape[0] - rank * per)), (local.shape, shape)
+            with torch.no_grad():
+                local.copy_(mine[: local.shape[0]])
 
     def _comm_device(self) -> torch.device:
         """Where a collective's tensors live: the GPU under nccl, host memory under gloo."""
