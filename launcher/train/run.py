@@ -12,6 +12,7 @@ the clock (train.clock) the timings, the reporter (train.report) the logs and me
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -228,6 +229,7 @@ class Run:
             fingerprint=checkpoint.fingerprint(self.recipe),
             plan=plan.model_dump(),
         )
+        began = time.perf_counter()
         self.settle_checkpoint(wait=True)  # at most one checkpoint is written in the background
         args = (self.acc, self.run_dir, step, state, self.recipe.train.keep_last)
         options = {"hash_files": self.recipe.train.checkpoint_hash, "written": lambda: self.drill(step, "write")}
@@ -235,6 +237,9 @@ class Run:
             self.background = checkpoint.save_in_background(*args, self.engine, **options)
         else:
             self.checkpointed(checkpoint.save(*args, engine=self.engine, **options), state)
+        if phase == "final-save":
+            self.settle_checkpoint(wait=True)
+        self.clock.saves.append(time.perf_counter() - began)
 
     def settle_checkpoint(self, wait: bool) -> None:
         """The checkpoint written in the background, once in place on every rank (`wait`: block until it is)."""
@@ -265,8 +270,7 @@ class Run:
         total, acc = self.plan.total_steps, self.acc
         steps_run = total - self.start_step
         if steps_run:
-            self.save(total, "final-save")
-            self.settle_checkpoint(wait=True)
+            self.save(total, "final-save")  # waits for its background write
         results = {}
         for split in ("validation", "test"):
             if getattr(self.splits, split):

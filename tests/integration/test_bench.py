@@ -1,7 +1,7 @@
 """Every benchmark runs end to end at its smoke size and prints its table (CI). Benchmarks are not tests:
 no timing is asserted, only that each table was printed and its measured quantities came out positive.
 
-The five smoke runs start together (they mostly wait on process start-up), each test waits for its own.
+The six smoke runs start together (they mostly wait on process start-up), each test waits for its own.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ TITLES = {
     "data": "short texts → tokenized rows",
     "memory": "memory per rank (MiB)",
     "gpu": "GPU: ",
+    "checkpoint": "checkpoint stall under fsdp",
 }
 
 
@@ -89,3 +90,11 @@ def test_gpu_script_smoke(started):
     out, result = finished(started, "gpu")
     assert result["peak_measured"] > 0 and result["flops_per_token"] > 0
     assert result["runs"]["full"]["results"]["HF Trainer"]["samples_per_s"] > 0
+    qlora = result["runs"]["qlora-fsdp"]["adapter_check"]  # QLoRA under fsdp: trained, exported, reloaded
+    assert qlora["lora_B_trained"] and qlora["reloaded_logits_finite"] and qlora["max_relative_norm_error"] < 1e-4
+
+
+def test_checkpoint_stall(started):
+    out, result = finished(started, "checkpoint")
+    assert "background ÷ synchronous" in out
+    assert all(result["saves_s"][mode] and all(t > 0 for t in result["saves_s"][mode]) for mode in result["saves_s"])

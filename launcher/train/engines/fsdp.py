@@ -1,5 +1,5 @@
 """fsdp: torch FSDP2, `fully_shard` per transformer block and on the root (Accelerate's FSDP path silently
-does nothing on CPU); the pretrained weights read by rank 0 only and broadcast shard by shard
+does nothing on CPU); the pretrained weights read by rank 0 only and scattered shard by shard
 (fsdp_loading.py); checkpoints through torch.distributed.checkpoint, which reshards on load."""
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ class FSDPEngine(Engine):
         kwargs = {"mesh": mesh}
         if self.plan.offload == "cpu":
             kwargs["offload_policy"] = CPUOffloadPolicy()
-        weights = RankZeroWeights(model, self.acc.device) if self.acc.num_processes > 1 else None
+        shard_device = torch.device("cpu") if self.plan.offload == "cpu" else self.acc.device
+        weights = RankZeroWeights(model, self.acc.device, shard_device) if self.acc.num_processes > 1 else None
         if weights is not None:
             weights.before_sharding()
         for block in _blocks(model):

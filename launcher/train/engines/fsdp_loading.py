@@ -48,8 +48,10 @@ def follow_rank_zero_rng(device: torch.device) -> None:
 class RankZeroWeights:
     """The protocol above, for one model: `before_sharding()`, then fully_shard, then `after_sharding()`."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device):
-        self.model, self.device = model, device
+    def __init__(self, model: torch.nn.Module, device: torch.device, shard_device: torch.device | None = None):
+        """`device`: this rank's compute device; `shard_device`: where its shards live (host memory under FSDP's
+        CPU offload; default `device`)."""
+        self.model, self.device, self.shard_device = model, device, shard_device or device
         self.source = dist.get_rank() == 0
         self.whole: dict[str, torch.Tensor] = {}
         self.layout: list[tuple[str, tuple, torch.dtype]] = []
@@ -103,7 +105,12 @@ class RankZeroWeights:
 
         model = self.model
         if not self.source:
-            model.to_empty(device=self.device)
+            model.to_empty(device=self.shard_device)
+            if self.shard_device != self.device:  # CPU offload: the shards in host memory, the buffers on the GPU
+                for module in model.modules():
+                    for key, buffer in module._buffers.items():
+                        if buffer is not None:
+                            module._buffers[key] = buffer.to(self.device)
         comm = self._comm_device()
         for (name, tensor), (_, shape, dtype) in zip(named_tensors(model), self.layout):
             whole = self.whole.pop(name).to(comm) if self.source else None
