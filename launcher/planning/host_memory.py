@@ -1,10 +1,12 @@
 """Host RAM per node while the ranks load the weights and while fsdp writes a checkpoint in the background,
 and disk per run, from the model's shape (planning/memory.py counts it on the meta device).
 
-Loading (host_load_per_rank): a rank that loads the pretrained weights holds all of them; under fsdp only
-rank 0 does (train/engines/fsdp_loading.py) and the others hold their shards (in host memory on CPU ranks)
-plus one shard in flight; zero3 without LoRA loads through deepspeed.zero.Init, once per node.
-bench/memory.py measures it against a real load.
+Loading (host_load_per_rank): a rank that loads the pretrained weights holds all of them (transformers maps
+the safetensors files: their pages become resident as the weights are first read); under fsdp only rank 0
+does (train/engines/fsdp_loading.py) and the others hold their shards (in host memory on CPU ranks) plus
+one shard in flight; zero3 without LoRA loads through deepspeed.zero.Init, once per node. On CPU ranks the
+window also holds what wrapping the model allocates in host memory: DDP's gradient buckets. bench/memory.py
+measures it against a real load.
 """
 
 from __future__ import annotations
@@ -26,14 +28,18 @@ def host_load_per_rank(
         return whole, 0
     if strategy == "zero3" and recipe.model.lora is None:  # zero.Init: each rank keeps its partition only
         return whole, 0
+    largest = shape.largest_layer_params * DTYPE_BYTES[recipe.model.dtype]
     if strategy != "fsdp":
-        return whole, whole
-    if device == "cuda":  # the shards and the tensor in flight are on the GPUs
+        # CPU ranks: DDP's gradient buckets (allocated when the model is wrapped) are host memory too
+        buckets = shape.num_trainable * DTYPE_BYTES[recipe.model.dtype] if strategy == "ddp" and device == "cpu" else 0
+        return whole + buckets, whole + buckets
+    if device == "cuda":  # the shards and the shard in flight are on the GPUs
         return whole, 0
     replicated = shape.quant_constant_bytes
     shard = (whole - replicated) // world + replicated
-    in_flight = shape.largest_layer_params * DTYPE_BYTES[recipe.model.dtype] // world  # the shard being received
-    return whole + shard, shard + in_flight  # rank 0 holds its shards beside the whole model until scattered
+    # rank 0 holds its shards beside the whole model until scattered; a shard that is not a whole chunk (rows not
+    # dividing evenly) goes through a buffer on the receiving rank and a padded copy on rank 0
+    return whole + shard + largest, shard + largest // world
 
 
 def host_load_bytes(

@@ -396,13 +396,14 @@ def test_host_ram_at_load_per_strategy(tmp_path):
     lora = recipe(llama_folder(tmp_path, **SMALL), model={"lora": LORA_QV})
     shape, whole = memory.model_shape(full), memory.model_shape(full).num_params * 2  # bf16
     assert host_load_per_rank(shape, full, "ddp", 4) == (whole, whole)
+    assert host_load_per_rank(shape, full, "ddp", 4, "cpu") == (2 * whole, 2 * whole)  # + DDP's buckets
     assert host_load_per_rank(shape, full, "zero3", 4) == (whole, 0)
     assert host_load_per_rank(memory.model_shape(lora), lora, "zero3", 4)[1] > 0  # no zero.Init with LoRA
     assert host_load_per_rank(shape, full, "fsdp", 4) == (whole, 0)
-    shard, in_flight = whole // 4, 64000 * 2 // 4
-    assert host_load_per_rank(shape, full, "fsdp", 4, "cpu") == (whole + shard, shard + in_flight)
+    shard, largest = whole // 4, 64000 * 2
+    assert host_load_per_rank(shape, full, "fsdp", 4, "cpu") == (whole + shard + largest, shard + largest // 4)
     est = memory.estimate(shape, full, Choice("fsdp"), num_nodes=1, gpus_per_node=4, micro_batch=1, device="cpu")
-    assert est.host_load == whole + shard + 3 * (shard + in_flight)
+    assert est.host_load == whole + shard + largest + 3 * (shard + largest // 4)
     ddp = memory.estimate(shape, full, Choice("ddp"), num_nodes=2, gpus_per_node=4, micro_batch=1)
     assert ddp.host_load == 4 * whole
 

@@ -10,9 +10,10 @@ meta device (`build(on_meta=True)`: shapes only, no storage, no weight read). Ar
     after    a mirror rank allocates its shards (`to_empty`); rank 0 scatters each tensor in turn, every rank
              receiving only its own shard (buffers, which FSDP does not shard, are broadcast whole)
 
-So a rank other than 0 holds its shards, one shard in flight, and the 4-bit layers' quantization constants
-(which neither FSDP nor ZeRO shards: they are attributes, not parameters); rank 0 holds the whole model
-once, as before. bench/memory.py measures both against the planner (memory.host_load_bytes).
+So a rank other than 0 holds its shards (received in place; a shorter last one through a buffer) and the
+4-bit layers' quantization constants (which neither FSDP nor ZeRO shards: they are attributes, not
+parameters); rank 0 holds the whole model once, as before. bench/memory.py measures both against the
+planner (planning/host_memory.py).
 """
 
 from __future__ import annotations
@@ -133,16 +134,20 @@ class RankZeroWeights:
         if tuple(tensor.placements) != (Shard(0),) or tensor.device_mesh.size() != world:
             raise RuntimeError(f"expected fsdp's dim-0 shards over the world, got {tensor.placements} for {shape}")
         per = -(-shape[0] // world)
-        mine = torch.empty((per, *shape[1:]), dtype=dtype, device=comm)
+        local = tensor.to_local()
+        assert local.shape[0] == max(0, min(per, shape[0] - rank * per)), (local.shape, shape)
+        # straight into the shard where it is a whole chunk where the collective runs; else through a buffer
+        direct = not self.source and local.shape[0] == per and local.is_contiguous() and local.device == comm
+        mine = local.detach() if direct else torch.empty((per, *shape[1:]), dtype=dtype, device=comm)
         parts = None
-        if self.source:
-            padded = torch.zeros((per * world, *shape[1:]), dtype=dtype, device=comm)
-            padded[: shape[0]].copy_(whole)
-            parts = list(padded.chunk(world))
+        if self.source:  # views of the tensor; a padded copy only when its rows do not split evenly
+            padded = whole
+            if per * world != shape[0]:
+                padded = torch.zeros((per * world, *shape[1:]), dtype=dtype, device=comm)
+                padded[: shape[0]].copy_(whole)
+            parts = list(padded.contiguous().chunk(world))
         dist.scatter(mine, parts, src=0)
-        if not self.source:
-            local = tensor.to_local()
-            assert local.shape[0] == max(0, min(per, shape[0] - rank * per)), (local.shape, shape)
+        if not self.source and not direct:
             with torch.no_grad():
                 local.copy_(mine[: local.shape[0]])
 
