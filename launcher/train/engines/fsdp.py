@@ -47,6 +47,8 @@ class FSDPEngine(Engine):
         fully_shard(model, **kwargs)
         if weights is not None:
             weights.after_sharding()
+        if self.recipe.train.checkpoint_async:  # made now (a collective), not in the first save's stall
+            self._save_group = torch.distributed.new_group(backend="gloo")
         self.model = model
         # the optimizer must see the sharded (DTensor) parameters, so it is made after sharding
         self.base_optimizer = self.optimizer = make_optimizer(model)
@@ -83,13 +85,10 @@ class FSDPEngine(Engine):
 
     def save_async(self, folder, written):
         """torch DCP's async_save: the shards are copied to host memory here, then written by a thread.
-        Its collectives (save plan, metadata) run on a gloo group of their own, created at the first save,
-        so that they never interleave with the training's collectives on the world group."""
-        import torch.distributed as dist
+        Its collectives (save plan, metadata) run on a gloo group of their own (made in prepare), so that
+        they never interleave with the training's collectives on the world group."""
         import torch.distributed.checkpoint as dcp
 
-        if self._save_group is None:
-            self._save_group = dist.new_group(backend="gloo")
         writer = _NotifyingWriter(str(folder / "fsdp"), written)
         return dcp.async_save(self._dcp_state(), storage_writer=writer, process_group=self._save_group)
 
