@@ -142,7 +142,7 @@ def launch_recipe(request: LaunchRequest, started: float | None = None) -> ExitC
         print(f"warning: output_dir is in use by {holder}; launching now would be refused", file=sys.stderr)
     splits = check_recipe(recipe)
     layout = backend.layout(nodes=request.nodes, procs=request.procs)
-    gpu_memory = parse_bytes(profile.gpu_memory) if getattr(profile, "gpu_memory", None) else None
+    gpu_memory = parse_bytes(profile.gpu_memory) if getattr(profile, "gpu_memory", None) else layout.gpu_memory
     packing = recipe.data.packing == "pack"  # the plan counts bins: the rows' token lengths (tokenized, cached)
     plan = make_plan(
         recipe,

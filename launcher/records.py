@@ -154,6 +154,9 @@ class Timings(BaseModel):
     training_wall_s: float
     training_cpu_s: float  # this rank's CPU time: robust to a busy machine
     samples_per_s: float | None
+    # seconds each checkpoint save held this rank's loop: the whole save, or for a background write (fsdp) the
+    # copy of the states to host memory and any wait for the write before it; the last also waits for its own
+    checkpoint_saves_s: list[float] = []
 
 
 class LossEnds(BaseModel):

@@ -31,6 +31,7 @@ class Layout(NamedTuple):
     num_nodes: int
     procs_per_node: int
     device: Literal["cpu", "cuda"]
+    gpu_memory: int | None = None  # bytes per GPU, where the backend can see them (local: nvidia-smi)
 
 
 @dataclass

@@ -349,6 +349,12 @@ class TrainConfig(Strict):
         "resume. Off by default: rank 0 reads the whole checkpoint back at every save, "
         "minutes for multi-GB shards; turn it on for small models or untrusted storage.",
     )
+    checkpoint_async: bool = Field(
+        True,
+        description="fsdp: write each checkpoint in the background (torch DCP async_save): the loop goes on once "
+        "the shards are copied to host memory (one more copy of this rank's states in RAM), and the folder is "
+        "renamed into place once every rank's files are written. DDP and ZeRO save synchronously.",
+    )
     log_every: int = Field(10, ge=1, description="Steps between metric lines in metrics.jsonl and the log.")
     seed: int = Field(42)
     resume: str = Field("auto", description="'auto' (newest checkpoint in output_dir), 'never', or a checkpoint path.")

@@ -126,6 +126,9 @@ def ignored_settings(recipe: Recipe, splits: Splits | None = None) -> list[str]:
         notes.append(
             "distributed.offload/offload_parameters are ignored with strategy: auto, which chooses the offload"
         )
+    if "checkpoint_async" in recipe.train.model_fields_set and dist.strategy not in ("fsdp", "auto"):
+        notes.append(f"train.checkpoint_async is ignored: {dist.strategy} saves synchronously (only fsdp writes in "
+                     "the background)")  # fmt: skip
     if recipe.train.eval_every is not None and recipe.data.validation is None and recipe.data.split.validation == 0:
         notes.append("train.eval_every is ignored: there is no validation split")
     return notes

@@ -286,6 +286,7 @@ def estimate_line(recipe, plan, gpu_memory: int | None) -> str:
         num_nodes=plan.num_nodes,
         gpus_per_node=plan.procs_per_node,
         micro_batch=plan.micro_batch_size,
+        device=plan.device,
     )
     g = memory.gib
     line = (

@@ -1,9 +1,10 @@
 """Atomic checkpoints, resume and retention.
 
 A checkpoint is written into a hidden temporary folder and renamed into
-place by rank 0 only after every rank has finished writing, so a folder named
-checkpoint-* is always complete; a crash mid-write leaves only a .tmp folder
-that the next save or resume removes. Before the rename rank 0 also writes a
+place by rank 0 only after every rank has finished writing (at once, or in
+the background: train.background_checkpoint), so a folder named checkpoint-* is
+always complete; a crash mid-write leaves only a .tmp folder that the next
+save or resume removes. Before the rename rank 0 also writes a
 manifest (every file's size, and its SHA-256 unless train.checkpoint_hash is off),
 verified before resume, so a checkpoint damaged later (a truncated copy, a
 deleted shard, a file swapped in) is found at plan time rather than mid-load.
@@ -122,6 +123,23 @@ def save(
     """Every rank calls this; it returns once the checkpoint is in place. `engine` (train.strategy) adds the
     sharded model and optimizer states that Accelerate does not hold. `written()` runs on each rank once its
     own files are written, before the rename (the failure drill's phase=write)."""
+    tmp, final = begin(accelerator, run_dir, step)
+    try:
+        if engine is not None:
+            engine.save(tmp)
+    except Exception as exc:  # torch, safetensors and DeepSpeed each raise their own type for a full disk
+        raise_write_failed(exc, tmp, run_dir, step)
+    if written is not None:
+        written()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        put_in_place(tmp, final, state, step, keep_last, hash_files, note)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def begin(accelerator, run_dir: Path, step: int) -> tuple[Path, Path]:
+    """The fresh temporary folder of step's checkpoint, with Accelerate's states (RNG, optimizer) in it."""
     final = run_dir / f"{PREFIX}{step:08d}"
     tmp = run_dir / f".tmp-{PREFIX}{step:08d}"
     if accelerator.is_main_process:
@@ -130,26 +148,26 @@ def save(
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp), safe_serialization=True)
-        if engine is not None:
-            engine.save(tmp)
-    except Exception as exc:  # torch, safetensors and DeepSpeed each raise their own type for a full disk
-        _raise_write_failed(exc, tmp, run_dir, step)
-    if written is not None:
-        written()
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        try:
-            state.write(tmp / STATE_FILE)
-            write_manifest(tmp, hash_files)
-        except OSError as exc:
-            _raise_write_failed(exc, tmp, run_dir, step)
-        if final.exists() or final.is_symlink():  # the same step saved again (end of run after a save_every hit)
-            remove_own(final)
-        os.replace(tmp, final)
-        _fsync_dir(run_dir)
-        prune(run_dir, keep_last, note)
-    accelerator.wait_for_everyone()
-    return final
+    except Exception as exc:  # a full disk, said as such (raise_write_failed)
+        raise_write_failed(exc, tmp, run_dir, step)
+    return tmp, final
+
+
+def put_in_place(tmp: Path, final: Path, state: CheckpointState, step: int, keep_last: int, hash_files: bool,
+                 note: Callable[[str], None] | None = None) -> None:  # fmt: skip
+    """Rank 0, once every rank's files are in `tmp`: the state and the manifest, then the atomic rename and the
+    retention of the run's own checkpoints."""
+    run_dir = final.parent
+    try:
+        state.write(tmp / STATE_FILE)
+        write_manifest(tmp, hash_files)
+    except OSError as exc:
+        raise_write_failed(exc, tmp, run_dir, step)
+    if final.exists() or final.is_symlink():  # the same step saved again (end of run after a save_every hit)
+        remove_own(final)
+    os.replace(tmp, final)
+    _fsync_dir(run_dir)
+    prune(run_dir, keep_last, note)
 
 
 class CheckpointWriteFailed(RuntimeError):
@@ -159,7 +177,7 @@ class CheckpointWriteFailed(RuntimeError):
 DISK_FULL = ("No space left on device", "os error 28", "unexpected pos", "Disk quota exceeded")
 
 
-def _raise_write_failed(exc: Exception, tmp: Path, run_dir: Path, step: int):
+def raise_write_failed(exc: Exception, tmp: Path, run_dir: Path, step: int):
     """A checkpoint write failed: remove its partial folder (it can never be resumed from); a full disk is said
     plainly with the file system's free space (torch says "[enforce fail at inline_container.cc] unexpected
     pos", safetensors "I/O error ... os error 28"); any other failure is raised as it is."""

@@ -104,6 +104,16 @@ def peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def host_memory() -> tuple[int, int]:
+    """(resident set now, its high-water mark) of this process in bytes, from /proc/self/status (VmRSS, VmHWM);
+    (0, 0) where there is none. Host memory whatever the device: it is what loading the weights costs a node."""
+    try:
+        fields = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
+        return tuple(int(fields[key].split()[0]) * 1024 for key in ("VmRSS", "VmHWM"))
+    except (OSError, KeyError, ValueError):
+        return 0, 0
+
+
 def quiet_libraries(is_main: bool) -> None:
     """One copy of library warnings (rank 0's), and no per-file progress bars in the logs."""
     import datasets

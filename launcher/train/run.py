@@ -12,6 +12,7 @@ the clock (train.clock) the timings, the reporter (train.report) the logs and me
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,8 +25,10 @@ from launcher.planning.plan import Plan
 from launcher.records import CheckpointState, LossEnds, Summary
 from launcher.spec import LaunchFacts
 from launcher.train import checkpoint, compatibility, preflight
+from launcher.train.background_checkpoint import Background, save_in_background
 from launcher.train.clock import Clock
 from launcher.train.components import (
+    host_memory,
     make_accelerator,
     make_optimizer,
     make_scheduler,
@@ -40,7 +43,7 @@ from launcher.train.evaluate import Evaluator
 from launcher.train.feed import Feed
 from launcher.train.heartbeat import Heartbeat
 from launcher.train.losses import LossContext, build_loss
-from launcher.train.model import build, load_tokenizer
+from launcher.train.model import load_tokenizer
 from launcher.train.packing import Collator, make_batches
 from launcher.train.report import Reporter, StepLosses, rank_logger, truncate_metrics
 from launcher.train.stop import StopRequest
@@ -67,6 +70,7 @@ class Run:
         self.clock = Clock(facts)
         self.stop = StopRequest()  # early: the default action of USR1 kills
         self.run_dir = Path(recipe.output_dir)
+        self.background: Background | None = None  # a checkpoint being written in the background
 
     def execute(self) -> Summary | None:
         self.start()
@@ -111,15 +115,18 @@ class Run:
         self.data = prepare(recipe, self.splits, self.tokenizer)
         self.clock.mark("data")
         self.memory_before_model = peak_memory_bytes()
+        self.host_before_model = host_memory()  # loading = building the model until the engine holds it
         self.engine = make_engine(acc, recipe, plan)
-        model = build(recipe, self.tokenizer, acc.device)
+        model = self.engine.build_model(recipe, self.tokenizer)
         self.clock.mark("model")
         flops = ModelFlops.of(model)  # before the engine shards it
         self.task.configure(plan)
         context = LossContext(recipe.task.spec, self.train_label_counts, self.log.info)
         self.loss_fn = build_loss(recipe.task.resolved_loss, context)
         self.model = self.engine.prepare(model, lambda m: make_optimizer(m, recipe))
-        note = self.task.set_up(self.engine, lambda: build(recipe, self.tokenizer, acc.device))  # a reference model
+        self.host_after_load = host_memory()
+        # a reference model, built as the engine builds the trained one (fsdp: read by rank 0 only)
+        note = self.task.set_up(self.engine, lambda: self.engine.build_model(recipe, self.tokenizer))
         if note:
             self.log.info(note)
         self.collate = Collate(self.task)
@@ -185,6 +192,7 @@ class Run:
             saved = bool(self.recipe.train.save_every) and done % self.recipe.train.save_every == 0 and done != total
             if saved:
                 self.save(done)
+            self.settle_checkpoint(wait=False)
             self.phase(done, "stop-sync")
             if done != total and self.stop.agreed(self.acc.device):
                 self.stop_here(done, saved)
@@ -243,10 +251,27 @@ class Run:
             settings=compatibility.train_settings(self.recipe),
             plan=plan.model_dump(),
         )
-        folder = checkpoint.save(
-            self.acc, self.run_dir, step, state, self.recipe.train.keep_last, engine=self.engine,
-            hash_files=self.recipe.train.checkpoint_hash, written=lambda: self.drill(step, "write"), note=self.log.info,
-        )  # fmt: skip
+        began = time.perf_counter()
+        self.settle_checkpoint(wait=True)  # at most one checkpoint is written in the background
+        args = (self.acc, self.run_dir, step, state, self.recipe.train.keep_last)
+        options = {"hash_files": self.recipe.train.checkpoint_hash, "written": lambda: self.drill(step, "write"),
+                   "note": self.log.info}  # fmt: skip
+        if self.engine.saves_in_background and self.recipe.train.checkpoint_async:
+            self.background = save_in_background(*args, self.engine, **options)
+        else:
+            self.checkpointed(checkpoint.save(*args, engine=self.engine, **options), state)
+        if phase == "final-save":
+            self.settle_checkpoint(wait=True)
+        self.clock.saves.append(time.perf_counter() - began)
+
+    def settle_checkpoint(self, wait: bool) -> None:
+        """The checkpoint written in the background, once in place on every rank (`wait`: block until it is)."""
+        pending = self.background
+        if pending is not None and (wait or pending.done()):
+            self.background = None
+            self.checkpointed(pending.wait(), pending.state)
+
+    def checkpointed(self, folder: Path, state: CheckpointState) -> None:
         if self.on_checkpoint is not None:
             self.on_checkpoint(folder, state)
 
@@ -254,6 +279,7 @@ class Run:
         """Every rank agreed to stop at `step` (a USR1 reached one of them): checkpoint it, exit 75."""
         if not saved:
             self.save(step)
+        self.settle_checkpoint(wait=True)
         self.feed.close()
         self.reporter.close()  # save() returned on every rank only once the checkpoint was in place
         self.log.info(
@@ -268,7 +294,7 @@ class Run:
         total, acc = self.plan.total_steps, self.acc
         steps_run = total - self.start_step
         if steps_run:
-            self.save(total, "final-save")
+            self.save(total, "final-save")  # waits for its background write
         results = {}
         for split in ("validation", "test"):
             if getattr(self.splits, split):
@@ -321,6 +347,11 @@ class Run:
             memory={
                 "before_model_bytes_per_rank": [int(x) for x in gathered(self.memory_before_model)],
                 "peak_bytes_per_rank": [int(x) for x in gathered(self.memory_peak)],
+                # host resident set before the model was loaded, and its high-water mark once the engine held it
+                # (what loading cost; bench/memory.py compares it with the planner's host RAM at load)
+                "host_before_load_bytes_per_rank": [int(x) for x in gathered(self.host_before_model[0])],
+                "host_peak_before_load_bytes_per_rank": [int(x) for x in gathered(self.host_before_model[1])],
+                "host_peak_after_load_bytes_per_rank": [int(x) for x in gathered(self.host_after_load[1])],
             },
             timings=self.clock.timings(steps_run, plan.global_batch_size),
             throughput=self.throughput.summary(),

@@ -135,7 +135,7 @@ def test_a_full_disk_during_a_checkpoint_write_is_named_and_the_partial_folder_r
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"x" * 1000)
     with pytest.raises(checkpoint.CheckpointWriteFailed) as failure:
-        checkpoint._raise_write_failed(OSError(errno.ENOSPC, "No space left on device"), partial, run, 8)
+        checkpoint.raise_write_failed(OSError(errno.ENOSPC, "No space left on device"), partial, run, 8)
     text = str(failure.value)
     assert text.startswith(f"the checkpoint of step 8 could not be written to {run} (the disk is full; ")
     assert " free of " in text and "checkpoint-00000004, is intact" in text
@@ -197,5 +197,5 @@ def test_another_failure_of_a_checkpoint_write_is_raised_as_it_is(tmp_path):
     partial = tmp_path / ".tmp-checkpoint-00000002"
     partial.mkdir()
     with pytest.raises(TypeError, match="a bug"):
-        checkpoint._raise_write_failed(TypeError("a bug"), partial, tmp_path, 2)
+        checkpoint.raise_write_failed(TypeError("a bug"), partial, tmp_path, 2)
     assert not partial.exists()

@@ -13,6 +13,8 @@ import io
 import shutil
 from pathlib import Path
 
+import torch
+
 from launcher.config.recipe import Recipe
 from launcher.planning.plan import Plan
 from launcher.train.engines.base import Engine
@@ -30,6 +32,12 @@ class DeepSpeedEngine(Engine):
         self.config = plan.deepspeed_config
         self.stage = self.config["zero_optimization"]["stage"]
         self.sharded = "parameters" if self.stage == 3 else "optimizer states"
+        if self.stage == 3:
+            # ZeRO-3 casts every floating parameter to its own dtype: a 4-bit base stored in float32 under bf16
+            # would be cast and broken (measured: "shape '[64, 32]' is invalid for input of size 1024")
+            enabled = [dtype for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16))
+                       if self.config.get(key, {}).get("enabled")]  # fmt: skip
+            self.quant_storage = enabled[0] if enabled else torch.float32
         if plan.device == "cpu":
             skip_deepspeed_shm_op()
         import deepspeed
