@@ -62,7 +62,14 @@ def parser() -> argparse.ArgumentParser:
         help="processes on this machine (default: one per visible GPU, else 1 CPU process)",
     )
     p.add_argument("--nodes", type=int, default=1, metavar="N", help="nodes (needs a Slurm or Ray cluster profile)")
-    p.add_argument("--cluster", type=Path, default=None, metavar="PROFILE", help="cluster profile YAML")
+    p.add_argument(
+        "--cluster",
+        type=Path,
+        default=None,
+        metavar="PROFILE",
+        help="cluster profile YAML (default: $LAUNCHER_CLUSTER, else ~/.config/launcher/cluster.yaml, else for "
+        "--nodes > 1 a detected cluster: RAY_ADDRESS, or sbatch on PATH)",
+    )
     p.add_argument("--dry-run", action="store_true", help="validate, print the plan (and job script), start nothing")
     p.add_argument("--submit", action="store_true", help="submit as a Ray job (Ray profile) and print its id")
     p.add_argument("--follow", action="store_true", help="cluster jobs: stream the log, exit with the job's status")
@@ -109,7 +116,7 @@ def launch_recipe(request: LaunchRequest, started: float | None = None) -> ExitC
     """Check everything, print the plan, then dry-run, submit, or launch through the profile's backend."""
     from launcher.backends import backend_for
     from launcher.backends.base import Submission
-    from launcher.config.cluster import load_profile, parse_bytes
+    from launcher.config.cluster import find_profile, parse_bytes
     from launcher.config.loading import load_recipe
     from launcher.errors import Problem, RecipeError, UsageError
     from launcher.planning.checks import check_recipe, ignored_settings, missing_weights
@@ -123,7 +130,8 @@ def launch_recipe(request: LaunchRequest, started: float | None = None) -> ExitC
         problems.append(Problem("--nodes", "must be at least 1"))
     if problems:
         raise UsageError("command line", problems)
-    profile = load_profile(request.cluster)
+    found = find_profile(request.cluster, request.nodes)
+    profile = found.profile
     backend = backend_for(profile)
     problems = backend.flag_problems(submit=request.submit, follow=request.follow)
     if problems:
@@ -150,7 +158,7 @@ def launch_recipe(request: LaunchRequest, started: float | None = None) -> ExitC
             print(
                 f"warning: dropped {count} rows of {split} with an empty field (data.on_missing=drop)", file=sys.stderr
             )
-    print_plan(recipe, plan, resume, gpu_memory)
+    print_plan(recipe, plan, resume, gpu_memory, found.source)
     if request.dry_run:
         preview = backend.preview(recipe, plan)  # what a cluster backend would submit
         if preview is not None:
@@ -160,7 +168,7 @@ def launch_recipe(request: LaunchRequest, started: float | None = None) -> ExitC
     if refused:
         raise RecipeError("launch", refused)
     if request.submit:
-        submission = Submission(request.recipe, request.overrides, request.nodes, request.procs, request.cluster)
+        submission = Submission(request.recipe, request.overrides, request.nodes, request.procs, found.path)
         job = backend.submit(submission, recipe)
         if request.follow:
             print(job.follow().outcome())
@@ -190,7 +198,7 @@ def resume_point(recipe, plan) -> str:
     return f"step {state.step} of {found}" + (f" ({note})" if note else "")
 
 
-def print_plan(recipe, plan, resume: str, gpu_memory: int | None) -> None:
+def print_plan(recipe, plan, resume: str, gpu_memory: int | None, profile_source: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -199,6 +207,7 @@ def print_plan(recipe, plan, resume: str, gpu_memory: int | None) -> None:
     table = Table(title=f"plan: {recipe.task.type} on {recipe.model.path}", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value")
+    table.add_row("cluster profile", profile_source)
     for name, value in plan.rows():
         table.add_row(name, value)
     table.add_row("output", str(Path(recipe.output_dir).resolve()))

@@ -52,8 +52,10 @@ class TaskHooks:
         return float(loss_fn(logits, batch["labels"])), self.eval_outputs(logits, batch["labels"])
 
     def eval_outputs(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
-        """What evaluation keeps of a batch for the metrics (launcher.train.metrics.EvalOutputs.scores):
-        class probabilities, or predictions; None when the loss alone is scored (perplexity)."""
+        """What evaluation folds into its statistics for a batch (launcher.train.metrics.EvalOutputs.add):
+        (class probabilities or predictions, labels); a dict of named sums for a metric of its own (a metric
+        then reads `out.sums[name]`); None when the loss alone is scored (perplexity). Nothing is kept whole
+        but ROC-AUC's scores."""
         return logits.softmax(-1).cpu().numpy(), labels.cpu().numpy()
 
 

@@ -116,7 +116,9 @@ class RayBackend(Backend):
                 [Problem("dashboard", "--submit goes through Ray Jobs; set dashboard: http://HEAD:8265")],
             )
         command = ["-m", "launcher.cli", str(submission.recipe), *submission.overrides]
-        command += ["--nodes", str(submission.nodes), "--cluster", str(submission.cluster)]
+        command += ["--nodes", str(submission.nodes)]
+        if submission.cluster is not None:  # else the head finds the profile as this launch did (RAY_ADDRESS)
+            command += ["--cluster", str(submission.cluster)]
         if submission.procs is not None:
             command += ["--procs", str(submission.procs)]
         if "working_dir" in profile.runtime_env:  # uploaded by Ray; paths are relative to it
