@@ -28,6 +28,7 @@ examples:
   launch recipes/x.yaml --nodes 4 --cluster cluster/slurm.yaml --follow   sbatch job; stream its log
   launch status runs/x        launch cancel runs/x              a submitted job's state; cancel it
   launch export runs/x --merge                         a LoRA run's adapter folded into full weights
+  launch eval recipes/x.yaml [--model runs/x/final]    validation + test metrics of the base or an exported model
   launch plan recipes/x.yaml --nodes 2 --gpus-per-node 8 --gpu-memory 80GiB   memory per GPU of every strategy
   launch preflight recipes/x.yaml --nodes 4 --cluster cluster/slurm.yaml   versions, bandwidth, shared FS, RAM/disk
 
@@ -40,6 +41,7 @@ SUBCOMMANDS: dict[str, str] = {
     "status": "launcher.commands.jobs:status_command",
     "cancel": "launcher.commands.jobs:cancel_command",
     "export": "launcher.commands.export:main",
+    "eval": "launcher.commands.eval:main",
     "plan": "launcher.commands.plan:main",
     "preflight": "launcher.commands.preflight:main",
 }
@@ -185,6 +187,9 @@ def resume_point(recipe, plan) -> str:
     from launcher.errors import Problem, RecipeError
     from launcher.train.checkpoint import CheckpointMismatch, check_compatible, newest_intact, world_size_note
 
+    if plan.total_steps == 0:
+        adapter = f" with the adapter {recipe.model.adapter}" if recipe.model.adapter else ""
+        return f"evaluation only (train.max_steps=0) of {recipe.model.path}{adapter}: nothing is trained"
     try:
         found, skipped = newest_intact(Path(recipe.output_dir), recipe.train.resume)
         for note in skipped:

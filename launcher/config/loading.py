@@ -24,6 +24,7 @@ from launcher.errors import Problem, RecipeError, UsageError, UserError
 # Input paths travel with the recipe (relative to its folder); outputs land where you run.
 INPUT_PATHS = [
     ("model", "path"),
+    ("model", "adapter"),
     ("data", "train"),
     ("data", "validation"),
     ("data", "test"),

@@ -16,7 +16,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from launcher.records import CheckpointState, RecordError, write_json_atomic
@@ -127,6 +127,10 @@ def restore_missing_rng(folder: Path, rank: int, seed: int, step: int) -> bool:
     return True
 
 
+def folder_of(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / f"{PREFIX}{step:08d}"
+
+
 def save(
     accelerator,
     run_dir: Path,
@@ -136,11 +140,13 @@ def save(
     engine=None,
     hash_files: bool = True,
     written: Callable[[], None] | None = None,
+    keep: Collection[Path] = (),
 ) -> Path:
     """Every rank calls this; it returns once the checkpoint is in place. `engine` (train.strategy) adds the
     sharded model and optimizer states that Accelerate does not hold. `written()` runs on each rank once its
-    own files are written, before the rename (the failure drill's phase=write)."""
-    final = run_dir / f"{PREFIX}{step:08d}"
+    own files are written, before the rename (the failure drill's phase=write). `keep`: checkpoints pruning
+    must leave whatever keep_last says (the best one, train.keep_best)."""
+    final = folder_of(run_dir, step)
     tmp = run_dir / f".tmp-{PREFIX}{step:08d}"
     if accelerator.is_main_process:
         if tmp.exists():
@@ -160,7 +166,7 @@ def save(
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(run_dir)
-        prune(run_dir, keep_last)
+        prune(run_dir, keep_last, keep)
     accelerator.wait_for_everyone()
     return final
 
@@ -240,9 +246,11 @@ def _older_hint(run_dir: Path, damaged: Path) -> str:
     return " Point train.resume at an intact checkpoint-* folder, or use train.resume=never in a fresh output_dir."
 
 
-def prune(run_dir: Path, keep_last: int) -> None:
+def prune(run_dir: Path, keep_last: int, keep: Collection[Path] = ()) -> None:
+    kept = {Path(p).name for p in keep}
     for old in complete(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name not in kept:
+            shutil.rmtree(old, ignore_errors=True)
     for stale in run_dir.glob(f".tmp-{PREFIX}*"):
         shutil.rmtree(stale, ignore_errors=True)
 

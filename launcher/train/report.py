@@ -1,4 +1,5 @@
-"""What a run tells its user: the progress bar, log lines, metrics.jsonl, TensorBoard.
+"""What a run tells its user: the progress bar, log lines, metrics.jsonl, and the experiment trackers
+(train.trackers: TensorBoard, MLflow, W&B).
 
 Only rank 0 writes files and draws the bar; every rank may log, and its lines
 say which rank they come from.
@@ -62,22 +63,18 @@ class Reporter:
         total_steps: int,
         start_step: int,
         log_every: int,
-        tensorboard: bool,
         logger: logging.Logger,
+        trackers=None,
     ):
         self.is_main = is_main
         self.log_every = log_every
         self.total = total_steps
         self.logger = logger
         self.metrics_path = run_dir / METRICS_FILE
-        self.writer = None
+        self.trackers = trackers  # train.trackers.Trackers on rank 0, when the recipe reports to any
         self.progress = None
         if not is_main:
             return
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
         from rich.console import Console
         from rich.progress import (
             BarColumn,
@@ -126,9 +123,9 @@ class Reporter:
             "time": time.time(),
         }
         self._append(record)
-        if self.writer:
-            self.writer.add_scalar("train/loss", loss, step)
-            self.writer.add_scalar("train/lr", lr, step)
+        if self.trackers:
+            numbers = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "samples_per_s": samples_per_s}
+            self.trackers.log("train", step, {f"train/{k}": v for k, v in numbers.items() if v is not None})
         if self.progress:
             self.progress.update(self.task_id, loss=loss, lr=lr, speed=samples_per_s)
         if step % self.log_every == 0 or step == self.total:
@@ -145,43 +142,47 @@ class Reporter:
         if not self.is_main:
             return
         self._append({"step": step, "split": split, "metrics": metrics, "time": time.time()})
-        if self.writer:
-            for name, value in metrics.items():
-                if isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"{split}/{name}", value, step)
+        if self.trackers:
+            numbers = {f"{split}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+            self.trackers.log(split, step, numbers)
         flat = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, (int, float)))
         self.logger.info(f"eval {split} at step {step}: {flat}")
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
+        """`finished`: the run completed (else it stopped, to resume later: its tracker runs stay open)."""
         if self.progress:
             self.progress.stop()
             self.logger.handlers = self.plain_handlers
-        if self.writer:
-            self.writer.close()
+        if self.trackers:
+            self.trackers.close(finished)
 
 
 class StepLosses:
-    """Per-step loss sums stay on the device until a flush, which all-reduces them in one collective.
+    """Per-step loss sums and token counts stay on the device until a flush, which all-reduces them in one
+    collective.
 
     No host sync and no collective per step (on a GPU both stall the pipeline), yet
     metrics.jsonl still gets every step's global-batch loss.
     """
 
-    def __init__(self, accelerator, reporter: Reporter, plan, first: float | None, last: float | None):
+    def __init__(self, accelerator, reporter: Reporter, plan, first: float | None, last: float | None, tokens: int):
         self.acc, self.reporter, self.plan = accelerator, reporter, plan
         self.pending: list[tuple] = []
         self.first, self.last = first, last
+        self.tokens = tokens  # non-padding input tokens trained on so far, every rank (and earlier launches)
         self.window_start = time.time()
 
-    def add(self, step: int, loss_sum: torch.Tensor, weight: float, lr: float, grad_norm) -> None:
-        self.pending.append((step, loss_sum, weight, lr, grad_norm))
+    def add(self, step: int, loss_sum: torch.Tensor, weight: float, lr: float, grad_norm, tokens: torch.Tensor) -> None:
+        self.pending.append((step, loss_sum, weight, lr, grad_norm, tokens))
 
     def flush(self) -> None:
         if not self.pending:
             return
-        sums = self.acc.reduce(torch.stack([p[1] for p in self.pending]).double(), "sum").tolist()
+        local = torch.stack([p[1].double() for p in self.pending] + [p[5].double() for p in self.pending])
+        reduced = self.acc.reduce(local, "sum").tolist()
+        sums, tokens = reduced[: len(self.pending)], reduced[len(self.pending) :]
         speed = len(self.pending) * self.plan.global_batch_size / max(time.time() - self.window_start, 1e-9)
-        for (step, _, weight, lr, grad_norm), total in zip(self.pending, sums):
+        for (step, _, weight, lr, grad_norm, _), total in zip(self.pending, sums):
             loss = total / weight
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {step}; lower train.optimizer.lr or check the data")
@@ -195,6 +196,7 @@ class StepLosses:
                 None if grad_norm is None else float(grad_norm),
                 speed,
             )
+        self.tokens += int(round(sum(tokens)))
         self.pending = []
         self.window_start = time.time()
 

@@ -23,9 +23,9 @@ from typing import ClassVar
 import yaml
 
 from launcher.backends.base import Backend, Layout, Submission, scoped_environ
-from launcher.backends.local import result_file
+from launcher.backends.local import closing_line
 from launcher.backends.ray.jobs import RayJob
-from launcher.backends.ray.trainer import describe_failure, fit, newer_than_output_dir
+from launcher.backends.ray.trainer import describe_failure, fit, newer_than_output_dir, run_name
 from launcher.config.cluster import RayProfile
 from launcher.config.recipe import Recipe
 from launcher.errors import JobFailed, Problem, ProfileError, StoppedBySignal, TrainingFailed, UsageError
@@ -79,14 +79,18 @@ class RayBackend(Backend):
         import ray
 
         profile = self.profile
+        facts = facts.on(ray_run_name=run_name(recipe))
         write_spec(Path(recipe.output_dir), recipe, plan, facts)
 
         def stop(signum, _frame):
             raise StoppedBySignal(signum)
 
         previous = signal.signal(signal.SIGTERM, stop)
+        environ = {"RAY_AUTH_MODE": profile.auth}  # read when ray is initialised
+        if not sys.stdout.isatty():  # a log file: the workers' line prefixes without colour codes
+            environ["RAY_COLOR_PREFIX"] = "0"
         try:
-            with scoped_environ({"RAY_AUTH_MODE": profile.auth}):  # read when ray is initialised
+            with scoped_environ(environ):
                 fit(recipe, plan, profile, facts)
         except (ConnectionError, ray.exceptions.AuthenticationError) as exc:  # from connect
             raise JobFailed(
@@ -103,7 +107,7 @@ class RayBackend(Backend):
         finally:
             signal.signal(signal.SIGTERM, previous)
             ray.shutdown()
-        return f"done: {Path(recipe.output_dir).resolve() / result_file(recipe)}"
+        return closing_line(recipe)
 
     def submit(self, submission: Submission, recipe: Recipe) -> RayJob:
         """The same `launch` command as a Ray job; recorded in OUTPUT_DIR/launch/ for `launch status RUN_DIR`."""

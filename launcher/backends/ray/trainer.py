@@ -84,7 +84,7 @@ def fit(recipe: Recipe, plan: Plan, profile: RayProfile, facts: LaunchFacts) -> 
             placement_strategy=profile.placement_strategy,
         ),
         run_config=RunConfig(
-            name=run_name(recipe),
+            name=facts.scheduler.get("ray_run_name") or run_name(recipe),
             storage_path=storage,
             failure_config=FailureConfig(max_failures=profile.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=recipe.train.keep_last),

@@ -79,7 +79,7 @@ class SlurmBackend(Backend):
                     )
                 ],
             )
-        return agent(recipe, plan, self.profile, env, facts)
+        return agent(recipe, plan, self.profile, env, facts.on(slurm_job_id=env.job_id))
 
     def preview(self, recipe: Recipe, plan: Plan) -> str:
         """--dry-run: the job script that would be submitted; nothing is written."""
