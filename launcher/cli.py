@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.errors import ExitCode, StoppedBySignal, StoppedOnRequest, TrainingFailed, UserError, exit_code_of
+from launcher.terminal import plain_unless_terminal
 
 EPILOG = """\
 examples:
@@ -101,6 +102,7 @@ class LaunchRequest:
 def main(argv: list[str] | None = None) -> int:
     started = time.time()
     argv = sys.argv[1:] if argv is None else argv
+    plain_unless_terminal()  # a log file gets no colour codes, whoever prints them (Ray, rich)
     try:
         if argv and argv[0] in SUBCOMMANDS:
             module, function = SUBCOMMANDS[argv[0]].split(":")
@@ -217,7 +219,8 @@ def print_plan(recipe, plan, resume: str, gpu_memory: int | None, profile_source
         table.add_row(name, value)
     table.add_row("output", str(Path(recipe.output_dir).resolve()))
     table.add_row("start", resume)
-    table.add_row("memory per GPU (estimate)", estimate_line(recipe, plan, gpu_memory))
+    where = "GPU" if plan.device == "cuda" else "process"  # a CPU process's memory is host RAM
+    table.add_row(f"memory per {where} (estimate)", estimate_line(recipe, plan, gpu_memory))
     Console().print(table)
 
 

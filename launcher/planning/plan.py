@@ -9,6 +9,7 @@ at a different world size.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -217,21 +218,19 @@ def make_plan(
 
 
 def estimate_line(recipe, plan, gpu_memory: int | None) -> str:
-    """One line for the dry-run table: the estimate of the plan's own strategy. Plain ddp on CPU processes has
-    no GPU to fit, and is left out: building the model on the meta device imports torch and transformers,
-    which would make every dry run many times slower."""
-    if (
-        plan.device == "cpu"
-        and plan.choice == ("ddp", "none", False)
-        and recipe.model.lora is None
-        and recipe.model.quantization is None
-        and gpu_memory is None
-    ):
-        return "not estimated for CPU processes; see `launch plan RECIPE --gpus-per-node G --gpu-memory SIZE`"
+    """One line for the dry-run table: the estimate of the plan's own strategy. Plain ddp on CPU processes is
+    estimated from the model folder's files (planning.weights: no torch, so the dry run stays fast); other
+    plans build the model on the meta device, which imports torch and transformers."""
+    from launcher.config.loading import resolve_model_path
     from launcher.planning import memory
+    from launcher.planning.weights import folder_shape
 
+    cpu_full = plan.device == "cpu" and plan.choice == ("ddp", "none", False) and recipe.model.lora is None
     try:
-        shape = memory.model_shape(recipe)
+        shape = None
+        if cpu_full and recipe.model.quantization is None:
+            shape = folder_shape(Path(resolve_model_path(recipe.model.path)), recipe)
+        shape = shape or memory.model_shape(recipe)  # a hub id, .bin weights, LoRA, quantization, GPUs
     except RecipeError as exc:
         return f"not estimated: {exc.problems[0].message}"
     est = memory.estimate(

@@ -15,7 +15,8 @@ import re
 import sys
 from collections.abc import Callable
 
-ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+from launcher.terminal import ANSI
+
 HEAD_PREFIXES = ("classifier.", "score.", "pre_classifier.", "qa_outputs.")  # heads a task adds, new by design
 
 

@@ -62,6 +62,7 @@ def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
 
 class Tracker(ABC):
     name: ClassVar[str]
+    note: str = ""  # said once after the start: where the run is, when that is not obvious
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
@@ -156,6 +157,8 @@ class WandB(Tracker):
             settings=settings,
         )
         self.run.config.update({"launch": info.tags}, allow_val_change=True)
+        if self.run.settings.mode == "offline":
+            self.note = f" (offline; upload with: wandb sync {self.run.settings.sync_dir})"
         return self.run.id
 
     def log(self, metrics, step):
@@ -227,7 +230,7 @@ class Trackers:
         self._write()
         for name, run_id in self.runs.items():
             continued = "continued" if ids.get(name) == run_id else "new"
-            logger.info(f"tracker {name}: {continued} run {run_id}")
+            logger.info(f"tracker {name}: {continued} run {run_id}{self.trackers[name].note}")
 
     def _write(self) -> None:
         write_json_atomic(self.path, {"runs": self.runs, "sent": self.sent})

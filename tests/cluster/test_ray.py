@@ -73,15 +73,19 @@ def ray_profile(ray_cluster, tmp_path_factory):
     return path
 
 
-def ray_run(model: str, out, profile, *extra: str, env: dict | None = None):
-    return launch(*small_run(model, out), *extra, "--nodes", "2", "--cluster", profile, env=env, timeout=RAY_TIMEOUT)
+def ray_run(model: str, out, profile, *extra: str, env: dict | None = None, cwd: Path = REPO):
+    return launch(
+        *small_run(model, out), *extra, "--nodes", "2", "--cluster", profile, env=env, timeout=RAY_TIMEOUT, cwd=cwd
+    )
 
 
 @pytest.fixture(scope="module")
 def clean_run(tiny, ray_profile, tmp_path_factory):
-    """An uninterrupted 2-worker run: dropout on, so the resumed run must restore every rank's RNG too."""
+    """An uninterrupted 2-worker run: dropout on, so the resumed run must restore every rank's RNG too. Its
+    output_dir is relative (`run`, from the folder `launch` runs in), as users write it: the workers, whose
+    working directory is Ray's session folder, must still write there."""
     out = tmp_path_factory.mktemp("ray-clean") / "run"
-    return out, ray_run(tiny["bert_dropout"], out, ray_profile)
+    return out, ray_run(tiny["bert_dropout"], out, ray_profile, "output_dir=run", cwd=out.parent)
 
 
 def test_two_workers_on_two_ray_nodes(clean_run):
@@ -98,6 +102,11 @@ def test_two_workers_on_two_ray_nodes(clean_run):
     # every complete checkpoint was reported to Ray and copied into its storage
     ray_dir = next((out / "ray").iterdir())
     assert sorted(p.name for p in ray_dir.glob("checkpoint-*")) == ["checkpoint-00000008", "checkpoint-00000012"]
+    # the relative output_dir: everything in it, and the closing line names it
+    for name in ("summary.json", "metrics.jsonl", "final/model.safetensors", "checkpoint-00000012"):
+        assert (out / name).exists(), name
+    assert f"summary: {out.resolve() / 'summary.json'}" in run.stdout
+    assert "\x1b[" not in run.output, "no raw ANSI colour codes in a log"
 
 
 def test_killed_worker_is_restarted_and_resumes_exactly(clean_run, tiny, ray_profile, tmp_path):
@@ -171,7 +180,7 @@ def test_submit_as_ray_job_and_follow(tiny, ray_profile, tmp_path):
     )
     assert run.returncode == 0, run.output[-4000:]
     assert "submitted Ray job raysubmit_" in run.stdout and "SUCCEEDED" in run.stdout
-    assert f"done: {out.resolve() / 'summary.json'}" in run.stdout, "the job's own log was streamed"
+    assert f"summary: {out.resolve() / 'summary.json'}" in run.stdout, "the job's own log was streamed"
     s = summary(out)
     assert s["world_size"] == 2 and s["steps"] == 12
     # the job handle of the backend contract: `launch status RUN_DIR` asks Ray Jobs about the submission

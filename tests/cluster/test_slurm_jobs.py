@@ -29,11 +29,9 @@ ENV = {"LAUNCHER_TEST_SECRET": SECRET, "HF_TOKEN": HF_SECRET}
 
 
 def cpu_profile(folder: Path, **fields) -> Path:
+    """The shipped cluster/slurm-cpu.yaml (the testbed's partition `debug`), with a secret to pass."""
     data = {
-        "backend": "slurm",
-        "time": "00:15:00",
-        "procs_per_node": 1,
-        "env": {"OMP_NUM_THREADS": "1"},
+        **yaml.safe_load((REPO / "cluster" / "slurm-cpu.yaml").read_text()),
         "secret_env": ["LAUNCHER_TEST_SECRET"],
         # proves the secret reached the job without printing it
         "setup": ['[ -n "${LAUNCHER_TEST_SECRET:-}" ] || { echo "LAUNCHER_TEST_SECRET missing" >&2; exit 3; }'],
@@ -91,6 +89,7 @@ def test_two_nodes_train_one_world_and_one_node_resumes_it(slurm_cluster, tiny, 
     checksums = s["param_checksum_per_rank"]
     assert checksums[0] == checksums[1], "the two nodes hold the same weights"
     assert (out / "job.sbatch").exists() and (out / "slurm.log").exists()
+    assert "\x1b[" not in (out / "slurm.log").read_text(), "no raw ANSI colour codes in the job's log"
     assert SECRET not in run.output and HF_SECRET not in run.output
     assert_no_secret_written(out, tmp_path / "slurm-cpu.yaml")
     status = launch("status", out)
@@ -115,6 +114,16 @@ def test_two_nodes_train_one_world_and_one_node_resumes_it(slurm_cluster, tiny, 
     assert r["resumed_world_size"] == 2 and r["world_size"] == 1 and r["steps_this_launch"] == 4
     a, b = final_weights(out), final_weights(one)
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+
+
+def test_without_a_profile_a_multinode_launch_finds_this_slurm(slurm_cluster, tmp_path):
+    """No --cluster, no LAUNCHER_CLUSTER, no default file, and sbatch on PATH: the site's Slurm, with its own
+    default partition, and GPUs per node as sinfo reports them (the testbed has none)."""
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "no-config"), "LAUNCHER_CLUSTER": "", "RAY_ADDRESS": ""}
+    run = launch(RECIPES / "quickstart.yaml", f"output_dir={tmp_path / 'run'}", "--nodes", "2", "--dry-run", env=env)
+    assert run.returncode == 0, run.output[-3000:]
+    assert "slurm (detected: sbatch on PATH" in run.stdout and "CPU ranks: sinfo shows no GPUs" in run.stdout
+    assert "#SBATCH --nodes=2" in run.stdout and "--partition" not in run.stdout
 
 
 def test_cancel_a_submitted_job(slurm_cluster, tiny, tmp_path):

@@ -9,6 +9,7 @@ mtime is the moment of death and the exit latency is measured from it.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import RECIPES, REPO, final_weights, launch, metric_lines, summary
+from helpers import RECIPES, REPO, final_weights, launch, metric_lines, summary, wandb_records
 
 from launcher.train import checkpoint
 
@@ -26,7 +27,7 @@ STEPS, SAVE_EVERY, EVAL_EVERY = 12, 4, 3
 EXIT_WITHIN_S = 30  # generous for a shared, busy machine; measured values are printed
 
 
-def small_run(model: str, out: Path) -> list:
+def small_run(model: str, out: Path, *extra: str) -> list:
     """The quick start recipe shrunk: tiny BERT with dropout, 12 steps of 2 × 2 × 2, a checkpoint every 4 steps,
     an evaluation every 3."""
     return [
@@ -43,6 +44,7 @@ def small_run(model: str, out: Path) -> list:
         "train.log_every=1",
         "--procs",
         "2",
+        *extra,
     ]
 
 
@@ -62,7 +64,7 @@ def newest_saved_before(step: int, phase: str) -> int:
     return max([s for s in saves if s <= step], default=0)  # eval after step S: S's checkpoint (if any) is written
 
 
-def assert_recovers(model: str, run: Path, clean: Path, saved: int) -> dict:
+def assert_recovers(model: str, run: Path, clean: Path, saved: int, *extra: str, env: dict | None = None) -> dict:
     """The state a killed launch left: the newest complete checkpoint is `saved` and intact; launching again
     resumes from it and ends exactly where the uninterrupted run did."""
     complete = checkpoint.complete(run)
@@ -70,7 +72,7 @@ def assert_recovers(model: str, run: Path, clean: Path, saved: int) -> dict:
     for folder in complete:
         assert checkpoint.damage(folder) is None, folder
     assert not (run / "summary.json").exists()
-    again = launch(*small_run(model, run))
+    again = launch(*small_run(model, run, *extra), env=env)
     assert again.returncode == 0, again.output[-3000:]
     s = summary(run)
     if saved:
@@ -86,12 +88,11 @@ def assert_recovers(model: str, run: Path, clean: Path, saved: int) -> dict:
     return s
 
 
-def drill(model: str, run: Path, rank: int, step: int, phase: str) -> float:
+def drill(model: str, run: Path, rank: int, step: int, phase: str, *extra: str, env: dict | None = None) -> float:
     """Kill `rank` at (step, phase); the seconds from its death to `launch` exiting."""
     marker = run.parent / f"died-{rank}-{step}-{phase}"
-    killed = launch(
-        *small_run(model, run), env={"LAUNCHER_FAULT": f"rank={rank},step={step},phase={phase},once={marker}"}
-    )
+    fault = {"LAUNCHER_FAULT": f"rank={rank},step={step},phase={phase},once={marker}"}
+    killed = launch(*small_run(model, run, *extra), env={**(env or {}), **fault})
     ended = time.time()
     assert killed.returncode == 1, killed.output[-3000:]
     assert marker.exists(), f"the drill never fired\n{killed.output[-3000:]}"
@@ -99,17 +100,59 @@ def drill(model: str, run: Path, rank: int, step: int, phase: str) -> float:
     return ended - marker.stat().st_mtime
 
 
-def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tiny, clean, tmp_path):
+TRACKED = ("train.report_to=[tensorboard,mlflow,wandb]",)
+
+
+def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tiny, mlflow_server, clean, tmp_path):
     """Rank 1 dies inside the save of step 8, its files written, the folder not renamed: the partial write stays
     a .tmp folder, checkpoint 4 is the newest complete one and intact, and the relaunch ends as if nothing
-    happened."""
+    happened. Both launches report to TensorBoard, a real MLflow server and W&B (offline): the relaunch
+    continues the same tracker runs, and steps 5 to 8, sent before the kill and trained again, are not sent
+    twice."""
     run = tmp_path / "run"
-    latency = drill(tiny["bert_dropout"], run, rank=1, step=8, phase="write")
+    env = {**mlflow_server.env, "WANDB_MODE": "offline"}
+    mlflow_server.uri()  # up (it started while `clean` ran)
+    latency = drill(tiny["bert_dropout"], run, 1, 8, "write", *TRACKED, env=env)
     print(f"kill -9 rank 1 in the checkpoint write of step 8: launch exited {latency:.1f} s after the kill")
     assert latency < EXIT_WITHIN_S
     assert (run / ".tmp-checkpoint-00000008").is_dir() and not (run / "checkpoint-00000008").exists()
-    assert_recovers(tiny["bert_dropout"], run, clean, saved=4)
+    killed_runs = json.loads((run / "trackers.json").read_text())["runs"]
+    assert checkpoint.read_state(run / "checkpoint-00000004").trackers == killed_runs
+    s = assert_recovers(tiny["bert_dropout"], run, clean, 4, *TRACKED, env=env)
     assert not list(run.glob(".tmp-*")), "the next save removes the partial write"
+    assert json.loads((run / "trackers.json").read_text())["runs"] == killed_runs, "the same tracker runs"
+    assert_one_tracker_run_without_duplicates(run, killed_runs, mlflow_server.address, s)
+
+
+def assert_one_tracker_run_without_duplicates(run: Path, runs: dict, mlflow_uri: str, s: dict) -> None:
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps, evals = list(range(1, STEPS + 1)), list(range(EVAL_EVERY, STEPS + 1, EVAL_EVERY))
+    client = MlflowClient(mlflow_uri)
+    mlflow_run = client.get_run(runs["mlflow"])
+    assert mlflow_run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(runs["mlflow"], "train/loss")] == steps
+    assert sorted(m.step for m in client.get_metric_history(runs["mlflow"], "validation/loss")) == evals
+    assert client.get_metric_history(runs["mlflow"], "test/accuracy")[0].value == s["metrics"]["test"]["accuracy"]
+    params, tags = mlflow_run.data.params, mlflow_run.data.tags
+    assert params["recipe.train.batch_size"] == "8" and params["plan.world_size"] == "2"
+    assert tags["world_size"] == "2" and tags["preflight.status"] == "passed"
+    assert len(tags.get("git_commit", "")) >= 40 or not (REPO / ".git").exists()
+    # W&B offline: one folder per launch, both of the same run id, each step in exactly one of them
+    wandb_steps = [
+        record.history.step.num
+        for folder in sorted((run / "wandb").glob("offline-run-*"))
+        for record in wandb_records(next(folder.glob("*.wandb")))
+        if record.WhichOneof("record_type") == "history"
+        and any((i.key or "/".join(i.nested_key)) == "train/loss" for i in record.history.item)
+    ]
+    folders = sorted(p.name for p in (run / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2 and all(name.split("-")[3] == runs["wandb"] for name in folders), folders
+    assert sorted(wandb_steps) == steps, wandb_steps
+    events = EventAccumulator(runs["tensorboard"])
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == steps
 
 
 def steps_done(run: Path) -> int:

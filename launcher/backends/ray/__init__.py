@@ -25,7 +25,7 @@ import yaml
 from launcher.backends.base import Backend, Layout, Submission, scoped_environ
 from launcher.backends.local import closing_line
 from launcher.backends.ray.jobs import RayJob
-from launcher.backends.ray.trainer import describe_failure, fit, newer_than_output_dir, run_name
+from launcher.backends.ray.trainer import describe_failure, fit, job_runtime_env, newer_than_output_dir, run_name
 from launcher.config.cluster import RayProfile
 from launcher.config.recipe import Recipe
 from launcher.errors import JobFailed, Problem, ProfileError, StoppedBySignal, TrainingFailed, UsageError
@@ -86,11 +86,8 @@ class RayBackend(Backend):
             raise StoppedBySignal(signum)
 
         previous = signal.signal(signal.SIGTERM, stop)
-        environ = {"RAY_AUTH_MODE": profile.auth}  # read when ray is initialised
-        if not sys.stdout.isatty():  # a log file: the workers' line prefixes without colour codes
-            environ["RAY_COLOR_PREFIX"] = "0"
         try:
-            with scoped_environ(environ):
+            with scoped_environ({"RAY_AUTH_MODE": profile.auth}):  # read when ray is initialised
                 fit(recipe, plan, profile, facts)
         except (ConnectionError, ray.exceptions.AuthenticationError) as exc:  # from connect
             raise JobFailed(
@@ -131,7 +128,7 @@ class RayBackend(Backend):
             entrypoint = f"cd {shlex.quote(os.getcwd())} && {shlex.join([sys.executable, *command])}"
         with scoped_environ({"RAY_AUTH_MODE": profile.auth}):
             client = JobSubmissionClient(profile.dashboard)
-            job_id = client.submit_job(entrypoint=entrypoint, runtime_env=profile.runtime_env or None)
+            job_id = client.submit_job(entrypoint=entrypoint, runtime_env=job_runtime_env(profile))
         spec = Path(recipe.output_dir) / SPEC_DIR
         spec.mkdir(parents=True, exist_ok=True)
         (spec / "cluster.yaml").write_text(yaml.safe_dump(profile.model_dump(mode="json"), sort_keys=False))

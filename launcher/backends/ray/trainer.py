@@ -39,6 +39,19 @@ def ray_worker_env(plan: Plan, profile: RayProfile) -> dict[str, str]:
     return env
 
 
+# Ray Train's PreemptionWatcher actor (2.60) logs an error line at every start ("constructor arguments in the
+# object store and max_restarts > 0") and a traceback when its drain poll fails; the launcher does not use
+# what it watches for (node drain notices: a stop is a checkpoint and a restart here), so it is not started.
+QUIET_RAY = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+def job_runtime_env(profile: RayProfile) -> dict:
+    """The profile's runtime_env for the Ray job, with QUIET_RAY (the profile's own env_vars win)."""
+    env = dict(profile.runtime_env)
+    env["env_vars"] = {**QUIET_RAY, **env.get("env_vars", {})}
+    return env
+
+
 def connect(profile: RayProfile, plan: Plan) -> None:
     import ray
 
@@ -54,10 +67,10 @@ def connect(profile: RayProfile, plan: Plan) -> None:
             num_cpus=plan.world_size * profile.cpus_per_worker,
             num_gpus=plan.world_size if profile.gpus_per_node else 0,
             object_store_memory=parse_bytes(profile.object_store_memory),
-            runtime_env=profile.runtime_env or None,
+            runtime_env=job_runtime_env(profile),
         )
     else:
-        ray.init(address=profile.address, runtime_env=profile.runtime_env or None)
+        ray.init(address=profile.address, runtime_env=job_runtime_env(profile))
 
 
 def fit(recipe: Recipe, plan: Plan, profile: RayProfile, facts: LaunchFacts) -> None:
