@@ -251,7 +251,12 @@ def site_gpus_per_node(environ=os.environ) -> int:
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return 0
-    rows = [line.split(None, 1) for line in out.splitlines() if line.strip()]
+    return gpus_from_sinfo(out)
+
+
+def gpus_from_sinfo(text: str) -> int:
+    """`sinfo --format='%P %G'` → the GPUs per node of the default partition (marked *; else any)."""
+    rows = [line.split(None, 1) for line in text.splitlines() if line.strip()]
     default = [gres for part, *gres in rows if part.endswith("*")] or [gres for _, *gres in rows]
     counts = [int(m.group(1)) for gres in default for m in re.finditer(r"gpu(?::[\w-]+)?:(\d+)", " ".join(gres))]
     return max(counts, default=0)

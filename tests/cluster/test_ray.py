@@ -147,16 +147,12 @@ def test_zero2_in_ray_workers_shards_and_matches_ddp(clean_run, tiny, ray_profil
 
 def test_failing_run_exits_nonzero_with_the_cause(ray_env, tiny, tmp_path):
     """A failing worker ends the launch with exit 1 naming the rank and its error (restarts are shown by the
-    test above). This run uses `address: local`: a private one-node Ray started and stopped by the launch."""
-    profile = tmp_path / "ray-local.yaml"
-    profile.write_text(
-        "backend: ray\naddress: local\ncpu_workers_per_node: 2\nmax_failures: 0\n"
-        f"object_store_memory: {OBJECT_STORE}B\n"
-    )
+    test above). This run uses the shipped cluster/ray-local.yaml (`address: local`: a private one-node Ray
+    started and stopped by the launch, max_failures 0)."""
     run = launch(
         *small_run(tiny["bert"], tmp_path / "run"),
         "--cluster",
-        profile,
+        REPO / "cluster" / "ray-local.yaml",
         timeout=RAY_TIMEOUT,
         env={"LAUNCHER_FAULT": "rank=1,step=2,phase=step,kind=raise"},
     )
