@@ -96,14 +96,18 @@ def print_table(recipe, shape, *, num_nodes: int, gpus_per_node: int, micro_batc
 def main(argv: list[str]) -> int:
     """The table and auto's choice (0); a wrong recipe or flag raises (exit 2, printed by cli.main)."""
     args = parser().parse_intermixed_args(argv)
-    from launcher.config.cluster import load_profile, parse_bytes
+    from launcher.config.cluster import FoundProfile, LocalProfile, find_profile, parse_bytes
     from launcher.config.loading import load_recipe
-    from launcher.errors import Problem, RecipeError, UserError
+    from launcher.errors import Problem, RecipeError, UsageError, UserError
     from launcher.planning import memory
     from launcher.planning.checks import check_model
     from launcher.planning.plan import micro_batch_size
 
-    profile = load_profile(args.cluster)
+    try:
+        found = find_profile(args.cluster, args.nodes)
+    except UsageError:  # several nodes and no profile anywhere: the flags say what the nodes have
+        found = FoundProfile(LocalProfile(), "none found (the flags give the GPUs)")
+    profile = found.profile
     recipe = load_recipe(args.recipe, args.overrides)
     problems = check_model(recipe)
     gpus = args.gpus_per_node or getattr(profile, "gpus_per_node", None)
@@ -127,6 +131,7 @@ def main(argv: list[str]) -> int:
         raise UserError("plan", problems)  # the recipe's model, and the flags
     shape = memory.model_shape(recipe)
     micro = micro_batch_size(recipe, gpus * args.nodes)
+    say(f"cluster profile: {found.source}")
     print_table(recipe, shape, num_nodes=args.nodes, gpus_per_node=gpus, micro_batch=micro, gpu_memory=gpu_memory)
     try:
         choice, why = memory.choose(

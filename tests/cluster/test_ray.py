@@ -73,10 +73,12 @@ def ray_profile(ray_cluster, tmp_path_factory):
     return path
 
 
-def ray_run(model: str, out, profile, *extra: str, env: dict | None = None, cwd: Path = REPO):
+def ray_run(model: str, out, profile, *extra: str, env: dict | None = None, cwd: Path = REPO, eval_command=False):
+    command = ["eval"] if eval_command else []
     return launch(
-        *small_run(model, out), *extra, "--nodes", "2", "--cluster", profile, env=env, timeout=RAY_TIMEOUT, cwd=cwd
-    )
+        *command, *small_run(model, out), *extra, "--nodes", "2", "--cluster", profile, env=env, timeout=RAY_TIMEOUT,
+        cwd=cwd,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -255,3 +257,17 @@ def test_ray_up_example_follows_rays_cluster_schema():
     config = yaml.safe_load((REPO / "cluster" / "ray-up.yaml").read_text())
     jsonschema.validate(config, schema)
     assert config["available_node_types"]["gpu-worker"]["max_workers"] == config["max_workers"] == 4
+
+
+@pytest.mark.slow  # the eval path is the training path with train.max_steps=0 (tests/integration/test_best_and_eval.py)
+def test_eval_through_ray_workers_gives_the_runs_metrics(clean_run, tiny, ray_profile):
+    """`launch eval --model final/` on the 2-node Ray cluster: the metrics the training run reported."""
+    out, clean = clean_run
+    assert clean.returncode == 0, clean.output[-4000:]
+    run = ray_run(tiny["bert_dropout"], out, ray_profile, "--model", str(out / "final"), eval_command=True)
+    assert run.returncode == 0, run.output[-4000:]
+    got, want = summary(out / "eval" / "final"), summary(out)
+    assert got["steps"] == 0 and got["world_size"] == 2 and got["final_model"] is None
+    for split in want["metrics"]:
+        numbers = {k: v for k, v in want["metrics"][split].items() if isinstance(v, float)}
+        assert {k: got["metrics"][split][k] for k in numbers} == pytest.approx(numbers, rel=1e-5), split

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 from helpers import RECIPES, REPO, final_weights, launch, metric_lines, summary
 
@@ -114,6 +115,23 @@ def test_two_nodes_train_one_world_and_one_node_resumes_it(slurm_cluster, tiny, 
     assert r["resumed_world_size"] == 2 and r["world_size"] == 1 and r["steps_this_launch"] == 4
     a, b = final_weights(out), final_weights(one)
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+
+
+@pytest.mark.slow  # the eval path is the training path with train.max_steps=0 (tests/integration/test_best_and_eval.py)
+def test_eval_as_a_two_node_slurm_job(slurm_cluster, tiny, tmp_path):
+    """`launch eval` of the base model as a 2-node Slurm job: a summary with the validation metrics, no
+    training, no checkpoint, no export; the same numbers as on this machine's one process."""
+    out = tmp_path / "run"
+    args = [*tiny_run(tiny["bert"], out), "data.test=null"]
+    run = launch("eval", *args, "--nodes", "2", "--cluster", cpu_profile(tmp_path), "--follow", env=ENV, timeout=300)
+    assert run.returncode == 0, run.output[-4000:]
+    s = summary(out / "eval" / "base")
+    assert s["steps"] == 0 and s["world_size"] == 2 and s["final_model"] is None and s["hosts"] == ["n1", "n2"]
+    here = launch("eval", *args, f"output_dir={tmp_path / 'here'}", "--procs", "1", env=ENV, timeout=300)
+    assert here.returncode == 0, here.output[-4000:]
+    assert summary(tmp_path / "here" / "eval" / "base")["metrics"]["validation"]["loss"] == pytest.approx(
+        s["metrics"]["validation"]["loss"], rel=1e-5
+    )
 
 
 def test_without_a_profile_a_multinode_launch_finds_this_slurm(slurm_cluster, tmp_path):

@@ -20,6 +20,7 @@ TITLES = {
     "data": "short texts → tokenized rows",
     "memory": "memory per rank (MiB)",
     "gpu": "GPU: ",
+    "eval_memory": "evaluation memory per rank",
 }
 
 
@@ -85,3 +86,9 @@ def test_gpu_script_smoke(started):
     out, result = finished(started, "gpu")
     assert result["peak_measured"] > 0 and result["flops_per_token"] > 0
     assert result["runs"]["full"]["results"]["HF Trainer"]["samples_per_s"] > 0
+
+
+def test_eval_memory(started):
+    _, result = finished(started, "eval_memory")
+    assert all(case["same_metrics"] for case in result["cases"])
+    assert all(new < old for case in result["cases"] for new, old in [case["gathered_bytes"]])
