@@ -36,6 +36,9 @@ class PlainText(io.TextIOBase):
     def encoding(self):
         return getattr(self.stream, "encoding", "utf-8")
 
+    def __getattr__(self, name: str):  # buffer, errors, ...: the wrapped stream's
+        return getattr(self.stream, name)
+
 
 def plain_unless_terminal() -> None:
     """Wrap sys.stdout and sys.stderr in PlainText unless they are terminals (idempotent)."""

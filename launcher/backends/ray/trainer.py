@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -19,6 +20,10 @@ from launcher.spec import LaunchFacts
 IN_RAY_JOB = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 # Travel from the driver to the workers: the launcher's own settings (cache, failure drills) and Hugging Face's.
 FORWARDED_PREFIXES = ("LAUNCHER_", "HF_")
+# The trackers' settings (train.trackers: MLFLOW_TRACKING_URI, WANDB_MODE, ...) travel too, but not their
+# credentials: a runtime_env is recorded by Ray. On Ray, W&B online needs `wandb login` on the nodes.
+TRACKER_PREFIXES = ("MLFLOW_", "WANDB_")
+CREDENTIAL = re.compile(r"TOKEN|PASSWORD|SECRET|KEY")
 
 
 def run_name(recipe: Recipe) -> str:
@@ -35,6 +40,7 @@ def ray_worker_env(plan: Plan, profile: RayProfile) -> dict[str, str]:
     # Ray would guess from the reservation; say it, since a missing OMP_NUM_THREADS costs up to 40x on CPU.
     env["OMP_NUM_THREADS"] = str(profile.cpus_per_worker)
     env.update({k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES)})
+    env.update({k: v for k, v in os.environ.items() if k.startswith(TRACKER_PREFIXES) and not CREDENTIAL.search(k)})
     env.update(profile.runtime_env.get("env_vars", {}))
     return env
 
