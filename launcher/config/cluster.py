@@ -210,11 +210,11 @@ def find_profile(path: Path | None, nodes: int = 1, environ=os.environ) -> Found
         return FoundProfile(load_profile(path), f"{path} (--cluster)", Path(path))
     named = environ.get(ENV_PROFILE)
     if named:
-        if not Path(named).is_file():
+        if not _is_file(Path(named)):
             raise ProfileError(ENV_PROFILE, [Problem(ENV_PROFILE, f"{named} is not a file; point it at a profile")])
         return FoundProfile(load_profile(Path(named)), f"{named} ({ENV_PROFILE})", Path(named))
     default = user_profile_path(environ)
-    if default.is_file():
+    if _is_file(default):
         return FoundProfile(load_profile(default), f"{default} (your default profile)", default)
     if environ.get("SLURM_JOB_ID"):  # srun in salloc, or your own sbatch script
         return FoundProfile(SlurmProfile(), f"slurm (inside Slurm job {environ['SLURM_JOB_ID']})")
@@ -240,6 +240,14 @@ def find_profile(path: Path | None, nodes: int = 1, environ=os.environ) -> Found
             + " (examples: cluster/slurm.yaml, cluster/slurm-cpu.yaml, cluster/ray.yaml)",
         )
     return FoundProfile(LocalProfile(), "local (this machine; no cluster profile given or found)")
+
+
+def _is_file(path: Path) -> bool:
+    """False also when the path cannot be looked at (a HOME that is not this user's: permission denied)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def site_gpus_per_node(environ=os.environ) -> int:

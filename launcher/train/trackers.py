@@ -114,6 +114,8 @@ class MLflow(Tracker):
         from mlflow.entities import Param, RunTag
 
         self.client = client = MlflowClient()
+        if run_id is not None and client.get_run(run_id).info.lifecycle_stage == "deleted":
+            run_id = None  # deleted in the UI since the last launch: a new run, rather than none
         if run_id is None:
             experiment = client.get_experiment_by_name(info.project)
             experiment_id = experiment.experiment_id if experiment else client.create_experiment(info.project)

@@ -23,11 +23,12 @@ def main(argv: list[str] | None = None) -> None:
     from launcher.train.components import WorldMismatch
     from launcher.train.preflight import PreflightFailed
     from launcher.train.run import run
+    from launcher.train.trackers import TrackerFailed
 
     recipe, plan, facts = read_spec(args.spec)
     try:
         run(recipe, plan, facts)
-    except (PreflightFailed, CheckpointMismatch, WorldMismatch) as exc:
+    except (PreflightFailed, CheckpointMismatch, WorldMismatch, TrackerFailed) as exc:
         # A verdict every rank reaches alike, whose message says it all: the launcher names it per rank from
         # the error file; a traceback from every rank would only bury it.
         get_error_handler().record_exception(exc)
