@@ -41,6 +41,22 @@ def tensor_shapes(folder: Path) -> dict[str, list[int]] | None:
     return shapes
 
 
+def model_folder(path: str, revision: str | None = None) -> Path | None:
+    """The local folder of a model: the path itself, or a hub id's snapshot in the local Hugging Face cache
+    (found without the network); None when it is in neither."""
+    if Path(path).is_dir():
+        return Path(path)
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        config = try_to_load_from_cache(path, "config.json", revision=revision)
+    except ValueError:  # not a valid repo id
+        return None
+    return Path(config).parent if isinstance(config, str) else None
+
+
 def _first(config: dict, *names: str, default=None):
     return next((config[n] for n in names if isinstance(config.get(n), int)), default)
 

@@ -11,6 +11,7 @@ passed through the environment and absent from every written file.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -23,6 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 from helpers import RECIPES, REPO, final_weights, launch, metric_lines, summary
+
+from launcher.train import checkpoint
 
 SECRET = "s3cr3t-" + secrets.token_hex(8)
 HF_SECRET = "hf_" + secrets.token_hex(8)
@@ -231,7 +234,9 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tiny, tmp
     out = tmp_path / "run"
     proc = _start(
         [
-            *tiny_run(tiny["bert"], out, "train.max_steps=40", "train.save_every=1000"),
+            *tiny_run(
+                tiny["bert"], out, "train.max_steps=40", "train.save_every=1000", "train.report_to=[tensorboard]"
+            ),
             "--nodes",
             "2",
             "--cluster",
@@ -258,6 +263,14 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tiny, tmp
     log = (out / "slurm.log").read_text()
     assert "(restart 0)" in log and "(restart 1)" in log, "both runs of the job log into one file"
     assert "requeued" in log and re.search(r"restarts 1\b", output)
+    # the requeued job continued the tracker run it started (its id in the checkpoint): each step once
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = json.loads((out / "trackers.json").read_text())["runs"]
+    assert checkpoint.read_state(Path(s["resumed_from"])).trackers == runs
+    events = EventAccumulator(runs["tensorboard"])
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 41))
 
 
 def test_killed_rank_fails_the_job_fast_naming_node_and_rank(slurm_cluster, tiny, tmp_path):
