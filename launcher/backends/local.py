@@ -64,6 +64,20 @@ def result_file(recipe: Recipe) -> str:
     return "preflight.json" if recipe.preflight.run == "only" else "summary.json"
 
 
+def closing_line(recipe: Recipe) -> str:
+    """The last line of a launch: the summary's headline (final metrics per split, best step, tokens, wall
+    time), then where the result is."""
+    from launcher.records import RecordError, Summary, headline
+
+    path = Path(recipe.output_dir).resolve() / result_file(recipe)
+    if recipe.preflight.run == "only":
+        return f"done: {path}"
+    try:
+        return f"done: {headline(Summary.read(path))}\n  summary: {path}"
+    except RecordError:
+        return f"done: {path}"
+
+
 class LocalBackend(Backend):
     name: ClassVar[str] = "local"
     profile: LocalProfile
@@ -98,4 +112,4 @@ class LocalBackend(Backend):
             spec = write_spec(Path(recipe.output_dir), recipe, plan, facts)
             environ = {**os.environ, **self.profile.env}
             run_ranks(plan, spec, {**self.profile.env, **worker_env(plan, environ)})
-        return f"done: {Path(recipe.output_dir).resolve() / result_file(recipe)}"
+        return closing_line(recipe)

@@ -1,8 +1,9 @@
 """Cluster profiles: *where* a recipe runs (the recipe says *what*).
 
 A profile names its backend; each backend's fields live in its own model so a
-Slurm profile cannot carry a Ray address by mistake. `--cluster` picks a file;
-without one the local profile (this machine) is used.
+Slurm profile cannot carry a Ray address by mistake. `find_profile` looks for one
+the way users expect (`--cluster`, `LAUNCHER_CLUSTER`, the per-user default file,
+then a cluster this machine belongs to) and says which it took and why.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import shutil
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,7 +22,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from launcher.config.loading import Source, read_yaml, validate
 from launcher.config.recipe import MemorySize
 from launcher.config.strict import FREE_TEXT, Strict
-from launcher.errors import Problem, ProfileError
+from launcher.errors import Problem, ProfileError, UsageError
 
 BYTES = {
     "": 1,
@@ -247,10 +251,10 @@ PROFILES: dict[str, type[Strict]] = {"local": LocalProfile, "slurm": SlurmProfil
 
 
 def load_profile(path: Path | None) -> Strict:
-    """The profile at path (every problem at once, with YAML lines), or the default: inside a Slurm
-    allocation (srun in salloc or in your own sbatch script) the Slurm profile, else this machine."""
+    """The profile at path (every problem at once, with YAML lines); without one, what find_profile finds for
+    one node (a launch of several nodes asks find_profile itself)."""
     if path is None:
-        return SlurmProfile() if os.environ.get("SLURM_JOB_ID") else LocalProfile()
+        return find_profile(None).profile
     data, lines = read_yaml(Path(path), what="cluster profile", error=ProfileError)
     source = Source(str(path), lines)
     backend = data.get("backend")
@@ -263,3 +267,97 @@ def load_profile(path: Path | None) -> Strict:
             [Problem("backend", f"{backend!r} is not a backend{hint}; valid: {valid}", source.where(("backend",)))],
         )
     return validate(PROFILES[backend], data, source, error=ProfileError)
+
+
+# ----------------------------------------------------------------------------- which profile
+ENV_PROFILE = "LAUNCHER_CLUSTER"  # a profile file for every launch of this shell (a site's module can set it)
+WAYS = (
+    "--cluster FILE",
+    f"{ENV_PROFILE}=FILE",
+    "a default profile in $XDG_CONFIG_HOME/launcher/cluster.yaml (~/.config/launcher/cluster.yaml)",
+    "a cluster this machine belongs to (RAY_ADDRESS set: that Ray cluster; sbatch on PATH: Slurm)",
+)
+
+
+@dataclass(frozen=True)
+class FoundProfile:
+    """The profile a launch uses and why (the plan shows `source`)."""
+
+    profile: Strict
+    source: str
+    path: Path | None = None  # the file it was read from (None: built from defaults or detection)
+
+
+def user_profile_path(environ=os.environ) -> Path:
+    """The per-user default profile, XDG-aware: $XDG_CONFIG_HOME/launcher/cluster.yaml, else ~/.config/..."""
+    base = environ.get("XDG_CONFIG_HOME") or str(Path(environ.get("HOME") or Path.home()) / ".config")
+    return Path(base) / "launcher" / "cluster.yaml"
+
+
+def find_profile(path: Path | None, nodes: int = 1, environ=os.environ) -> FoundProfile:
+    """The profile of this launch: `--cluster`, else LAUNCHER_CLUSTER, else the per-user default file, else
+    (inside a Slurm allocation) Slurm, else, when more than one node is asked for, a detected cluster:
+    RAY_ADDRESS → that Ray cluster, sbatch on PATH → Slurm with the site's defaults. One node and nothing
+    found: this machine. More nodes and nothing found: a UsageError naming every way to give one."""
+    if path is not None:
+        return FoundProfile(load_profile(path), f"{path} (--cluster)", Path(path))
+    named = environ.get(ENV_PROFILE)
+    if named:
+        if not _is_file(Path(named)):
+            raise ProfileError(ENV_PROFILE, [Problem(ENV_PROFILE, f"{named} is not a file; point it at a profile")])
+        return FoundProfile(load_profile(Path(named)), f"{named} ({ENV_PROFILE})", Path(named))
+    default = user_profile_path(environ)
+    if _is_file(default):
+        return FoundProfile(load_profile(default), f"{default} (your default profile)", default)
+    if environ.get("SLURM_JOB_ID"):  # srun in salloc, or your own sbatch script
+        return FoundProfile(SlurmProfile(), f"slurm (inside Slurm job {environ['SLURM_JOB_ID']})")
+    if nodes > 1:
+        address = environ.get("RAY_ADDRESS")
+        if address:
+            if address.startswith(("http://", "https://")):  # a Ray Jobs address: --submit goes there
+                profile = RayProfile(backend="ray", address="auto", dashboard=address)
+            else:
+                profile = RayProfile(backend="ray", address=address)
+            return FoundProfile(profile, f"ray at {address} (detected: RAY_ADDRESS is set; Ray's defaults)")
+        if shutil.which("sbatch", path=environ.get("PATH")):
+            gpus = site_gpus_per_node(environ)
+            what = f"{gpus} GPUs per node from sinfo" if gpus else "CPU ranks: sinfo shows no GPUs"
+            return FoundProfile(
+                SlurmProfile(gpus_per_node=gpus),
+                f"slurm (detected: sbatch on PATH; the site's default partition, time and account, {what})",
+            )
+        raise UsageError.one(
+            "--nodes",
+            f"{nodes} nodes need a cluster profile, and none was found; give one with "
+            + "; or ".join(WAYS)
+            + " (examples: cluster/slurm.yaml, cluster/slurm-cpu.yaml, cluster/ray.yaml)",
+        )
+    return FoundProfile(LocalProfile(), "local (this machine; no cluster profile given or found)")
+
+
+def _is_file(path: Path) -> bool:
+    """False also when the path cannot be looked at (a HOME that is not this user's: permission denied)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
+def site_gpus_per_node(environ=os.environ) -> int:
+    """GPUs per node of the site's default partition, from `sinfo` (gres gpu:N or gpu:TYPE:N); 0 when none or
+    when sinfo cannot tell."""
+    try:
+        out = subprocess.run(
+            ["sinfo", "--noheader", "--format=%P %G"], capture_output=True, text=True, timeout=20, env=dict(environ)
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return gpus_from_sinfo(out)
+
+
+def gpus_from_sinfo(text: str) -> int:
+    """`sinfo --format='%P %G'` → the GPUs per node of the default partition (marked *; else any)."""
+    rows = [line.split(None, 1) for line in text.splitlines() if line.strip()]
+    default = [gres for part, *gres in rows if part.endswith("*")] or [gres for _, *gres in rows]
+    counts = [int(m.group(1)) for gres in default for m in re.finditer(r"gpu(?::[\w-]+)?:(\d+)", " ".join(gres))]
+    return max(counts, default=0)

@@ -50,6 +50,11 @@ class ModelConfig(Strict):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of a hub id.")
     trust_remote_code: bool = Field(False, description="Allow model code from the model folder.")
     lora: LoraConfig | None = Field(None, description="Train low-rank adapters (PEFT) instead of all weights.")
+    adapter: str | None = Field(
+        None,
+        description="A trained LoRA adapter folder (adapter_config.json, e.g. a LoRA run's final/) loaded onto "
+        "model.path; what `launch eval RECIPE --model ADAPTER_DIR` sets.",
+    )
     quantization: QuantizationConfig | None = Field(
         None, description="Load the frozen base in 8 or 4 bits (bitsandbytes); needs `lora` (QLoRA)."
     )
@@ -58,6 +63,12 @@ class ModelConfig(Strict):
         description="Attention kernel: sdpa (torch's scaled_dot_product_attention), flash_attention_2 (a CUDA GPU "
         "and the flash-attn package; packed sequences run as varlen attention), or eager (plain matmuls).",
     )
+
+    @model_validator(mode="after")
+    def _adapter_or_lora(self) -> ModelConfig:
+        if self.adapter is not None and self.lora is not None:
+            raise ValueError("model.adapter loads a trained adapter and model.lora adds new ones: give one of them")
+        return self
 
 
 # ----------------------------------------------------------------------------- losses
@@ -324,6 +335,22 @@ class SchedulerConfig(Strict):
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Warm-up as a fraction of total steps.")
 
 
+Tracker = Literal["tensorboard", "mlflow", "wandb"]
+
+
+class WatchedMetric(Strict):
+    metric: str = Field(
+        description="A number the validation evaluation reports, as summary.json names it: 'loss', or a "
+        "metric's key (accuracy, f1_macro, precision_macro, recall_macro, roc_auc, mae, rmse, perplexity)."
+    )
+    mode: Literal["min", "max"] = Field(description="'min' when lower is better (loss, mae, perplexity), else 'max'.")
+
+
+class EarlyStopping(WatchedMetric):
+    patience: int = Field(3, ge=1, description="Validation evaluations without an improvement before stopping.")
+    min_delta: float = Field(0.0, ge=0.0, description="An improvement smaller than this does not count.")
+
+
 class TrainConfig(Strict):
     batch_size: int = Field(32, ge=1, description="GLOBAL batch per optimizer step, across all ranks and accumulation.")
     micro_batch_size: int | None = Field(
@@ -332,7 +359,12 @@ class TrainConfig(Strict):
         description="Per-device batch per forward pass; when omitted, batch_size / world_size (no accumulation).",
     )
     epochs: int = Field(1, ge=1)
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
+    max_steps: int | None = Field(
+        None,
+        ge=0,
+        description="Stop after this many optimizer steps (overrides epochs); 0 evaluates the model without "
+        "training it (what `launch eval` sets).",
+    )
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     grad_clip: float | None = Field(1.0, gt=0.0, description="Max global gradient norm; null disables clipping.")
@@ -358,7 +390,29 @@ class TrainConfig(Strict):
     log_every: int = Field(10, ge=1, description="Steps between metric lines in metrics.jsonl and the log.")
     seed: int = Field(42)
     resume: str = Field("auto", description="'auto' (newest checkpoint in output_dir), 'never', or a checkpoint path.")
-    tensorboard: bool = Field(False, description="Also write TensorBoard events to output_dir/tensorboard.")
+    report_to: list[Tracker] = Field(
+        default_factory=list,
+        description="Experiment trackers that get the metrics, the recipe, the plan and the launch's facts: "
+        "tensorboard (output_dir/tensorboard), mlflow (MLFLOW_TRACKING_URI), wandb (WANDB_MODE, WANDB_PROJECT). "
+        "One output_dir is one tracker run, continued on resume.",
+    )
+    tracker_project: str | None = Field(
+        None,
+        description="MLflow experiment / W&B project; default: MLFLOW_EXPERIMENT_NAME or WANDB_PROJECT, "
+        "else 'launcher'.",
+    )
+    tensorboard: bool = Field(False, description="Deprecated: write report_to: [tensorboard].")
+    early_stopping: EarlyStopping | None = Field(
+        None, description="Stop every rank once a validation metric stops improving (needs a validation split)."
+    )
+    keep_best: WatchedMetric | None = Field(
+        None,
+        description="Keep the checkpoint with the best validation metric beside keep_last (never pruned); a "
+        "new best is saved at the step it is found.",
+    )
+    final: Literal["last", "best"] = Field(
+        "last", description="What final/ holds and the test split scores: the last step's model or the best's."
+    )
     compile: bool = Field(
         False,
         description="torch.compile each transformer block (regional compilation: one graph per block type, "
@@ -377,7 +431,16 @@ class TrainConfig(Strict):
     def _eval_every(self) -> TrainConfig:
         if isinstance(self.eval_every, int) and self.eval_every < 1:
             raise ValueError("eval_every must be >= 1, 'epoch' or null")
+        if len(set(self.report_to)) != len(self.report_to):
+            raise ValueError("report_to: each tracker once")
+        if self.final == "best" and self.keep_best is None:
+            raise ValueError("final: best needs keep_best: {metric, mode} (which checkpoint is best)")
         return self
+
+    @property
+    def trackers(self) -> list[str]:
+        """report_to, with the deprecated `tensorboard: true` folded in."""
+        return self.report_to + (["tensorboard"] if self.tensorboard and "tensorboard" not in self.report_to else [])
 
 
 Strategy = Literal["ddp", "zero1", "zero2", "zero3", "fsdp", "auto"]

@@ -6,6 +6,7 @@ or a label outside the classes is reported in seconds, not after allocation.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -119,7 +120,7 @@ def ignored_settings(recipe: Recipe, splits: Splits | None = None) -> list[str]:
     notes = recipe.task.spec.ignored_settings(recipe)
     if splits is not None:
         notes += empty_carved_splits(recipe, splits)
-    if recipe.train.max_steps is not None and "epochs" in recipe.train.model_fields_set:
+    if recipe.train.max_steps and "epochs" in recipe.train.model_fields_set:
         notes.append("train.epochs is ignored: train.max_steps sets the length of the run")
     dist = recipe.distributed
     if dist.strategy == "auto" and (dist.offload != "none" or dist.offload_parameters):
@@ -131,6 +132,10 @@ def ignored_settings(recipe: Recipe, splits: Splits | None = None) -> list[str]:
                      "the background)")  # fmt: skip
     if recipe.train.eval_every is not None and recipe.data.validation is None and recipe.data.split.validation == 0:
         notes.append("train.eval_every is ignored: there is no validation split")
+    if recipe.train.tensorboard:
+        notes.append("train.tensorboard is deprecated: write train.report_to: [tensorboard] (honoured as that)")
+    if recipe.train.max_steps == 0 and (recipe.train.early_stopping or recipe.train.keep_best):
+        notes.append("train.early_stopping/keep_best are ignored: train.max_steps=0 evaluates without training")
     return notes
 
 
@@ -152,14 +157,56 @@ def empty_carved_splits(recipe: Recipe, splits: Splits) -> list[str]:
     return notes
 
 
+def check_adapter(recipe: Recipe) -> list[Problem]:
+    adapter = recipe.model.adapter
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        return [Problem("model.adapter", f"{adapter} has no adapter_config.json; give a LoRA run's final/ folder")]
+    return []
+
+
+def check_training_extras(recipe: Recipe, splits: Splits | None) -> list[Problem]:
+    """Trackers installed; early_stopping and keep_best watch a number the validation evaluation reports,
+    on a validation split that exists."""
+    problems = []
+    for name in recipe.train.trackers:
+        if importlib.util.find_spec(name) is None:  # each tracker's module and pip package share its name
+            problems.append(Problem("train.report_to", f"{name} is not installed here; pip install {name}"))
+    task = recipe.task
+    for field in ("early_stopping", "keep_best"):
+        watched = getattr(recipe.train, field)
+        if watched is None:
+            continue
+        from launcher.train.metrics import reported  # numpy only: no torch on the launcher side
+
+        valid = reported(task.type, task.resolved_metrics, task.resolved_num_labels)
+        if watched.metric not in valid:
+            problems.append(
+                Problem(
+                    f"train.{field}.metric",
+                    f"{watched.metric!r} is not reported by the validation evaluation of {task.type} with metrics "
+                    f"{', '.join(task.resolved_metrics)}; valid: {', '.join(valid)}",
+                )
+            )
+        if splits is not None and not splits.validation:
+            problems.append(
+                Problem(f"train.{field}", "needs a validation split: data.validation, or data.split.validation > 0")
+            )
+    if recipe.train.early_stopping is not None and recipe.train.eval_every is None:
+        problems.append(
+            Problem("train.early_stopping", "needs evaluations during training: set train.eval_every (N or 'epoch')")
+        )
+    return problems
+
+
 def check_recipe(recipe: Recipe) -> Splits:
     """Everything checkable before launch; raises one RecipeError with all problems."""
-    problems = check_model(recipe) + check_paths(recipe)
+    problems = check_model(recipe) + check_adapter(recipe) + check_paths(recipe)
     try:
         splits = load_splits(recipe)
     except RecipeError as exc:
         problems += exc.problems
         splits = None
+    problems += check_training_extras(recipe, splits)
     if problems:
         raise RecipeError("recipe", problems)
     return splits

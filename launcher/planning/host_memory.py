@@ -73,11 +73,13 @@ def staging_bytes(shape: ModelShape, recipe: Recipe, strategy: str, world: int) 
 
 def disk_bytes(shape: ModelShape, recipe: Recipe) -> int:
     """Disk at output_dir for a run: train.keep_last checkpoints, one more while the next is written (the
-    oldest goes only once it is complete), and the exported final model. A checkpoint holds the whole
-    model in its load dtype and the optimizer's fp32 moments (+ fp32 master weights under mixed precision)
-    of the trainable parameters, whatever the strategy: sharded states add up to the same bytes."""
+    oldest goes only once it is complete), the best one (train.keep_best), and the exported final model. A
+    checkpoint holds the whole model in its load dtype and the optimizer's fp32 moments (+ fp32 master weights
+    under mixed precision) of the trainable parameters, whatever the strategy: sharded states add up to the
+    same bytes."""
     model = shape.frozen_bytes + shape.num_trainable * DTYPE_BYTES[recipe.model.dtype]
-    return (recipe.train.keep_last + 1) * checkpoint_bytes(shape, recipe) + model
+    kept = recipe.train.keep_last + 1 + (1 if recipe.train.keep_best is not None else 0)  # + the best one
+    return kept * checkpoint_bytes(shape, recipe) + model
 
 
 def checkpoint_bytes(shape: ModelShape, recipe: Recipe) -> int:

@@ -8,7 +8,7 @@ they were; a failed write (a full disk) removes the partial folder and is said a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -49,6 +49,7 @@ def save_in_background(
     hash_files: bool = True,
     written: Callable[[], None] | None = None,
     note: Callable[[str], None] | None = None,
+    keep: Collection[Path] = (),
 ) -> Background:
     """Like checkpoint.save, returning as soon as the engine has staged its states; `written()` runs in the
     writing thread once this rank's sharded files are written, before the rename (the failure drill's
@@ -67,7 +68,7 @@ def save_in_background(
             except Exception as exc:  # a full disk named with its free space, the partial folder removed
                 raise_write_failed(exc, tmp, run_dir, step)
             if accelerator.is_main_process:
-                put_in_place(tmp, final, state, step, keep_last, hash_files, note)
+                put_in_place(tmp, final, state, step, keep_last, hash_files, note, keep)
             in_place.set_result(final)
         except BaseException as exc:  # the loop sees it at done()/wait()
             in_place.set_exception(exc)

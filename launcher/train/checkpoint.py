@@ -23,7 +23,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from launcher.records import CheckpointState, write_json_atomic
@@ -109,6 +109,10 @@ def restore_rng(folder: Path, rank: int, seed: int, step: int) -> bool:
     return False
 
 
+def folder_of(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / f"{PREFIX}{step:08d}"
+
+
 def save(
     accelerator,
     run_dir: Path,
@@ -119,10 +123,12 @@ def save(
     hash_files: bool = True,
     written: Callable[[], None] | None = None,
     note: Callable[[str], None] | None = None,
+    keep: Collection[Path] = (),
 ) -> Path:
     """Every rank calls this; it returns once the checkpoint is in place. `engine` (train.strategy) adds the
     sharded model and optimizer states that Accelerate does not hold. `written()` runs on each rank once its
-    own files are written, before the rename (the failure drill's phase=write)."""
+    own files are written, before the rename (the failure drill's phase=write). `keep`: checkpoints pruning
+    must leave whatever keep_last says (the best one, train.keep_best)."""
     tmp, final = begin(accelerator, run_dir, step)
     try:
         if engine is not None:
@@ -133,14 +139,14 @@ def save(
         written()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        put_in_place(tmp, final, state, step, keep_last, hash_files, note)
+        put_in_place(tmp, final, state, step, keep_last, hash_files, note, keep)
     accelerator.wait_for_everyone()
     return final
 
 
 def begin(accelerator, run_dir: Path, step: int) -> tuple[Path, Path]:
     """The fresh temporary folder of step's checkpoint, with Accelerate's states (RNG, optimizer) in it."""
-    final = run_dir / f"{PREFIX}{step:08d}"
+    final = folder_of(run_dir, step)
     tmp = run_dir / f".tmp-{PREFIX}{step:08d}"
     if accelerator.is_main_process:
         remove_own(tmp)
@@ -154,9 +160,9 @@ def begin(accelerator, run_dir: Path, step: int) -> tuple[Path, Path]:
 
 
 def put_in_place(tmp: Path, final: Path, state: CheckpointState, step: int, keep_last: int, hash_files: bool,
-                 note: Callable[[str], None] | None = None) -> None:  # fmt: skip
+                 note: Callable[[str], None] | None = None, keep: Collection[Path] = ()) -> None:  # fmt: skip
     """Rank 0, once every rank's files are in `tmp`: the state and the manifest, then the atomic rename and the
-    retention of the run's own checkpoints."""
+    retention of the run's own checkpoints (`keep`: never pruned)."""
     run_dir = final.parent
     try:
         state.write(tmp / STATE_FILE)
@@ -167,7 +173,7 @@ def put_in_place(tmp: Path, final: Path, state: CheckpointState, step: int, keep
         remove_own(final)
     os.replace(tmp, final)
     _fsync_dir(run_dir)
-    prune(run_dir, keep_last, note)
+    prune(run_dir, keep_last, note, keep)
 
 
 class CheckpointWriteFailed(RuntimeError):
@@ -286,12 +292,17 @@ def remove_own(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def prune(run_dir: Path, keep_last: int, note: Callable[[str], None] | None = None) -> None:
-    """Keep the newest `keep_last` of this run's checkpoints; remove stale temporary folders of its saves.
-    Anything else (a symbolic link, a folder without a manifest) is left alone, and said once."""
+def prune(
+    run_dir: Path, keep_last: int, note: Callable[[str], None] | None = None, keep: Collection[Path] = ()
+) -> None:
+    """Keep the newest `keep_last` of this run's checkpoints, and those in `keep` (the best one); remove stale
+    temporary folders of its saves. Anything else (a symbolic link, a folder without a manifest) is left alone,
+    and said once."""
     own = own_checkpoints(run_dir)
+    kept = {Path(p).name for p in keep}
     for old in own[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name not in kept:
+            shutil.rmtree(old, ignore_errors=True)
     for stale in run_dir.glob(f".tmp-{PREFIX}*"):
         if stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)

@@ -115,10 +115,14 @@ def host_memory() -> tuple[int, int]:
 
 
 def quiet_libraries(is_main: bool) -> None:
-    """One copy of library warnings (rank 0's), and no per-file progress bars in the logs."""
+    """One copy of library warnings (rank 0's), in plain words and without colour codes (train.noise), and no
+    per-file progress bars in the logs."""
     import datasets
     import transformers
+
+    from launcher.train import noise
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_warning() if is_main else transformers.utils.logging.set_verbosity_error()
+    noise.install(is_main)

@@ -63,9 +63,9 @@ class Feed:
             batch = self.collate(rows)
             for group in rows:
                 for row in group:
-                    n = len(row["input_ids"])
-                    counts.input_tokens += n
-                    counts.squared_lengths += n * n
+                    for n in self.collate.task.sequence_lengths(row):  # a preference pair: two sequences
+                        counts.input_tokens += n
+                        counts.squared_lengths += n * n
                     counts.trained_tokens += row["weight"]
             counts.positions += batch["input_ids"].numel()
             micro.append({k: v.pin_memory() for k, v in batch.items()} if self.pin else batch)

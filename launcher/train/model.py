@@ -141,6 +141,10 @@ def build(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     if recipe.model.lora is not None:
         model = add_lora(model, recipe)
+    if recipe.model.adapter is not None:  # a trained adapter (and its task head), e.g. for `launch eval`
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, recipe.model.adapter, is_trainable=True)
     if recipe.train.compile:
         compile_blocks(model)
     return model

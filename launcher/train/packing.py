@@ -176,6 +176,7 @@ class Collator:
     """Model rows (lists of data rows) → a batch: padded one row each (data.packing none), else packed."""
 
     def __init__(self, task: TaskHooks, recipe: Recipe):
+        self.task = task
         self.packed = recipe.data.packing != "none"
         self.plain = Collate(task)
         self.pack = PackedCollate(task, recipe.model.attn_implementation)

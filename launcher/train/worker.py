@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     from launcher.train.data import DataMismatch
     from launcher.train.preflight import PreflightFailed
     from launcher.train.run import run
+    from launcher.train.trackers import TrackerFailed
 
     recipe, plan, facts = read_spec(args.spec)
     try:
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         WorldMismatch,
         DataMismatch,
         RecipeError,
+        TrackerFailed,
     ) as exc:
         # A verdict every rank reaches alike, whose message says it all: the launcher names it per rank from
         # the error file; a traceback from every rank would only bury it.

@@ -11,6 +11,7 @@ passed through the environment and absent from every written file.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -20,8 +21,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 from helpers import RECIPES, REPO, final_weights, launch, metric_lines, summary
+
+from launcher.train import checkpoint
 
 SECRET = "s3cr3t-" + secrets.token_hex(8)
 HF_SECRET = "hf_" + secrets.token_hex(8)
@@ -29,11 +33,9 @@ ENV = {"LAUNCHER_TEST_SECRET": SECRET, "HF_TOKEN": HF_SECRET}
 
 
 def cpu_profile(folder: Path, **fields) -> Path:
+    """The shipped cluster/slurm-cpu.yaml (the testbed's partition `debug`), with a secret to pass."""
     data = {
-        "backend": "slurm",
-        "time": "00:15:00",
-        "procs_per_node": 1,
-        "env": {"OMP_NUM_THREADS": "1"},
+        **yaml.safe_load((REPO / "cluster" / "slurm-cpu.yaml").read_text()),
         "secret_env": ["LAUNCHER_TEST_SECRET"],
         # proves the secret reached the job without printing it
         "setup": ['[ -n "${LAUNCHER_TEST_SECRET:-}" ] || { echo "LAUNCHER_TEST_SECRET missing" >&2; exit 3; }'],
@@ -91,6 +93,7 @@ def test_two_nodes_train_one_world_and_one_node_resumes_it(slurm_cluster, tiny, 
     checksums = s["param_checksum_per_rank"]
     assert checksums[0] == checksums[1], "the two nodes hold the same weights"
     assert (out / "job.sbatch").exists() and (out / "slurm.log").exists()
+    assert "\x1b[" not in (out / "slurm.log").read_text(), "no raw ANSI colour codes in the job's log"
     assert SECRET not in run.output and HF_SECRET not in run.output
     assert_no_secret_written(out, tmp_path / "slurm-cpu.yaml")
     status = launch("status", out)
@@ -115,6 +118,33 @@ def test_two_nodes_train_one_world_and_one_node_resumes_it(slurm_cluster, tiny, 
     assert r["resumed_world_size"] == 2 and r["world_size"] == 1 and r["steps_this_launch"] == 4
     a, b = final_weights(out), final_weights(one)
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+
+
+@pytest.mark.slow  # the eval path is the training path with train.max_steps=0 (tests/integration/test_best_and_eval.py)
+def test_eval_as_a_two_node_slurm_job(slurm_cluster, tiny, tmp_path):
+    """`launch eval` of the base model as a 2-node Slurm job: a summary with the validation metrics, no
+    training, no checkpoint, no export; the same numbers as on this machine's one process."""
+    out = tmp_path / "run"
+    args = [*tiny_run(tiny["bert"], out), "data.test=null"]
+    run = launch("eval", *args, "--nodes", "2", "--cluster", cpu_profile(tmp_path), "--follow", env=ENV, timeout=300)
+    assert run.returncode == 0, run.output[-4000:]
+    s = summary(out / "eval" / "base")
+    assert s["steps"] == 0 and s["world_size"] == 2 and s["final_model"] is None and s["hosts"] == ["n1", "n2"]
+    here = launch("eval", *args, f"output_dir={tmp_path / 'here'}", "--procs", "1", env=ENV, timeout=300)
+    assert here.returncode == 0, here.output[-4000:]
+    assert summary(tmp_path / "here" / "eval" / "base")["metrics"]["validation"]["loss"] == pytest.approx(
+        s["metrics"]["validation"]["loss"], rel=1e-5
+    )
+
+
+def test_without_a_profile_a_multinode_launch_finds_this_slurm(slurm_cluster, tmp_path):
+    """No --cluster, no LAUNCHER_CLUSTER, no default file, and sbatch on PATH: the site's Slurm, with its own
+    default partition, and GPUs per node as sinfo reports them (the testbed has none)."""
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "no-config"), "LAUNCHER_CLUSTER": "", "RAY_ADDRESS": ""}
+    run = launch(RECIPES / "quickstart.yaml", f"output_dir={tmp_path / 'run'}", "--nodes", "2", "--dry-run", env=env)
+    assert run.returncode == 0, run.output[-3000:]
+    assert "slurm (detected: sbatch on PATH" in run.stdout and "CPU ranks: sinfo shows no GPUs" in run.stdout
+    assert "#SBATCH --nodes=2" in run.stdout and "--partition" not in run.stdout
 
 
 def test_cancel_a_submitted_job(slurm_cluster, tiny, tmp_path):
@@ -204,7 +234,9 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tiny, tmp
     out = tmp_path / "run"
     proc = _start(
         [
-            *tiny_run(tiny["bert"], out, "train.max_steps=40", "train.save_every=1000"),
+            *tiny_run(
+                tiny["bert"], out, "train.max_steps=40", "train.save_every=1000", "train.report_to=[tensorboard]"
+            ),
             "--nodes",
             "2",
             "--cluster",
@@ -231,6 +263,14 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tiny, tmp
     log = (out / "slurm.log").read_text()
     assert "(restart 0)" in log and "(restart 1)" in log, "both runs of the job log into one file"
     assert "requeued" in log and re.search(r"restarts 1\b", output)
+    # the requeued job continued the tracker run it started (its id in the checkpoint): each step once
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = json.loads((out / "trackers.json").read_text())["runs"]
+    assert checkpoint.read_state(Path(s["resumed_from"])).trackers == runs
+    events = EventAccumulator(runs["tensorboard"])
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 41))
 
 
 def test_killed_rank_fails_the_job_fast_naming_node_and_rank(slurm_cluster, tiny, tmp_path):

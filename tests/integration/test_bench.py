@@ -22,6 +22,7 @@ TITLES = {
     "gpu": "GPU: ",
     "sft_throughput": "SFT throughput: trained tokens/s",
     "checkpoint": "checkpoint stall under fsdp",
+    "eval_memory": "evaluation memory per rank",
 }
 
 
@@ -110,3 +111,9 @@ def test_checkpoint_stall(started):
     out, result = finished(started, "checkpoint")
     assert "background ÷ synchronous" in out
     assert all(result["saves_s"][mode] and all(t > 0 for t in result["saves_s"][mode]) for mode in result["saves_s"])
+
+
+def test_eval_memory(started):
+    _, result = finished(started, "eval_memory")
+    assert all(case["same_metrics"] for case in result["cases"])
+    assert all(new < old for case in result["cases"] for new, old in [case["gathered_bytes"]])

@@ -10,6 +10,7 @@ mtime is the moment of death and the exit latency is measured from it.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import RECIPES, REPO, ended, final_weights, launch, metric_lines, summary
+from helpers import RECIPES, REPO, ended, final_weights, launch, metric_lines, summary, wandb_records
 
 from launcher.train import checkpoint
 
@@ -68,7 +69,9 @@ def newest_saved_before(step: int, phase: str) -> int:
     return max([s for s in saves if s <= step], default=0)  # eval after step S: S's checkpoint (if any) is written
 
 
-def assert_recovers(model: str, run: Path, clean: Path, saved: int, *extra: str, atol: float = 1e-6) -> dict:
+def assert_recovers(
+    model: str, run: Path, clean: Path, saved: int, *extra: str, atol: float = 1e-6, env: dict | None = None
+) -> dict:
     """The state a killed launch left: the newest complete checkpoint is `saved` and intact; launching again
     resumes from it and ends exactly where the uninterrupted run did."""
     complete = checkpoint.complete(run)
@@ -76,7 +79,7 @@ def assert_recovers(model: str, run: Path, clean: Path, saved: int, *extra: str,
     for folder in complete:
         assert checkpoint.damage(folder) is None, folder
     assert not (run / "summary.json").exists()
-    again = launch(*small_run(model, run, *extra))
+    again = launch(*small_run(model, run, *extra), env=env)
     assert again.returncode == 0, again.output[-3000:]
     s = summary(run)
     if saved:
@@ -92,12 +95,11 @@ def assert_recovers(model: str, run: Path, clean: Path, saved: int, *extra: str,
     return s
 
 
-def drill(model: str, run: Path, rank: int, step: int, phase: str, *extra: str) -> float:
+def drill(model: str, run: Path, rank: int, step: int, phase: str, *extra: str, env: dict | None = None) -> float:
     """Kill `rank` at (step, phase); the seconds from its death to `launch` exiting."""
     marker = run.parent / f"died-{rank}-{step}-{phase}"
-    killed = launch(
-        *small_run(model, run, *extra), env={"LAUNCHER_FAULT": f"rank={rank},step={step},phase={phase},once={marker}"}
-    )
+    fault = {"LAUNCHER_FAULT": f"rank={rank},step={step},phase={phase},once={marker}"}
+    killed = launch(*small_run(model, run, *extra), env={**(env or {}), **fault})
     ended = time.time()
     assert killed.returncode == 1, killed.output[-3000:]
     assert marker.exists(), f"the drill never fired\n{killed.output[-3000:]}"
@@ -105,17 +107,59 @@ def drill(model: str, run: Path, rank: int, step: int, phase: str, *extra: str) 
     return ended - marker.stat().st_mtime
 
 
-def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tiny, clean, tmp_path):
+TRACKED = ("train.report_to=[tensorboard,mlflow,wandb]",)
+
+
+def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tiny, mlflow_server, clean, tmp_path):
     """Rank 1 dies inside the save of step 8, its files written, the folder not renamed: the partial write stays
     a .tmp folder, checkpoint 4 is the newest complete one and intact, and the relaunch ends as if nothing
-    happened."""
+    happened. Both launches report to TensorBoard, a real MLflow server and W&B (offline): the relaunch
+    continues the same tracker runs, and steps 5 to 8, sent before the kill and trained again, are not sent
+    twice."""
     run = tmp_path / "run"
-    latency = drill(tiny["bert_dropout"], run, rank=1, step=8, phase="write")
+    env = {**mlflow_server.env, "WANDB_MODE": "offline"}
+    mlflow_server.uri()  # up (it started while `clean` ran)
+    latency = drill(tiny["bert_dropout"], run, 1, 8, "write", *TRACKED, env=env)
     print(f"kill -9 rank 1 in the checkpoint write of step 8: launch exited {latency:.1f} s after the kill")
     assert latency < EXIT_WITHIN_S
     assert (run / ".tmp-checkpoint-00000008").is_dir() and not (run / "checkpoint-00000008").exists()
-    assert_recovers(tiny["bert_dropout"], run, clean, saved=4)
+    killed_runs = json.loads((run / "trackers.json").read_text())["runs"]
+    assert checkpoint.read_state(run / "checkpoint-00000004").trackers == killed_runs
+    s = assert_recovers(tiny["bert_dropout"], run, clean, 4, *TRACKED, env=env)
     assert not list(run.glob(".tmp-*")), "the next save removes the partial write"
+    assert json.loads((run / "trackers.json").read_text())["runs"] == killed_runs, "the same tracker runs"
+    assert_one_tracker_run_without_duplicates(run, killed_runs, mlflow_server.address, s)
+
+
+def assert_one_tracker_run_without_duplicates(run: Path, runs: dict, mlflow_uri: str, s: dict) -> None:
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps, evals = list(range(1, STEPS + 1)), list(range(EVAL_EVERY, STEPS + 1, EVAL_EVERY))
+    client = MlflowClient(mlflow_uri)
+    mlflow_run = client.get_run(runs["mlflow"])
+    assert mlflow_run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(runs["mlflow"], "train/loss")] == steps
+    assert sorted(m.step for m in client.get_metric_history(runs["mlflow"], "validation/loss")) == evals
+    assert client.get_metric_history(runs["mlflow"], "test/accuracy")[0].value == s["metrics"]["test"]["accuracy"]
+    params, tags = mlflow_run.data.params, mlflow_run.data.tags
+    assert params["recipe.train.batch_size"] == "8" and params["plan.world_size"] == "2"
+    assert tags["world_size"] == "2" and tags["preflight.status"] == "passed"
+    assert len(tags.get("git_commit", "")) >= 40 or not (REPO / ".git").exists()
+    # W&B offline: one folder per launch, both of the same run id, each step in exactly one of them
+    wandb_steps = [
+        record.history.step.num
+        for folder in sorted((run / "wandb").glob("offline-run-*"))
+        for record in wandb_records(next(folder.glob("*.wandb")))
+        if record.WhichOneof("record_type") == "history"
+        and any((i.key or "/".join(i.nested_key)) == "train/loss" for i in record.history.item)
+    ]
+    folders = sorted(p.name for p in (run / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2 and all(name.split("-")[3] == runs["wandb"] for name in folders), folders
+    assert sorted(wandb_steps) == steps, wandb_steps
+    events = EventAccumulator(runs["tensorboard"])
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == steps
 
 
 def test_kill_during_the_background_write_keeps_the_previous_checkpoint(tiny, clean, tmp_path):

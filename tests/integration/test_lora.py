@@ -187,3 +187,20 @@ def test_sharded_qlora_resumes_to_the_same_adapter(runs, name):
     a = load_file(str(run_dir / "final" / "adapter_model.safetensors"))
     b = load_file(str(again / "final" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_eval_of_a_lora_runs_adapter_gives_the_runs_metrics(runs, models):
+    """`launch eval --model final/` of a LoRA run: its adapter (and trained head) loaded onto the base, and
+    the validation and test metrics the run reported at its end."""
+    run_dir, trained, _ = runs["dora-classifier"]
+    assert trained.returncode == 0, trained.output[-3000:]
+    model, recipe, procs, extra = CASES["dora-classifier"]
+    args = [recipe, f"model.path={models[model]}", f"output_dir={run_dir}", *SHORT, *extra]
+    run = launch("eval", *args, "--model", run_dir / "final", "--procs", str(procs), timeout=600)
+    assert run.returncode == 0, run.output[-3000:]
+    assert "with the adapter" in " ".join(run.stdout.replace("│", " ").split())
+    got, want = summary(run_dir / "eval" / "final")["metrics"], summary(run_dir)["metrics"]
+    assert got.keys() == want.keys() == {"validation", "test"}
+    for split in want:
+        numbers = {k: v for k, v in want[split].items() if isinstance(v, float)}
+        assert {k: got[split][k] for k in numbers} == pytest.approx(numbers, rel=1e-5), split

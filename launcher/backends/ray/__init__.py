@@ -23,9 +23,9 @@ from typing import ClassVar
 import yaml
 
 from launcher.backends.base import Backend, Layout, Submission, scoped_environ
-from launcher.backends.local import result_file
+from launcher.backends.local import closing_line
 from launcher.backends.ray.jobs import RayJob
-from launcher.backends.ray.trainer import describe_failure, fit, newer_than_output_dir
+from launcher.backends.ray.trainer import describe_failure, fit, job_runtime_env, newer_than_output_dir, run_name
 from launcher.config.cluster import RayProfile
 from launcher.config.recipe import Recipe
 from launcher.errors import JobFailed, Problem, ProfileError, StoppedBySignal, TrainingFailed, UsageError
@@ -80,6 +80,7 @@ class RayBackend(Backend):
         import ray
 
         profile = self.profile
+        facts = facts.on(ray_run_name=run_name(recipe))
 
         def stop(signum, _frame):
             raise StoppedBySignal(signum)
@@ -105,7 +106,7 @@ class RayBackend(Backend):
         finally:
             signal.signal(signal.SIGTERM, previous)
             ray.shutdown()
-        return f"done: {Path(recipe.output_dir).resolve() / result_file(recipe)}"
+        return closing_line(recipe)
 
     def submit(self, submission: Submission, recipe: Recipe) -> RayJob:
         """The same `launch` command as a Ray job; recorded in OUTPUT_DIR/launch/ for `launch status RUN_DIR`."""
@@ -118,7 +119,9 @@ class RayBackend(Backend):
                 [Problem("dashboard", "--submit goes through Ray Jobs; set dashboard: http://HEAD:8265")],
             )
         command = ["-m", "launcher.cli", str(submission.recipe), *submission.overrides]
-        command += ["--nodes", str(submission.nodes), "--cluster", str(submission.cluster)]
+        command += ["--nodes", str(submission.nodes)]
+        if submission.cluster is not None:  # else the head finds the profile as this launch did (RAY_ADDRESS)
+            command += ["--cluster", str(submission.cluster)]
         if submission.procs is not None:
             command += ["--procs", str(submission.procs)]
         if "working_dir" in profile.runtime_env:  # uploaded by Ray; paths are relative to it
@@ -129,7 +132,7 @@ class RayBackend(Backend):
         with claim(Path(recipe.output_dir), submitting=True):  # then the job holds it (launch/jobs: ownership)
             with scoped_environ({"RAY_AUTH_MODE": profile.auth}):
                 client = JobSubmissionClient(profile.dashboard)
-                job_id = client.submit_job(entrypoint=entrypoint, runtime_env=profile.runtime_env or None)
+                job_id = client.submit_job(entrypoint=entrypoint, runtime_env=job_runtime_env(profile))
             (spec / "cluster.yaml").write_text(yaml.safe_dump(profile.model_dump(mode="json"), sort_keys=False))
             with open(spec / "jobs", "a") as jobs:
                 jobs.write(job_id + "\n")

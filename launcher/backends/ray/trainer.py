@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -19,6 +20,10 @@ from launcher.spec import LaunchFacts
 IN_RAY_JOB = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 # Travel from the driver to the workers: the launcher's own settings (cache, failure drills) and Hugging Face's.
 FORWARDED_PREFIXES = ("LAUNCHER_", "HF_")
+# The trackers' settings (train.report_to: MLFLOW_TRACKING_URI, WANDB_MODE, ...) travel too; their credentials
+# (CREDENTIAL in the name) never in a runtime_env, which Ray records: they travel as secrets (the object store).
+TRACKER_PREFIXES = ("MLFLOW_", "WANDB_")
+CREDENTIAL = re.compile(r"TOKEN|PASSWORD|SECRET|KEY")
 
 
 def run_name(recipe: Recipe) -> str:
@@ -37,12 +42,15 @@ def ray_worker_env(plan: Plan, profile: RayProfile) -> dict[str, str]:
     env["OMP_NUM_THREADS"] = str(profile.cpus_per_worker)
     secret = set(secret_names(profile))
     env.update({k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES) and k not in secret})
+    env.update({k: v for k, v in os.environ.items() if k.startswith(TRACKER_PREFIXES) and k not in secret})
     env.update(profile.runtime_env.get("env_vars", {}))
     return env
 
 
 def secret_names(profile: RayProfile) -> list[str]:
-    return [*ALWAYS_SECRET, *profile.secret_env]
+    """The profile's secrets, and the trackers' credentials this environment holds (MLFLOW_TRACKING_PASSWORD...)."""
+    trackers = [k for k in os.environ if k.startswith(TRACKER_PREFIXES) and CREDENTIAL.search(k)]
+    return [*ALWAYS_SECRET, *profile.secret_env, *trackers]
 
 
 def secrets(profile: RayProfile) -> dict[str, str]:
@@ -50,6 +58,19 @@ def secrets(profile: RayProfile) -> dict[str, str]:
     driver puts them into the object store (ray.put), the workers read them with ray.get and set them in their
     own process. Ray records object ids, sizes and call sites, never an object's content."""
     return {name: os.environ[name] for name in secret_names(profile) if name in os.environ}
+
+
+# Ray Train's PreemptionWatcher actor (2.60) logs an error line at every start ("constructor arguments in the
+# object store and max_restarts > 0") and a traceback when its drain poll fails; the launcher does not use
+# what it watches for (node drain notices: a stop is a checkpoint and a restart here), so it is not started.
+QUIET_RAY = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+def job_runtime_env(profile: RayProfile) -> dict:
+    """The profile's runtime_env for the Ray job, with QUIET_RAY (the profile's own env_vars win)."""
+    env = dict(profile.runtime_env)
+    env["env_vars"] = {**QUIET_RAY, **env.get("env_vars", {})}
+    return env
 
 
 def connect(profile: RayProfile, plan: Plan) -> None:
@@ -67,10 +88,10 @@ def connect(profile: RayProfile, plan: Plan) -> None:
             num_cpus=plan.world_size * profile.cpus_per_worker,
             num_gpus=plan.world_size if profile.gpus_per_node else 0,
             object_store_memory=parse_bytes(profile.object_store_memory),
-            runtime_env=profile.runtime_env or None,
+            runtime_env=job_runtime_env(profile),
         )
     else:
-        ray.init(address=profile.address, runtime_env=profile.runtime_env or None)
+        ray.init(address=profile.address, runtime_env=job_runtime_env(profile))
 
 
 def fit(recipe: Recipe, plan: Plan, profile: RayProfile, facts: LaunchFacts) -> None:
@@ -100,7 +121,7 @@ def fit(recipe: Recipe, plan: Plan, profile: RayProfile, facts: LaunchFacts) -> 
             placement_strategy=profile.placement_strategy,
         ),
         run_config=RunConfig(
-            name=run_name(recipe),
+            name=facts.scheduler.get("ray_run_name") or run_name(recipe),
             storage_path=storage,
             failure_config=FailureConfig(max_failures=profile.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=recipe.train.keep_last),

@@ -81,7 +81,7 @@ class SlurmBackend(Backend):
                 ],
             )
         with claim(Path(recipe.output_dir)):  # node 0's agent holds it; the job's id holds it between runs
-            return agent(recipe, plan, self.profile, env, facts)
+            return agent(recipe, plan, self.profile, env, facts.on(slurm_job_id=env.job_id))
 
     def recipe_problems(self, recipe: Recipe) -> list[Problem]:
         return recipe_problems(recipe)
