@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
-from launcher.config.recipe import DTYPE_BYTES, Recipe
+from launcher.config.recipe import Recipe
+from launcher.config.training import DTYPE_BYTES
 
 if TYPE_CHECKING:
     from launcher.planning.memory import ModelShape

@@ -57,8 +57,9 @@ from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 
-from launcher.config.recipe import DTYPE_BYTES, Recipe
+from launcher.config.recipe import Recipe
 from launcher.config.tasks import TASKS
+from launcher.config.training import DTYPE_BYTES
 from launcher.planning import speed
 from launcher.planning.host_memory import host_load_bytes, reference_bytes, staging_bytes
 

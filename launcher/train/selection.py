@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from launcher.config.recipe import TrainConfig
+from launcher.config.training import TrainConfig
 from launcher.records import Best
 
 

@@ -15,8 +15,10 @@ import pytest
 from launcher.backends import BACKENDS
 from launcher.backends.base import Backend
 from launcher.config.cluster import PROFILES
-from launcher.config.recipe import LOSS_CONFIGS, DistributedConfig, LossConfig, TaskConfig, Tracker
+from launcher.config.losses import LOSS_CONFIGS, LossConfig
+from launcher.config.recipe import DistributedConfig, TaskConfig
 from launcher.config.tasks import TASKS
+from launcher.config.training import Tracker
 from launcher.planning.compat import IMPLEMENTED
 from launcher.train.engines import ENGINES
 from launcher.train.engines.base import Engine

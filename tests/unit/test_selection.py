@@ -3,7 +3,7 @@ that a resumed run counts on from its checkpoint's state."""
 
 from __future__ import annotations
 
-from launcher.config.recipe import TrainConfig
+from launcher.config.training import TrainConfig
 from launcher.train.selection import Selection
 
 
