@@ -6,6 +6,7 @@ Each class is a key of the rank-side loss registry (launcher.train.losses.LOSSES
 
 from __future__ import annotations
 
+import typing
 from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
@@ -98,10 +99,11 @@ class BradleyTerry(Loss):
     name: Literal["bradley_terry"]
 
 
-LOSS_CLASSES = (CrossEntropy, Focal, BCE, MSE, MAE, Huber, DPO, ORPO, SimPO, BradleyTerry)
 LossConfig = Annotated[
     CrossEntropy | Focal | BCE | MSE | MAE | Huber | DPO | ORPO | SimPO | BradleyTerry, Field(discriminator="name")
 ]
 
 # loss name → its config class: the union above, by name (the default loss of a task is built from it)
-LOSS_CONFIGS: dict[str, type[Loss]] = {cls.model_fields["name"].annotation.__args__[0]: cls for cls in LOSS_CLASSES}
+LOSS_CONFIGS: dict[str, type[Loss]] = {
+    cls.model_fields["name"].annotation.__args__[0]: cls for cls in typing.get_args(typing.get_args(LossConfig)[0])
+}
