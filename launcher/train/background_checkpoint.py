@@ -65,8 +65,9 @@ def save_in_background(
         try:
             try:
                 finished.result()
-            except Exception as exc:  # a full disk named with its free space, the partial folder removed
-                raise_write_failed(exc, tmp, run_dir, step)
+            except Exception as exc:  # a full disk named and its partial folder removed; a peer's death (a
+                # collective of the write failing) leaves the folder as the kill of a synchronous save would
+                raise_write_failed(exc, tmp, run_dir, step, remove_partial=False)
             if accelerator.is_main_process:
                 put_in_place(tmp, final, state, step, keep_last, hash_files, note, keep)
             in_place.set_result(final)

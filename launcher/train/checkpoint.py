@@ -183,14 +183,16 @@ class CheckpointWriteFailed(RuntimeError):
 DISK_FULL = ("No space left on device", "os error 28", "unexpected pos", "Disk quota exceeded")
 
 
-def raise_write_failed(exc: Exception, tmp: Path, run_dir: Path, step: int):
+def raise_write_failed(exc: Exception, tmp: Path, run_dir: Path, step: int, remove_partial: bool = True):
     """A checkpoint write failed: remove its partial folder (it can never be resumed from); a full disk is said
     plainly with the file system's free space (torch says "[enforce fail at inline_container.cc] unexpected
-    pos", safetensors "I/O error ... os error 28"); any other failure is raised as it is."""
+    pos", safetensors "I/O error ... os error 28"); any other failure is raised as it is (`remove_partial`
+    False: its partial folder left as a kill would leave it, for the next save to remove)."""
     free = shutil.disk_usage(run_dir)
     written = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) if tmp.is_dir() else 0
-    shutil.rmtree(tmp, ignore_errors=True)
     full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(w in str(exc) for w in DISK_FULL)
+    if remove_partial or full or free.free < 2**20:
+        shutil.rmtree(tmp, ignore_errors=True)
     if not (full or free.free < 2**20):
         raise exc
     why = "the disk is full" if full else f"{free.free} bytes left after {type(exc).__name__}: {exc}"

@@ -178,7 +178,8 @@ class Run:
         found = None if evaluate_only else checkpoint.newest_intact(self.run_dir, self.recipe.train.resume)[0]
         if found is not None:
             state = self.resumed_state = self.load(found)
-            seeded = checkpoint.restore_rng(found, self.rank, self.recipe.train.seed, state.step)  # weights_only
+            with safe_loading():  # the RNG state's numpy types are allow-listed there (train.unpickling)
+                seeded = checkpoint.restore_rng(found, self.rank, self.recipe.train.seed, state.step)
             self.start_step, self.resumed_from, self.resumed_world_size = state.step, str(found), state.world_size
             if state.stopped_early:
                 self.end_step = state.step
