@@ -50,3 +50,23 @@ def test_parameters_are_the_flattened_recipe_and_plan():
         {"recipe": {"train": {"optimizer": {"lr": 1e-3}, "report_to": ["mlflow"]}}, "plan": {"world_size": 2}}
     )
     assert flat == {"recipe.train.optimizer.lr": 1e-3, "recipe.train.report_to": '["mlflow"]', "plan.world_size": 2}
+
+
+def test_tracker_settings_reach_ray_workers_and_their_credentials_only_as_secrets(monkeypatch):
+    """A Ray runtime_env is recorded by Ray (State API, dashboard): MLFLOW_*/WANDB_* settings travel in it, a
+    tracker credential never does; it goes with the secrets through the object store (backends/ray/trainer.py)."""
+    from launcher.backends.ray.trainer import ray_worker_env, secrets
+    from launcher.config.cluster import RayProfile
+    from launcher.config.recipe import Recipe
+    from launcher.planning.plan import make_plan
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "hunter2")
+    monkeypatch.setenv("WANDB_API_KEY", "wandb-key")
+    profile = RayProfile(backend="ray")
+    recipe = Recipe.model_validate({"model": {"path": "unused"}, "task": {"type": "causal_lm"},
+                                    "data": {"train": "unused.jsonl"}, "output_dir": "out"})  # fmt: skip
+    env = ray_worker_env(make_plan(recipe, num_train_samples=64, procs_per_node=1), profile)
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow.example:5000"
+    assert "MLFLOW_TRACKING_PASSWORD" not in env and "WANDB_API_KEY" not in env
+    assert {"MLFLOW_TRACKING_PASSWORD": "hunter2", "WANDB_API_KEY": "wandb-key"}.items() <= secrets(profile).items()
