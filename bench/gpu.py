@@ -9,6 +9,11 @@ convention; LoRA skips the frozen weights' gradient matmuls, so its real work is
 given against the datasheet bf16 dense peak (launcher/planning/flops.py, --peak-tflops overrides) and against a bf16
 matmul peak measured here first (8192³ GEMMs).
 
+A third run, QLoRA under FSDP2 (issue 17), goes through `launch` only: the 4-bit nf4 base (bf16 compute, stored
+in the shards' dtype) sharded by fsdp over every local GPU, LoRA on all linear layers; then the exported adapter
+is reloaded with peft onto the base and checked against the norms the ranks trained (the adapter-norm check of
+tests/integration/test_lora.py), and its peak memory is set against the planner's estimate.
+
 Settings, identical on both sides: sdpa attention (transformers' default), torch AdamW (foreach, not fused,
 because launch's optimizer is torch.optim.AdamW with defaults; Trainer gets optim="adamw_torch"), fp32
 master weights with bf16 autocast, no activation checkpointing, no torch.compile; on a GPU, launch's full
@@ -49,6 +54,7 @@ from launcher.planning.flops import peak_flops
 
 TINYLLAMA = LlamaSize(hidden=2048, layers=22, heads=32, kv_heads=4, intermediate=5632, vocab=32000 - 4)
 TINY = LlamaSize(hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64, vocab=200)
+TINY_4BIT = LlamaSize(hidden=64, layers=2, heads=2, kv_heads=1, intermediate=128, vocab=200)  # CPU 4-bit: 64 wide
 FULL = {"seq_len": 2048, "batch": 8, "steps": 30}
 SMOKE = {"seq_len": 32, "batch": 2, "steps": 2}
 LORA = {"r": 16, "alpha": 32}
@@ -77,6 +83,85 @@ def flops_per_token(size: LlamaSize, seq_len: int) -> float:
     embedding = (size.vocab + 4) * size.hidden
     head_dim = size.hidden // size.heads
     return 6 * (size.num_params() - embedding) + 12 * size.layers * size.heads * head_dim * seq_len
+
+
+def adapter_check(run_dir, cuda: bool) -> dict:
+    """Reload the exported adapter with peft onto the base; each saved tensor's norm against the norm the ranks
+    trained (summary.json adapter_norms); a forward of the reloaded model."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    saved = load_file(str(run_dir / "final" / "adapter_model.safetensors"))
+    worst = 0.0
+    for name, norm in summary["adapter_norms"].items():
+        tensor = saved[name.replace(".default", "")]
+        worst = max(worst, abs(tensor.float().norm().item() - norm) / max(norm, 1e-12))
+    base_path = json.loads((run_dir / "final" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).to(device)
+    model = PeftModel.from_pretrained(base, str(run_dir / "final")).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.arange(4, 36, device=device)[None]).logits
+    trained = [n for n in summary["adapter_norms"] if "lora_B" in n]
+    return {
+        "adapter_tensors": len(summary["adapter_norms"]),
+        "max_relative_norm_error": worst,
+        "lora_B_trained": bool(trained) and all(summary["adapter_norms"][n] > 0 for n in trained),
+        "reloaded_logits_finite": bool(torch.isfinite(logits).all()),
+    }
+
+
+def qlora_fsdp(work, smoke: bool, size: dict, precision: str, env: dict, cuda: bool) -> tuple[list, dict, str]:
+    """QLoRA under FSDP2 through launch on every local GPU: (table row, raw results, a note)."""
+    import torch
+
+    model_size = TINY_4BIT if smoke else TINYLLAMA
+    with torch.device("cuda" if cuda else "cpu"):
+        model = save_llama(work / f"llama-{model_size.hidden}x{model_size.layers}", model_size, size["seq_len"])
+    data = fixed_length_lm_data(work, size["steps"] * size["batch"], size["seq_len"], model_size.vocab)
+    procs = torch.cuda.device_count() if cuda else 1
+    out_dir = work / "out-qlora-fsdp"
+    recipe = causal_lm_recipe(
+        work / "qlora-fsdp.yaml",
+        model=model,
+        train=data,
+        output_dir=out_dir,
+        seq_len=size["seq_len"],
+        batch_size=size["batch"],
+        max_steps=size["steps"],
+        precision=precision,
+        strategy="fsdp",
+        extra={
+            "model.lora": {**LORA, "dropout": 0.0, "target_modules": "all-linear"},
+            "model.quantization": {"bits": 4, "compute_dtype": "bf16" if cuda else "fp32"},
+        },
+    )
+    parsed, plan = plan_for(recipe, procs)
+    if parsed is None:
+        return [], {"refused": plan}, f"qlora-fsdp: refused by the plan: {plan}"
+    estimate = planner_estimate(parsed, plan)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    wall = run(launch_cmd(recipe, "--procs", str(procs)), env, 600)
+    summary = json.loads((out_dir / "summary.json").read_text())
+    check = adapter_check(out_dir, cuda)
+    tokens = summary["timings"]["samples_per_s"] * size["seq_len"] / procs
+    peak = summary["memory"]["peak_bytes_per_rank"][0]
+    per_token = flops_per_token(model_size, size["seq_len"])
+    row = [f"launch, QLoRA fsdp ×{procs}", tokens, None, None, peak / 2**30,
+           None if estimate is None else estimate / 2**30, ratio(peak, estimate), None, wall]  # fmt: skip
+    note = (
+        f"qlora-fsdp ({model_size.num_params() / 1e9:.2f}B, 4-bit nf4, {procs} rank(s)): loss "
+        f"{summary['train_loss']['first']:.3f} → {summary['train_loss']['last']:.3f}; adapter reloaded with peft: "
+        f"{check['adapter_tensors']} tensors, max |saved norm − trained norm| / norm = "
+        f"{check['max_relative_norm_error']:.1e}, lora_B trained: {check['lora_B_trained']}, reloaded logits finite: "
+        f"{check['reloaded_logits_finite']}; {per_token / 1e9:.2f} GFLOP per token by the dense formula"
+    )
+    raw = {"summary_timings": summary["timings"], "peak_memory_bytes": peak, "planner_estimate_bytes": estimate,
+           "adapter_check": check, "train_loss": summary["train_loss"], "command_wall_s": wall}  # fmt: skip
+    return [row], raw, note
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{results['launch']['samples_per_s'] / results['HF Trainer']['samples_per_s']:.3f}"
             )
         raw[mode] = {"results": results, "planner_estimate_bytes": estimate}
+    qlora_rows, raw["qlora-fsdp"], qlora_note = qlora_fsdp(work, args.smoke, size, precision, env, cuda)
+    rows += qlora_rows
+    notes.append(qlora_note)
 
     print_table(
         f"GPU: {num_params / 1e9:.2f}B Llama, seq {size['seq_len']}, batch {size['batch']}, "

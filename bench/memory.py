@@ -12,7 +12,13 @@ Two yardsticks:
     planner is absent.
 A strategy the plan refuses (its training code not on this branch) is listed with the plan's message.
 
-    python -m bench.memory            # ~26M-parameter Llama, 2 ranks
+A second table measures loading the weights (issue 17): a ≥100M-parameter Llama under ddp (every rank reads
+the weights) and fsdp (rank 0 reads them, the other ranks build on meta and receive their shards), 2 ranks.
+Measured per rank = host resident-set high-water mark once the engine holds the model − resident set before
+the model (summary.json "memory" host_*), against the planner's host RAM at load (planning/host_memory.py).
+The smoke run reads that table from the first table's ddp and fsdp runs (one rank, tiny model).
+
+    python -m bench.memory            # ~26M-parameter Llama, 2 ranks; then the load of a 134M one
     python -m bench.memory --smoke
 """
 
@@ -54,6 +60,8 @@ FULL = {"procs": 2, "steps": 3}
 SMOKE = {"procs": 1, "steps": 2}
 MODEL_FULL = LlamaSize(hidden=512, layers=6, heads=8, kv_heads=4, intermediate=1376, vocab=8000)
 MODEL_SMOKE = LlamaSize(hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64, vocab=200)
+MODEL_LOAD = LlamaSize(hidden=768, layers=12, heads=12, kv_heads=12, intermediate=2048, vocab=32000)  # 134M
+LOAD_STRATEGIES = ("ddp", "fsdp")
 SEQ_LEN, BATCH = 32, 4
 MIB = 2**20
 
@@ -104,6 +112,63 @@ def plan_for(recipe_path, procs: int):
         return None, str(exc).splitlines()[-1].strip()
 
 
+def load_rows(strategy: str, recipe, plan, memory: dict, whole: int) -> tuple[list[list], dict]:
+    """Rows of the load table for one run: each rank, then the node, measured against the planner."""
+    from launcher.planning import memory as planner
+    from launcher.planning.host_memory import host_load_bytes, host_load_per_rank
+
+    shape = planner.model_shape(recipe)
+    first, other = host_load_per_rank(shape, recipe, strategy, plan.world_size, plan.device)
+    node = host_load_bytes(shape, recipe, strategy, plan.world_size, plan.procs_per_node, plan.device)
+    before = memory["host_before_load_bytes_per_rank"]
+    grown = [peak - start for peak, start in zip(memory["host_peak_after_load_bytes_per_rank"], before)]
+    # the high-water mark after loading is the load's own peak only if loading raised it
+    raised = [a > b for a, b in zip(memory["host_peak_after_load_bytes_per_rank"],
+                                    memory["host_peak_before_load_bytes_per_rank"])]  # fmt: skip
+    rows = []
+    for rank, measured in enumerate(grown):
+        planned = first if rank == 0 else other
+        note = "" if raised[rank] else " (peak set before loading)"
+        rows.append([strategy, f"rank {rank}{note}", measured / MIB, planned / MIB, ratio(measured, planned),
+                     measured / whole])  # fmt: skip
+    rows.append(
+        [strategy, "node (all ranks)", sum(grown) / MIB, node / MIB, ratio(sum(grown), node), sum(grown) / whole]
+    )
+    raw = {"growth_bytes_per_rank": grown, "planner_per_rank": [first, other], "planner_node": node,
+           "load_raised_peak": raised, "memory": memory}  # fmt: skip
+    return rows, raw
+
+
+def measure_loading(work, procs: int, env: dict, runs: dict | None) -> tuple[list[list], dict, int]:
+    """The load table: new ddp and fsdp runs of the 134M model, or (smoke) the given {strategy: run folder}."""
+    size = MODEL_SMOKE if runs is not None else MODEL_LOAD
+    whole = 4 * size.num_params()  # fp32 weights
+    rows, raw = [], {}
+    for strategy in LOAD_STRATEGIES:
+        if runs is not None:
+            recipe_path, out_dir = runs[strategy]
+        else:
+            folder = work / "load"
+            out_dir = folder / f"out-{strategy}"
+            recipe_path = causal_lm_recipe(
+                folder / f"{strategy}.yaml",
+                model=llama_folder(folder, size, SEQ_LEN),
+                train=fixed_length_lm_data(folder, BATCH, SEQ_LEN, size.vocab),
+                output_dir=out_dir,
+                seq_len=SEQ_LEN,
+                batch_size=BATCH,
+                max_steps=1,
+                strategy=strategy,
+            )
+            shutil.rmtree(out_dir, ignore_errors=True)
+            run(launch_cmd(recipe_path, "--procs", str(procs)), env, 1800)
+        recipe, plan = plan_for(recipe_path, procs)
+        memory = json.loads((out_dir / "summary.json").read_text())["memory"]
+        more, raw[strategy] = load_rows(strategy, recipe, plan, memory, whole)
+        rows += more
+    return rows, raw, whole
+
+
 def main(argv: list[str] | None = None) -> int:
     args = arguments(__doc__.splitlines()[0], **FULL).parse_args(argv)
     size = sizes(args, FULL, SMOKE)
@@ -114,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     num_params = model_size.num_params()
     data = fixed_length_lm_data(work, size["steps"] * BATCH, SEQ_LEN, model_size.vocab)
     env = bench_env(None if gpus else threads_per_rank(procs))
-    rows, raw, refusals = [], {}, []
+    rows, raw, refusals, runs = [], {}, [], {}
     for strategy in STRATEGIES:
         out_dir = work / f"out-{strategy}"
         recipe_path = causal_lm_recipe(
@@ -135,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             raw[strategy] = {"refused": plan, "reference_bytes": reference}
             continue
         estimate = planner_estimate(recipe, plan)
+        runs[strategy] = (recipe_path, out_dir)
         shutil.rmtree(out_dir, ignore_errors=True)
         run(launch_cmd(recipe_path, "--procs", str(procs)), env, 900)
         memory = json.loads((out_dir / "summary.json").read_text())["memory"]
@@ -185,7 +251,30 @@ def main(argv: list[str] | None = None) -> int:
             *refusals,
         ],
     )
-    save_result(work, {"model": model_size.__dict__, "num_params": num_params, "procs": procs, "strategies": raw})
+    load, load_raw, whole = measure_loading(work, procs, env, runs if args.smoke else None)
+    print_table(
+        f"loading the weights, host memory per rank (MiB): {whole / 4 / 1e6:.0f}M-parameter Llama "
+        f"({whole / MIB:.0f} MiB in fp32), {procs} ranks",
+        ["strategy", "rank", "measured load peak", "planner", "measured ÷ planner", "measured ÷ full weights"],
+        load,
+        [
+            "measured = host resident-set high-water mark once the engine holds the model − resident set before "
+            "loading (summary.json memory host_*); planner = planning/host_memory.py host_load_per_rank / "
+            "host_load_bytes for this device.",
+            "fsdp: rank 0 reads the weights, the other ranks build the model on the meta device and receive "
+            "their shards (train/engines/fsdp_loading.py).",
+        ],
+    )
+    save_result(
+        work,
+        {
+            "model": model_size.__dict__,
+            "num_params": num_params,
+            "procs": procs,
+            "strategies": raw,
+            "load": {"full_weights_bytes": whole, "strategies": load_raw},
+        },
+    )
     return 0
 
 

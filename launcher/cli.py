@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.errors import ExitCode, StoppedBySignal, StoppedOnRequest, TrainingFailed, UserError, exit_code_of
+from launcher.terminal import plain_unless_terminal
 
 EPILOG = """\
 examples:
@@ -28,6 +29,7 @@ examples:
   launch recipes/x.yaml --nodes 4 --cluster cluster/slurm.yaml --follow   sbatch job; stream its log
   launch status runs/x        launch cancel runs/x              a submitted job's state; cancel it
   launch export runs/x --merge                         a LoRA run's adapter folded into full weights
+  launch eval recipes/x.yaml [--model runs/x/final]    validation + test metrics of the base or an exported model
   launch plan recipes/x.yaml --nodes 2 --gpus-per-node 8 --gpu-memory 80GiB   memory per GPU of every strategy
   launch preflight recipes/x.yaml --nodes 4 --cluster cluster/slurm.yaml   versions, bandwidth, shared FS, RAM/disk
   launch prepare recipes/x.yaml [--nodes 4 --cluster cluster/slurm.yaml]   tokenize into the cache, start no rank
@@ -41,6 +43,7 @@ SUBCOMMANDS: dict[str, str] = {
     "status": "launcher.commands.jobs:status_command",
     "cancel": "launcher.commands.jobs:cancel_command",
     "export": "launcher.commands.export:main",
+    "eval": "launcher.commands.eval:main",
     "plan": "launcher.commands.plan:main",
     "preflight": "launcher.commands.preflight:main",
     "prepare": "launcher.commands.prepare:main",
@@ -64,7 +67,14 @@ def parser() -> argparse.ArgumentParser:
         help="processes on this machine (default: one per visible GPU, else 1 CPU process)",
     )
     p.add_argument("--nodes", type=int, default=1, metavar="N", help="nodes (needs a Slurm or Ray cluster profile)")
-    p.add_argument("--cluster", type=Path, default=None, metavar="PROFILE", help="cluster profile YAML")
+    p.add_argument(
+        "--cluster",
+        type=Path,
+        default=None,
+        metavar="PROFILE",
+        help="cluster profile YAML (default: $LAUNCHER_CLUSTER, else ~/.config/launcher/cluster.yaml, else for "
+        "--nodes > 1 a detected cluster: RAY_ADDRESS, or sbatch on PATH)",
+    )
     p.add_argument("--dry-run", action="store_true", help="validate, print the plan (and job script), start nothing")
     p.add_argument("--submit", action="store_true", help="submit as a Ray job (Ray profile) and print its id")
     p.add_argument("--follow", action="store_true", help="cluster jobs: stream the log, exit with the job's status")
@@ -94,6 +104,7 @@ class LaunchRequest:
 def main(argv: list[str] | None = None) -> int:
     started = time.time()
     argv = sys.argv[1:] if argv is None else argv
+    plain_unless_terminal()  # a log file gets no colour codes, whoever prints them (Ray, rich)
     try:
         if argv and argv[0] in SUBCOMMANDS:
             module, function = SUBCOMMANDS[argv[0]].split(":")
@@ -111,9 +122,10 @@ def launch_recipe(request: LaunchRequest, started: float | None = None) -> ExitC
     """Check everything, print the plan, then dry-run, submit, or launch through the profile's backend."""
     from launcher.backends import backend_for
     from launcher.backends.base import Submission
-    from launcher.config.cluster import load_profile, parse_bytes
+    from launcher.config.cluster import find_profile, parse_bytes
     from launcher.config.loading import load_recipe
     from launcher.errors import Problem, RecipeError, UsageError
+    from launcher.ownership import in_use, refuse_if_in_use
     from launcher.planning.checks import check_recipe, ignored_settings, missing_weights
     from launcher.planning.data_cache import make_data_plan
     from launcher.planning.packing import train_lengths
@@ -127,15 +139,25 @@ def launch_recipe(request: LaunchRequest, started: float | None = None) -> ExitC
         problems.append(Problem("--nodes", "must be at least 1"))
     if problems:
         raise UsageError("command line", problems)
-    profile = load_profile(request.cluster)
+    found = find_profile(request.cluster, request.nodes)
+    profile = found.profile
     backend = backend_for(profile)
     problems = backend.flag_problems(submit=request.submit, follow=request.follow)
     if problems:
         raise UsageError("command line", problems)
     recipe = load_recipe(request.recipe, request.overrides)
+    problems = backend.recipe_problems(recipe)
+    if problems:
+        raise RecipeError("recipe", problems)
+    run_dir = Path(recipe.output_dir)
+    holder = in_use(run_dir)  # first, and in milliseconds: a second launch into a busy output_dir stops here
+    if holder and not request.dry_run:
+        refuse_if_in_use(run_dir)
+    elif holder:
+        print(f"warning: output_dir is in use by {holder}; launching now would be refused", file=sys.stderr)
     summary = check_recipe(recipe)
     layout = backend.layout(nodes=request.nodes, procs=request.procs)
-    gpu_memory = parse_bytes(profile.gpu_memory) if getattr(profile, "gpu_memory", None) else None
+    gpu_memory = parse_bytes(profile.gpu_memory) if getattr(profile, "gpu_memory", None) else layout.gpu_memory
     data_plan = make_data_plan(recipe, summary)
     packing = recipe.data.packing == "pack"  # the plan counts bins: the rows' token lengths (tokenized, cached)
     plan = make_plan(
@@ -152,14 +174,14 @@ def launch_recipe(request: LaunchRequest, started: float | None = None) -> ExitC
         data=data_plan,
     )
     resume = resume_point(recipe, plan)
-    for note in [*ignored_settings(recipe), *plan.warnings]:
+    for note in [*ignored_settings(recipe, summary), *plan.warnings]:
         print(f"warning: {note}", file=sys.stderr)
     for note in summary.notes:
         print(f"warning: {note}", file=sys.stderr)
     for split, count in summary.dropped.items():
         if count:
             print(f"warning: dropped {count} rows of {split} that cannot train (data.on_missing=drop)", file=sys.stderr)
-    print_plan(recipe, plan, resume, gpu_memory)
+    print_plan(recipe, plan, resume, gpu_memory, found.source)
     if request.dry_run:
         preview = backend.preview(recipe, plan)  # what a cluster backend would submit
         if preview is not None:
@@ -169,7 +191,7 @@ def launch_recipe(request: LaunchRequest, started: float | None = None) -> ExitC
     if refused:
         raise RecipeError("launch", refused)
     if request.submit:
-        submission = Submission(request.recipe, request.overrides, request.nodes, request.procs, request.cluster)
+        submission = Submission(request.recipe, request.overrides, request.nodes, request.procs, found.path)
         job = backend.submit(submission, recipe)
         if request.follow:
             print(job.follow().outcome())
@@ -181,11 +203,16 @@ def launch_recipe(request: LaunchRequest, started: float | None = None) -> ExitC
 
 
 def resume_point(recipe, plan) -> str:
-    """Where training will start; a checkpoint that cannot continue this recipe, or whose files do not match its
-    manifest, is refused here, before launch (resume: auto passes over damaged ones with a warning)."""
+    """Where training will start, and the train settings that changed since that checkpoint (they take effect);
+    a checkpoint that cannot continue this recipe, whose files do not match its manifest, or that holds a
+    pickle naming code, is refused here, before launch (resume: auto passes over damaged ones with a warning)."""
     from launcher.errors import Problem, RecipeError
-    from launcher.train.checkpoint import CheckpointMismatch, check_compatible, newest_intact, world_size_note
+    from launcher.train.checkpoint import CheckpointMismatch, newest_intact
+    from launcher.train.compatibility import check_compatible, settings_changes, unrecorded, world_size_note
 
+    if plan.total_steps == 0:
+        adapter = f" with the adapter {recipe.model.adapter}" if recipe.model.adapter else ""
+        return f"evaluation only (train.max_steps=0) of {recipe.model.path}{adapter}: nothing is trained"
     try:
         found, skipped = newest_intact(Path(recipe.output_dir), recipe.train.resume)
         for note in skipped:
@@ -195,11 +222,18 @@ def resume_point(recipe, plan) -> str:
         state = check_compatible(found, recipe, plan)
     except CheckpointMismatch as exc:
         raise RecipeError("resume", [Problem("train.resume", str(exc))]) from None
-    note = world_size_note(state, plan.world_size)
-    return f"step {state.step} of {found}" + (f" ({note})" if note else "")
+    missing = unrecorded(state)
+    if missing:
+        print(f"warning: {found} was written by an earlier launcher, which did not record {', '.join(missing)}: "
+              "a change of those since cannot be detected", file=sys.stderr)  # fmt: skip
+    notes = [world_size_note(state, plan.world_size)]
+    changes = settings_changes(state, recipe)
+    if changes:
+        notes.append(f"changed since the checkpoint, taking effect: {', '.join(changes)}")
+    return f"step {state.step} of {found}" + "".join(f" ({note})" for note in notes if note)
 
 
-def print_plan(recipe, plan, resume: str, gpu_memory: int | None) -> None:
+def print_plan(recipe, plan, resume: str, gpu_memory: int | None, profile_source: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -208,11 +242,13 @@ def print_plan(recipe, plan, resume: str, gpu_memory: int | None) -> None:
     table = Table(title=f"plan: {recipe.task.type} on {recipe.model.path}", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value")
+    table.add_row("cluster profile", profile_source)
     for name, value in plan.rows():
         table.add_row(name, value)
     table.add_row("output", str(Path(recipe.output_dir).resolve()))
     table.add_row("start", resume)
-    table.add_row("memory per GPU (estimate)", estimate_line(recipe, plan, gpu_memory))
+    where = "GPU" if plan.device == "cuda" else "process"  # a CPU process's memory is host RAM
+    table.add_row(f"memory per {where} (estimate)", estimate_line(recipe, plan, gpu_memory))
     Console().print(table)
 
 

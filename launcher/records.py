@@ -72,14 +72,21 @@ class CheckpointState(Record):
 
     what: ClassVar[str] = "checkpoint state"
     step: int
-    # None where a writer left them out; train.checkpoint.check_compatible refuses a checkpoint without them
+    # None where a writer left them out; train.compatibility.check_compatible refuses a checkpoint without them
     world_size: int | None = None
-    fingerprint: dict[str, Any] | None = None  # train.checkpoint.fingerprint(recipe): model, task, classes, batch
+    # train.compatibility.fingerprint: what a resume must match (model, task, classes, batch, data, max_length...)
+    fingerprint: dict[str, Any] | None = None
+    # train.compatibility.train_settings: the recipe's train section it was written under (may change on resume)
+    settings: dict[str, Any] | None = None
     epoch: float | None = None
     samples_seen: int | None = None
     first_loss: float | None = None
     last_loss: float | None = None
     plan: dict[str, Any] = Field(default_factory=dict)  # the plan it was written under (its strategy: the layout)
+    tokens_seen: int | None = None  # non-padding input tokens trained on up to this step, over every rank
+    selection: dict[str, Any] | None = None  # train.selection: the best checkpoint so far, early-stopping count
+    stopped_early: bool = False  # early stopping ended the run here: a resume trains no further
+    trackers: dict[str, str] = Field(default_factory=dict)  # tracker → its run id (train.trackers), reused on resume
 
 
 # ----------------------------------------------------------------------------- heartbeats
@@ -151,6 +158,9 @@ class Timings(BaseModel):
     training_wall_s: float
     training_cpu_s: float  # this rank's CPU time: robust to a busy machine
     samples_per_s: float | None
+    # seconds each checkpoint save held this rank's loop: the whole save, or for a background write (fsdp) the
+    # copy of the states to host memory and any wait for the write before it; the last also waits for its own
+    checkpoint_saves_s: list[float] = []
 
 
 class LossEnds(BaseModel):
@@ -160,11 +170,32 @@ class LossEnds(BaseModel):
     last: float | None
 
 
+class Best(BaseModel):
+    """The best checkpoint by train.keep_best: its step, the watched number and every validation metric."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    step: int
+    metric: str
+    mode: str
+    value: float
+    metrics: dict[str, Any]
+    checkpoint: str | None = None
+
+
 class Summary(Record):
-    """What a finished run did and where its model is (summary.json)."""
+    """What a finished run did and where its model is (summary.json). It leads with what a user reads first:
+    the final evaluation per split, the best step, how many tokens were trained and the wall time."""
 
     what: ClassVar[str] = "run summary"
     status: str
+    metrics: dict[str, dict[str, Any]]  # split → the final model's evaluation
+    best: Best | None = None
+    stopped_early_at: int | None = None  # the step early stopping ended the run at
+    trained_tokens: int | None = None  # non-padding input tokens of the trained batches, every rank and launch
+    wall_time_s: float | None = None  # from `launch` starting to this summary
+    final_model: str | None  # the exported folder (None: nothing was trained, train.max_steps=0)
+    final_step: int | None = None  # the step whose model final/ holds (train.final: best or last)
     world_size: int
     distributed_type: str
     backend: str
@@ -176,8 +207,6 @@ class Summary(Record):
     resumed_from: str | None
     resumed_world_size: int | None  # the checkpoint's world size (may differ from world_size)
     train_loss: LossEnds
-    metrics: dict[str, dict[str, Any]]
-    final_model: str
     param_checksum_per_rank: list[float]
     strategy: str
     sharded: str  # what the strategy shards (ddp: nothing)
@@ -214,3 +243,26 @@ class PreflightReport(Record):
     ranks: list[dict[str, Any]]
     seconds: float
     timings: dict[str, float]
+
+
+def _number(value: float) -> str:
+    return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+
+
+def headline(summary: Summary) -> str:
+    """The closing line of a run: the final evaluation per split, the best step, trained tokens, wall time."""
+    parts = []
+    for split, metrics in summary.metrics.items():
+        numbers = " ".join(f"{k} {_number(v)}" for k, v in metrics.items() if isinstance(v, (int, float)))
+        parts.append(f"{split} {numbers}")
+    if summary.best is not None:
+        parts.append(f"best step {summary.best.step} ({summary.best.metric} {_number(summary.best.value)})")
+    if summary.stopped_early_at is not None:
+        parts.append(f"stopped early at step {summary.stopped_early_at}")
+    trained = f"{summary.steps_this_launch} of {summary.steps} steps" if summary.steps else "evaluation only"
+    if summary.trained_tokens:
+        trained += f", {summary.trained_tokens:,} tokens"
+    if summary.wall_time_s is not None:
+        trained += f", {summary.wall_time_s:.0f} s"
+    parts.append(trained)
+    return " · ".join(parts)

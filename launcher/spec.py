@@ -22,17 +22,41 @@ SPEC_DIR = "launch"
 
 
 class LaunchFacts(BaseModel):
-    """When this launch started and when its checks and plan were done (Unix time)."""
+    """When this launch started and when its checks and plan were done (Unix time), the git commit of the
+    folder it ran in, and what the scheduler calls it (Slurm job id, Ray run name): trackers log these."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     started_at: float
     planned_at: float
+    git_commit: str | None = None
+    scheduler: dict[str, str] = {}  # e.g. {"slurm_job_id": "123"}, {"ray_run_name": "x-1a2b3c4d"}
 
     @classmethod
     def now(cls, started_at: float | None = None) -> LaunchFacts:
         now = time.time()
-        return cls(started_at=now if started_at is None else started_at, planned_at=now)
+        return cls(started_at=now if started_at is None else started_at, planned_at=now, git_commit=git_commit())
+
+    def on(self, **scheduler: str) -> LaunchFacts:
+        """These facts, with what the scheduler calls this launch."""
+        return self.model_copy(update={"scheduler": {**self.scheduler, **scheduler}})
+
+
+def git_commit(folder: Path | None = None) -> str | None:
+    """HEAD of the git checkout `launch` runs in (with '-dirty' when it has uncommitted changes), or None."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=folder)
+        if head.returncode:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10,
+            cwd=folder,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def write_spec(run_dir: Path, recipe: Recipe, plan: Plan, facts: LaunchFacts) -> Path:

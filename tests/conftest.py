@@ -194,6 +194,50 @@ def slurm_cluster():
     subprocess.run([str(TESTBED / "stop-slurm.sh"), "--quiet"], timeout=120)
 
 
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server (sqlite backend, 127.0.0.1), started once per session; its startup (about
+    25 s on a busy 2-core machine, most of it creating the database) runs while the first requesting module
+    makes its other runs: wait for it with `.uri()`."""
+    pytest.importorskip("mlflow")
+    import socket
+    import sys
+    import time
+    import urllib.request
+
+    root = tmp_path_factory.mktemp("mlflow")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    command += ["--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--default-artifact-root", str(root / "art")]
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    class Server:
+        address = f"http://127.0.0.1:{port}"
+        env = {"MLFLOW_TRACKING_URI": address, "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+        def uri(self) -> str:
+            deadline = time.time() + 300
+            while True:
+                try:
+                    with urllib.request.urlopen(f"{self.address}/health", timeout=5) as answer:
+                        if answer.status == 200:
+                            return self.address
+                except OSError:
+                    pass
+                assert proc.poll() is None, (root / "server.log").read_text()[-3000:]
+                assert time.time() < deadline, "the MLflow server did not come up"
+                time.sleep(0.5)
+
+    yield Server()
+    proc.terminate()
+    proc.wait(timeout=60)
+    log.close()
+
+
 @pytest.fixture
 def write(tmp_path):
     """write(text, **fields): a recipe file from a template (helpers.GOOD), with a real model and data filled in."""

@@ -131,3 +131,43 @@ def preflight_recipe(model: str, out: Path, *extra: str) -> list:
 
 def preflight_report(out: Path) -> dict:
     return json.loads((out / "preflight.json").read_text())
+
+
+def ended(processes: list, timeout: float) -> list:
+    """The processes (psutil.Process) still running after `timeout` s; a zombie (ended, not yet reaped by init)
+    counts as ended."""
+    import psutil
+
+    def running(p) -> bool:
+        try:
+            return p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.time() + timeout
+    while any(running(p) for p in processes) and time.time() < deadline:
+        time.sleep(0.02)
+    return [p for p in processes if running(p)]
+
+
+def wandb_records(path: Path):
+    """The records of a W&B run file (run-ID.wandb, what offline mode writes): LevelDB's log format (32 KiB
+    blocks of records with a 7-byte header) after W&B's own 7-byte header, each record a protobuf."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, pos, pending = Path(path).read_bytes(), 32768, 7, b""
+    assert data[:4] == b":W&B", path
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7]) if left >= 7 else (0, 0, 0)
+        if left < 7 or (length == 0 and kind == 0):  # the rest of a block is padding
+            pos += left
+            continue
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk  # FULL or FIRST start a record
+        if kind in (1, 4):  # FULL or LAST end it
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            yield record

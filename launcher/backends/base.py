@@ -31,6 +31,7 @@ class Layout(NamedTuple):
     num_nodes: int
     procs_per_node: int
     device: Literal["cpu", "cuda"]
+    gpu_memory: int | None = None  # bytes per GPU, where the backend can see them (local: nvidia-smi)
 
 
 @dataclass
@@ -100,6 +101,10 @@ class Backend(ABC):
         """Command-line flags this backend cannot honour (default: it runs here, so no --submit)."""
         if submit:
             return [Problem("--submit", f"--submit needs a Ray cluster profile; the {self.name} backend runs here")]
+        return []
+
+    def recipe_problems(self, recipe: Recipe) -> list[Problem]:
+        """What of a valid recipe this backend cannot carry (e.g. a path its job script cannot name)."""
         return []
 
     @abstractmethod

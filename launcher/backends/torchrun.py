@@ -7,6 +7,7 @@ A failed rank comes back from torchrun as a structured ChildFailedError, named h
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -15,8 +16,10 @@ from pathlib import Path
 from launcher.backends.base import scoped_environ
 from launcher.errors import ExitCode, StoppedBySignal, StoppedOnRequest, TrainingFailed
 from launcher.planning.plan import Plan
+from launcher.train.lifeline import AGENT_PID
 
 STANDALONE = ["--standalone", "--nnodes", "1"]
+FORWARDED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 COLLECTIVE_TIMEOUT_HINT = (
     " (a collective waited longer than distributed.collective_timeout: a peer rank hung, died or "
     "was far behind; distributed.hang_timeout makes the watchdog name it)"
@@ -89,8 +92,11 @@ def run_ranks(
         ]
     )
     watchdog = start_watchdog(spec_dir)
+    # the ranks end with this process (train.lifeline), and get the signals it is sent but torchrun does not
+    # handle: USR1 (checkpoint and stop: exit 75, as under Slurm) and USR2 (dump the stacks)
+    forwarded = {signum: signal.signal(signum, forward_to_children) for signum in FORWARDED_SIGNALS}
     try:
-        with scoped_environ(env):
+        with scoped_environ({**env, AGENT_PID: str(os.getpid())}):
             torchrun(args)
     except ChildFailedError as exc:
         if watchdog is not None and watchdog.report is not None:
@@ -104,8 +110,19 @@ def run_ranks(
     except SignalException as exc:
         raise StoppedBySignal(int(exc.sigval)) from None
     finally:
+        for signum, previous in forwarded.items():
+            signal.signal(signum, previous)
         if watchdog is not None:
             watchdog.stop()
+
+
+def forward_to_children(signum, frame) -> None:
+    """Pass a signal sent to this process on to the ranks it started (its child processes)."""
+    import psutil
+
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.send_signal(signum)
 
 
 def start_watchdog(spec_dir: Path):

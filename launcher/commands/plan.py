@@ -9,7 +9,10 @@ model's config only (launcher/planning/memory.py), never its weights or the data
 from __future__ import annotations
 
 import argparse
+import textwrap
 from pathlib import Path
+
+WIDTH = 100  # what the output fits outside a terminal (a terminal: its own width)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -34,8 +37,22 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def print_table(recipe, shape, *, num_nodes: int, gpus_per_node: int, micro_batch: int, gpu_memory: int) -> None:
+def console():
+    """A terminal's own width; 100 columns in a file or a pipe (the tables are made to fit it)."""
     from rich.console import Console
+
+    terminal = Console()
+    return terminal if terminal.is_terminal else Console(width=WIDTH)
+
+
+def say(text: str, indent: str = "") -> None:
+    """A plain line, wrapped to the output's width with a hanging indent."""
+    print(textwrap.fill(text, console().width, initial_indent=indent, subsequent_indent=indent + "  "))
+
+
+def print_table(recipe, shape, *, num_nodes: int, gpus_per_node: int, micro_batch: int, gpu_memory: int) -> None:
+    """Two tables that each fit 100 columns: what fits (per GPU, host RAM, the verdict), then where each
+    strategy's bytes go; a refusal's reason is a line under the first table."""
     from rich.table import Table
 
     from launcher.planning import memory
@@ -47,45 +64,50 @@ def print_table(recipe, shape, *, num_nodes: int, gpus_per_node: int, micro_batc
         else f"{shape.num_params / 1e6:,.1f}M parameters"
     )
     ckpt = "on" if recipe.distributed.activation_checkpointing else "off"
-    print(
-        f"memory per GPU: {recipe.model.path} ({trainable})\n{num_nodes} × {gpus_per_node} GPUs of {g(gpu_memory)} "
-        f"({g(memory.usable(gpu_memory))} usable), micro-batch {micro_batch} × {recipe.data.max_length} tokens, "
-        f"activation checkpointing {ckpt}"
+    say(f"memory per GPU: {recipe.model.path} ({trainable})")
+    say(
+        f"{num_nodes} × {gpus_per_node} GPUs of {g(gpu_memory)} ({g(memory.usable(gpu_memory))} usable), micro-batch "
+        f"{micro_batch} × {recipe.data.max_length} tokens, activation checkpointing {ckpt}"
     )
-    table = Table()
-    for name in ("strategy", "parameters", "gradients", "optimizer", "activations", "per GPU", "host RAM/node", "fits"):
-        table.add_column(name, justify="left" if name in ("strategy", "fits") else "right")
+    fits, parts = Table(), Table(title="where the bytes per GPU go")
+    for name in ("strategy", "per GPU", "host RAM/node", "fits"):
+        fits.add_column(name, justify="right" if name in ("per GPU", "host RAM/node") else "left")
+    for name in ("strategy", "parameters", "gradients", "optimizer", "activations"):
+        parts.add_column(name, justify="left" if name == "strategy" else "right")
+    refusals = []
     for est, problems in memory.estimates(
         recipe, shape, num_nodes=num_nodes, gpus_per_node=gpus_per_node, micro_batch=micro_batch
     ):
+        label = est.choice.label
         if problems:
-            verdict = "refused: " + problems[0].message.split(";")[0]
+            verdict = "refused (below)"
+            refusals.append(f"{label} refused: {problems[0].message.split(';')[0]}")
         else:
             verdict = "yes" if est.fits(gpu_memory) else "no"
-        table.add_row(
-            est.choice.label,
-            g(est.parameters),
-            g(est.gradients),
-            g(est.optimizer),
-            g(est.activations),
-            g(est.per_gpu),
-            g(est.host_per_node),
-            verdict,
-        )
-    Console(width=200).print(table)
+        fits.add_row(label, g(est.per_gpu), g(est.host_per_node), verdict)
+        parts.add_row(label, g(est.parameters), g(est.gradients), g(est.optimizer), g(est.activations))
+    out = console()
+    out.print(fits)
+    for line in refusals:
+        say(line, indent="  ")
+    out.print(parts)
 
 
 def main(argv: list[str]) -> int:
     """The table and auto's choice (0); a wrong recipe or flag raises (exit 2, printed by cli.main)."""
     args = parser().parse_intermixed_args(argv)
-    from launcher.config.cluster import load_profile, parse_bytes
+    from launcher.config.cluster import FoundProfile, LocalProfile, find_profile, parse_bytes
     from launcher.config.loading import load_recipe
-    from launcher.errors import Problem, RecipeError, UserError
+    from launcher.errors import Problem, RecipeError, UsageError, UserError
     from launcher.planning import memory
     from launcher.planning.checks import check_model
     from launcher.planning.plan import micro_batch_size
 
-    profile = load_profile(args.cluster)
+    try:
+        found = find_profile(args.cluster, args.nodes)
+    except UsageError:  # several nodes and no profile anywhere: the flags say what the nodes have
+        found = FoundProfile(LocalProfile(), "none found (the flags give the GPUs)")
+    profile = found.profile
     recipe = load_recipe(args.recipe, args.overrides)
     problems = check_model(recipe)
     gpus = args.gpus_per_node or getattr(profile, "gpus_per_node", None)
@@ -109,12 +131,13 @@ def main(argv: list[str]) -> int:
         raise UserError("plan", problems)  # the recipe's model, and the flags
     shape = memory.model_shape(recipe)
     micro = micro_batch_size(recipe, gpus * args.nodes)
+    say(f"cluster profile: {found.source}")
     print_table(recipe, shape, num_nodes=args.nodes, gpus_per_node=gpus, micro_batch=micro, gpu_memory=gpu_memory)
     try:
         choice, why = memory.choose(
             recipe, shape, num_nodes=args.nodes, gpus_per_node=gpus, micro_batch=micro, gpu_memory=gpu_memory
         )
-        print(f"auto: {choice.label} ({why})")
+        say(f"auto: {choice.label} ({why})")
     except RecipeError as exc:
-        print(exc.problems[0].message)
+        say(exc.problems[0].message)
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import glob
 import importlib.util
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from launcher.errors import Problem, RecipeError, UsageError, UserError
 # Input paths travel with the recipe (relative to its folder); outputs land where you run.
 INPUT_PATHS = [
     ("model", "path"),
+    ("model", "adapter"),
     ("train", "resume"),
     ("distributed", "deepspeed_config"),
     ("task", "chat_template_file"),
@@ -279,6 +281,10 @@ def _problem(err: dict, data: dict, source: Source, schema: type[BaseModel] = Re
         msg = err["msg"].removeprefix("Value error, ")
         if given is not None and not isinstance(given, (dict, list)):
             msg += f" (given: {given!r})"
+        field, sep, rest = msg.partition(": ")
+        if sep and isinstance(given, dict) and field in given:  # a section's check naming one of its keys
+            loc, msg = (*loc, field), rest
+            dotted = ".".join(str(p) for p in loc)
     return Problem(dotted, msg, source.where(loc))
 
 
@@ -292,7 +298,17 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, cwd: Path 
         _set(data, loc, value)
         source.overrides[loc] = f"{'.'.join(loc)}={value!r}"
     _resolve_inputs(data, path.resolve().parent, (cwd or Path.cwd()), {loc for loc, _ in parsed})
+    _resolve_output(data, cwd or Path.cwd())
     return validate(Recipe, data, source, extra=_missing_inputs)
+
+
+def _resolve_output(data: dict, cwd: Path) -> None:
+    """output_dir is relative to where `launch` runs, on every backend: made absolute here, once, so that no
+    rank resolves it against its own working directory (a Ray worker's is Ray's session folder). Symlinks are
+    kept as written (os.path.abspath, not resolve)."""
+    value = data.get("output_dir")
+    if isinstance(value, str) and value and not Path(value).is_absolute():
+        data["output_dir"] = os.path.abspath(cwd / value)
 
 
 def validate(schema: type[BaseModel], data: dict, source: Source, extra=None, error: type[UserError] = RecipeError):

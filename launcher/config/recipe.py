@@ -1,4 +1,5 @@
-"""The recipe: what to train. Typed, documented, defaults in the schema.
+"""The recipe: what to train. Typed, documented, defaults in the schema. The model, task, data, distributed and
+preflight sections are here; a task's loss is in config/losses.py, the train section in config/training.py.
 
 Every field is validated here, once, before any process starts; the training
 code reads typed attributes and never falls back to defaults of its own.
@@ -7,48 +8,17 @@ code reads typed attributes and never falls back to defaults of its own.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from launcher.config.losses import LOSS_CONFIGS, Loss, LossConfig
+from launcher.config.strict import Strict
 from launcher.config.tasks import TASKS, TaskSpec
+from launcher.config.training import Precision, TrainConfig
 
 # the task types are the registry's (config.tasks); Literal[...] of its names keeps the schema's error messages
 TaskType = Literal[tuple(TASKS)]  # type: ignore[valid-type]
-Precision = Literal["fp32", "bf16", "fp16"]
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}  # bytes per value of each Precision
-
-
-class Strict(BaseModel):
-    # inf/nan are never a meaningful setting (lr: 1e999 reads as inf)
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_bool_as_number(cls, data):
-        """YAML reads yes/no/on/off as booleans, and pydantic would take True as the number 1; an integer of
-        40 digits would be taken as it is (a run of 10^40 steps) and overflow torch and numpy later."""
-        if isinstance(data, dict):
-            for key, value in data.items():
-                field = cls.model_fields.get(key) if isinstance(key, str) else None
-                if isinstance(value, bool) and field is not None and bool not in _types_in(field.annotation):
-                    raise ValueError(
-                        f"{key}: expected a number or text, got the boolean {value!r} (YAML reads "
-                        "yes/no/on/off/true/false as booleans)"
-                    )
-                if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
-                    raise ValueError(f"{key}: {value} is out of range (a setting here is a 64-bit integer)")
-        return data
-
-
-def _types_in(annotation) -> set:
-    """The plain types an annotation admits (unions, Optional and Annotated unwrapped)."""
-    if isinstance(annotation, type):
-        return {annotation}
-    found = set()
-    for arg in getattr(annotation, "__args__", ()) or ():
-        found |= _types_in(arg)
-    return found
 
 
 # ----------------------------------------------------------------------------- model
@@ -81,6 +51,11 @@ class ModelConfig(Strict):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of a hub id.")
     trust_remote_code: bool = Field(False, description="Allow model code from the model folder.")
     lora: LoraConfig | None = Field(None, description="Train low-rank adapters (PEFT) instead of all weights.")
+    adapter: str | None = Field(
+        None,
+        description="A trained LoRA adapter folder (adapter_config.json, e.g. a LoRA run's final/) loaded onto "
+        "model.path; what `launch eval RECIPE --model ADAPTER_DIR` sets.",
+    )
     quantization: QuantizationConfig | None = Field(
         None, description="Load the frozen base in 8 or 4 bits (bitsandbytes); needs `lora` (QLoRA)."
     )
@@ -90,100 +65,11 @@ class ModelConfig(Strict):
         "and the flash-attn package; packed sequences run as varlen attention), or eager (plain matmuls).",
     )
 
-
-# ----------------------------------------------------------------------------- losses
-class Loss(Strict):
-    # the loss compares the model with a frozen reference (DPO): LoRA's base with the adapter disabled, or a
-    # frozen copy of the model that the planner counts (launcher.train.tasks.Preference)
-    uses_reference: ClassVar[bool] = False
-
-
-class CrossEntropy(Loss):
-    name: Literal["cross_entropy"]
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
-    class_weights: list[Annotated[float, Field(gt=0)]] | Literal["auto"] | None = Field(
-        None, description="Per-class weights, or 'auto' for inverse label frequency in the training split."
-    )
-
-
-class Focal(Loss):
-    name: Literal["focal"]
-    gamma: float = Field(2.0, ge=0.0, description="Focusing parameter; 0 is plain cross-entropy.")
-    alpha: float | None = Field(None, gt=0.0, lt=1.0, description="Weight of the positive class (binary/multi-label).")
-
-
-class BCE(Loss):
-    name: Literal["bce"]
-    pos_weight: float | list[Annotated[float, Field(gt=0)]] | None = Field(
-        None, description="Weight of positives, one number or one per label."
-    )
-
-
-class MSE(Loss):
-    name: Literal["mse"]
-
-
-class MAE(Loss):
-    name: Literal["mae"]
-
-
-class Huber(Loss):
-    name: Literal["huber"]
-    delta: float = Field(1.0, gt=0.0)
-
-
-class DPO(Loss):
-    """Direct Preference Optimization (Rafailov et al. 2023) against a frozen reference model."""
-
-    name: Literal["dpo"]
-    uses_reference: ClassVar[bool] = True
-    beta: float = Field(0.1, gt=0.0, description="Strength of the pull toward the reference model.")
-    variant: Literal["sigmoid", "ipo", "hinge"] = Field(
-        "sigmoid",
-        description="sigmoid: the DPO paper's loss; ipo: squared (Azar et al. 2023, on per-token log-ratios); "
-        "hinge: the SLiC hinge.",
-    )
-    label_smoothing: float = Field(
-        0.0, ge=0.0, lt=0.5, description="sigmoid: the probability that a pair's label is flipped (cDPO)."
-    )
-
     @model_validator(mode="after")
-    def _smoothing_is_sigmoid(self) -> DPO:
-        if self.label_smoothing and self.variant != "sigmoid":
-            raise ValueError(f"label_smoothing applies to variant sigmoid only, not {self.variant!r}")
+    def _adapter_or_lora(self) -> ModelConfig:
+        if self.adapter is not None and self.lora is not None:
+            raise ValueError("model.adapter loads a trained adapter and model.lora adds new ones: give one of them")
         return self
-
-
-class ORPO(Loss):
-    """Odds Ratio Preference Optimization (Hong et al. 2024): SFT on the chosen answer plus an odds-ratio term;
-    no reference model."""
-
-    name: Literal["orpo"]
-    beta: float = Field(0.1, gt=0.0, description="Weight of the odds-ratio term (the paper's lambda).")
-
-
-class SimPO(Loss):
-    """Simple Preference Optimization (Meng et al. 2024): length-normalised log-probabilities with a target
-    margin; no reference model."""
-
-    name: Literal["simpo"]
-    beta: float = Field(2.0, gt=0.0, description="Scale of the length-normalised reward.")
-    gamma: float = Field(0.5, ge=0.0, description="Target reward margin between chosen and rejected.")
-
-
-class BradleyTerry(Loss):
-    """Pairwise reward-model loss: -log sigmoid(r_chosen - r_rejected)."""
-
-    name: Literal["bradley_terry"]
-
-
-LOSS_CLASSES = (CrossEntropy, Focal, BCE, MSE, MAE, Huber, DPO, ORPO, SimPO, BradleyTerry)
-LossConfig = Annotated[
-    CrossEntropy | Focal | BCE | MSE | MAE | Huber | DPO | ORPO | SimPO | BradleyTerry, Field(discriminator="name")
-]
-
-# loss name → its config class: the union above, by name (the default loss of a task is built from it)
-LOSS_CONFIGS: dict[str, type[Loss]] = {cls.model_fields["name"].annotation.__args__[0]: cls for cls in LOSS_CLASSES}
 
 
 class TaskConfig(Strict):
@@ -224,6 +110,12 @@ class TaskConfig(Strict):
         spec = self.spec
         if spec.needs_classes and self.labels is None and self.num_labels is None:
             errors.append(f"task type {self.type!r} needs num_labels or labels")
+        elif spec.label in ("class", "tags") and self.resolved_num_labels < 2:
+            errors.append(
+                f"task type {self.type!r} with {self.resolved_num_labels} class: a softmax over one class is "
+                "always 1, so the loss is 0 and accuracy 1.0 whatever the model does; give at least 2 classes "
+                "(a score to predict is task type 'regression')"
+            )
         if self.loss is not None and self.loss.name not in spec.losses:
             valid = ", ".join(sorted(spec.losses))
             errors.append(f"loss {self.loss.name!r} does not fit task {self.type!r}; valid: {valid}")
@@ -490,71 +382,6 @@ class DataConfig(Strict):
     def weighted(self) -> bool:
         """A mixture: the training sources carry weights."""
         return any(s.weight is not None for s in self.train)
-
-
-# ----------------------------------------------------------------------------- train
-class OptimizerConfig(Strict):
-    name: Literal["adamw"] = "adamw"
-    lr: float = Field(5e-5, gt=0.0)
-    weight_decay: float = Field(0.01, ge=0.0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0.0)
-
-
-class SchedulerConfig(Strict):
-    name: Literal["linear", "cosine", "constant"] = "linear"
-    warmup_steps: int | None = Field(None, ge=0, description="Warm-up steps; overrides warmup_ratio.")
-    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Warm-up as a fraction of total steps.")
-
-
-class TrainConfig(Strict):
-    batch_size: int = Field(32, ge=1, description="GLOBAL batch per optimizer step, across all ranks and accumulation.")
-    micro_batch_size: int | None = Field(
-        None,
-        ge=1,
-        description="Per-device batch per forward pass; when omitted, batch_size / world_size (no accumulation).",
-    )
-    epochs: int = Field(1, ge=1)
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
-    grad_clip: float | None = Field(1.0, gt=0.0, description="Max global gradient norm; null disables clipping.")
-    precision: Precision = Field("fp32", description="Mixed-precision autocast of the forward pass.")
-    eval_every: int | Literal["epoch"] | None = Field(
-        "epoch", description="Evaluate on validation every N steps, every epoch, or only at the end (null)."
-    )
-    save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps (and always at the end).")
-    keep_last: int = Field(2, ge=1, description="Checkpoints kept; the newest complete one is never removed.")
-    checkpoint_hash: bool = Field(
-        False,
-        description="Also record each checkpoint file's SHA-256 in its manifest "
-        "(sizes always are, which catches truncated and missing files) and verify it before "
-        "resume. Off by default: rank 0 reads the whole checkpoint back at every save, "
-        "minutes for multi-GB shards; turn it on for small models or untrusted storage.",
-    )
-    log_every: int = Field(10, ge=1, description="Steps between metric lines in metrics.jsonl and the log.")
-    seed: int = Field(42)
-    resume: str = Field("auto", description="'auto' (newest checkpoint in output_dir), 'never', or a checkpoint path.")
-    tensorboard: bool = Field(False, description="Also write TensorBoard events to output_dir/tensorboard.")
-    compile: bool = Field(
-        False,
-        description="torch.compile each transformer block (regional compilation: one graph per block type, "
-        "compiled once); on CPU it needs a C++ compiler (inductor).",
-    )
-    lm_loss: Literal["auto", "full", "chunked", "liger"] = Field(
-        "auto",
-        description="Causal LM loss: 'chunked' runs the LM head and cross-entropy over lm_loss_chunk tokens at a "
-        "time on the trained positions only, never holding the [batch, seq, vocab] logits; 'liger' is Liger's fused "
-        "linear cross-entropy (a CUDA GPU, liger-kernel installed); 'full' computes all logits; 'auto' is chunked "
-        "where the strategy and model allow it, else full.",
-    )
-    lm_loss_chunk: int = Field(1024, ge=16, description="Tokens per chunk of the chunked causal-LM loss.")
-
-    @model_validator(mode="after")
-    def _eval_every(self) -> TrainConfig:
-        if isinstance(self.eval_every, int) and self.eval_every < 1:
-            raise ValueError("eval_every must be >= 1, 'epoch' or null")
-        return self
 
 
 Strategy = Literal["ddp", "zero1", "zero2", "zero3", "fsdp", "auto"]

@@ -20,6 +20,17 @@ ZERO = ("zero1", "zero2", "zero3")
 SHARDS_PARAMETERS = ("zero3", "fsdp")
 # Training code for these exists in this version; `auto` is the planner's to resolve.
 IMPLEMENTED = ("ddp", "zero1", "zero2", "zero3", "fsdp")
+# Why an 8-bit (LLM.int8) base cannot be sharded, as measured with bitsandbytes 0.50 on 2 ranks
+# (tests/integration/test_quantized_sharding.py shows both). A 4-bit base can: its layer keeps its
+# quantization state on the module, and bitsandbytes gives it back to the gathered weight at each forward.
+EIGHT_BIT = {
+    "fsdp": "fully_shard replaces each weight by a sharded tensor, and the int8 weight's matrix and row scales "
+    "(Int8Params.CB and .SCB) are lost with it, so the forward fails; use model.quantization.bits: 4 with fsdp, "
+    "or strategy ddp with 8-bit",
+    "zero3": "bitsandbytes keeps the whole int8 matrix in each weight's CB attribute, which ZeRO-3 does not "
+    "partition, so every rank would still hold the whole base; use model.quantization.bits: 4 with zero3, or "
+    "strategy ddp with 8-bit",
+}
 
 
 class Decision(NamedTuple):
@@ -59,14 +70,9 @@ def incompatibilities(
                 "full; add a model.lora section (QLoRA), or remove quantization",
             )
         )
-    if quant is not None and strategy in SHARDS_PARAMETERS:
+    if quant is not None and quant.bits == 8 and strategy in SHARDS_PARAMETERS:
         problems.append(
-            Problem(
-                "distributed.strategy",
-                f"{strategy} shards parameters and cannot shard "
-                f"bitsandbytes {quant.bits}-bit weights; use strategy ddp with quantization (the "
-                f"frozen {quant.bits}-bit base is small), or {strategy} without quantization",
-            )
+            Problem("distributed.strategy", f"{strategy} cannot shard an 8-bit base: {EIGHT_BIT[strategy]}")
         )
     if quant is not None and strategy in ("zero1", "zero2"):
         problems.append(

@@ -10,7 +10,9 @@ DeepSpeed's own accounting for mixed-precision Adam (the figures of
 
 and each strategy divides some of them by the number of GPUs N:
 
-    ddp    nothing sharded                      zero1  optimizer + fp32 gradient / N
+    ddp    nothing sharded, + DDP's gradient buckets (a second copy of the gradients in the parameters' dtype,
+           allocated by DistributedDataParallel on more than one rank)
+                                                zero1  optimizer + fp32 gradient / N
     zero2  + 16-bit gradient / N                zero3  weights, fp32 gradient, optimizer / N (18 bytes;
                                                        no 16-bit gradient partition) + 4 bytes × largest layer
     fsdp   like zero3, fp32 sharded weights (FSDP2 keeps fp32 shards and casts per layer: 16 bytes / N)
@@ -20,7 +22,12 @@ where the optimizer step runs on an fp32 gradient, master weights and moments
 (16 bytes per trainable parameter, + the 16-bit weights when they are offloaded too)
 with DeepSpeed's 1.5× buffer factor for host memory.
 Frozen weights (LoRA's base) carry no gradient or optimizer state; a bitsandbytes
-base counts its packed bytes and quantization constants.
+base counts its packed bytes and quantization constants. zero3 and fsdp shard the
+packed 4-bit weights like any other (stored in the shards' dtype, train.engines),
+but not the constants (absmax, double-quant state): they are attributes of each
+layer, whole on every rank.
+
+Host RAM while loading and for checkpoints, and disk: planning/host_memory.py.
 
 Activations per layer use Korthikanti et al. 2022, "Reducing Activation
 Recomputation in Large Transformer Models" (eq. 1: s·b·h·(34 + 5·a·s/h) bytes at
@@ -50,9 +57,11 @@ from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 
-from launcher.config.recipe import DTYPE_BYTES, Recipe
+from launcher.config.recipe import Recipe
 from launcher.config.tasks import TASKS
+from launcher.config.training import DTYPE_BYTES
 from launcher.planning import speed
+from launcher.planning.host_memory import host_load_bytes, reference_bytes, staging_bytes
 
 GiB = 2**30
 HEADROOM = 0.10  # of GPU memory kept free for the CUDA context, NCCL buffers and fragmentation
@@ -108,6 +117,7 @@ class ModelShape(BaseModel):
     num_trainable: int  # full fine-tune: all; LoRA: adapters + modules_to_save
     largest_layer_params: int  # the biggest module (DeepSpeed's "largest layer"), gathered whole under zero3
     frozen_bytes: int  # bytes of the frozen weights as loaded (quantized where bitsandbytes packs them)
+    quant_constant_bytes: int = 0  # of frozen_bytes: the 4-bit layers' constants, never sharded
     num_layers: int
     hidden_size: int
     intermediate_size: int
@@ -127,6 +137,7 @@ class Estimate(BaseModel):
     activations: int
     host_load: int  # per node, while the ranks load the pretrained weights
     host_offload: int  # per node, offloaded states during training (0 without offload)
+    host_staging: int = 0  # per node: fsdp's background checkpoint writes copy each rank's states to host memory
 
     @property
     def per_gpu(self) -> int:
@@ -134,7 +145,7 @@ class Estimate(BaseModel):
 
     @property
     def host_per_node(self) -> int:
-        return max(self.host_load, self.host_offload)
+        return max(self.host_load, self.host_offload + self.host_staging)
 
     def fits(self, gpu_memory: int) -> bool:
         return self.per_gpu <= usable(gpu_memory)
@@ -160,14 +171,15 @@ def _matches(name: str, targets: list[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def _quantized_bytes(numel: int, out_features: int, recipe: Recipe) -> int:
-    """Bytes of one bitsandbytes Linear weight: LLM.int8 (int8 + fp32 scale per row) or 4-bit blocks of 64."""
+def _quantized_bytes(numel: int, out_features: int, recipe: Recipe) -> tuple[int, int]:
+    """(packed weight, quantization constants) bytes of one bitsandbytes Linear weight: LLM.int8 (int8 + an fp32
+    scale per row) or 4-bit in blocks of 64 (an absmax per block; double quant: 8-bit absmax + fp32 per 256)."""
     quant = recipe.model.quantization
     if quant.bits == 8:
-        return numel + 4 * out_features
+        return numel, 4 * out_features
     blocks = math.ceil(numel / 64)
     constants = blocks + 4 * math.ceil(blocks / 256) if quant.double_quant else 4 * blocks
-    return math.ceil(numel / 2) + constants
+    return math.ceil(numel / 2), constants
 
 
 def _head_names(model) -> set[str]:
@@ -211,7 +223,7 @@ def model_shape(recipe: Recipe) -> ModelShape:
     weight_bytes = DTYPE_BYTES[recipe.model.dtype]
     lora, quant = recipe.model.lora, recipe.model.quantization
     heads = _head_names(model)
-    num_params = frozen_bytes = num_trainable = largest = 0
+    num_params = frozen_bytes = constant_bytes = num_trainable = largest = 0
     for name, module in model.named_modules():
         own = sum(p.numel() for p in module.parameters(recurse=False))
         largest = max(largest, own)
@@ -234,7 +246,9 @@ def model_shape(recipe: Recipe) -> ModelShape:
             num_trainable += own
         else:
             if quant is not None and is_linear and not is_head:
-                frozen_bytes += _quantized_bytes(module.weight.numel(), module.out_features, recipe)
+                packed, constants = _quantized_bytes(module.weight.numel(), module.out_features, recipe)
+                frozen_bytes += packed + constants
+                constant_bytes += constants if quant.bits == 4 else 0
                 frozen_bytes += (own - module.weight.numel()) * weight_bytes  # biases stay unquantized
             else:
                 frozen_bytes += own * weight_bytes
@@ -262,6 +276,7 @@ def model_shape(recipe: Recipe) -> ModelShape:
         num_trainable=num_trainable,
         largest_layer_params=largest,
         frozen_bytes=max(0, frozen_bytes),
+        quant_constant_bytes=constant_bytes,
         num_layers=layers,
         hidden_size=hidden,
         intermediate_size=_config_value(config, "intermediate_size", "d_ff", "n_inner", default=4 * hidden),
@@ -293,9 +308,17 @@ def activation_bytes(shape: ModelShape, recipe: Recipe, micro_batch: int, strate
 
 
 def estimate(
-    shape: ModelShape, recipe: Recipe, choice: Choice, *, num_nodes: int, gpus_per_node: int, micro_batch: int
+    shape: ModelShape,
+    recipe: Recipe,
+    choice: Choice,
+    *,
+    num_nodes: int,
+    gpus_per_node: int,
+    micro_batch: int,
+    device: Literal["cpu", "cuda"] = "cuda",
 ) -> Estimate:
-    """Memory per GPU for `choice`, and host RAM per node (see the module docstring for the accounting)."""
+    """Memory per GPU for `choice`, and host RAM per node (see the module docstring for the accounting).
+    `device` cpu: the ranks are CPU processes, whose "GPU" memory is host memory too."""
     world = num_nodes * gpus_per_node
     trainable, strategy = shape.num_trainable, choice.strategy
     half = recipe.train.precision != "fp32" or recipe.model.dtype != "fp32"
@@ -312,8 +335,12 @@ def estimate(
         "zero2": (1, world, world),
     }.get(strategy, (world, world, world))
     gathered = 2 * shape.largest_layer_params if strategy in ("zero3", "fsdp") else 0  # its 16-bit weights, and grads
-    params = (trainable * weight + shape.frozen_bytes + reference_bytes(shape, recipe)) // shard_weights + gathered
+    whole = shape.quant_constant_bytes if strategy in ("zero3", "fsdp") else 0  # 4-bit constants: not sharded
+    held = trainable * weight + shape.frozen_bytes + reference_bytes(shape, recipe)  # DPO's reference copy too
+    params = (held - whole) // shard_weights + whole + gathered
     grads = trainable * grad // shard_grads + trainable * grad32 // shard_states + gathered
+    if strategy == "ddp" and world > 1:  # DistributedDataParallel's buckets, in the parameters' dtype
+        grads += trainable * DTYPE_BYTES[recipe.model.dtype]
     optimizer = trainable * (master + moments) // shard_states
     host_offload = 0
     if choice.offload != "none":
@@ -331,25 +358,10 @@ def estimate(
         gradients=grads,
         optimizer=optimizer,
         activations=activation_bytes(shape, recipe, micro_batch, strategy),
-        host_load=host_load_bytes(shape, recipe, strategy, gpus_per_node),
+        host_load=host_load_bytes(shape, recipe, strategy, num_nodes * gpus_per_node, gpus_per_node, device),
         host_offload=host_offload,
+        host_staging=staging_bytes(shape, recipe, strategy, world) * gpus_per_node,
     )
-
-
-def reference_bytes(shape: ModelShape, recipe: Recipe) -> int:
-    """A frozen copy of the model as loaded: DPO's reference when the whole model trains (with LoRA the
-    reference is the base itself, its adapter disabled). Sharded like the weights under zero3/fsdp."""
-    if not recipe.task.uses_reference or recipe.model.lora is not None:
-        return 0
-    return shape.num_params * DTYPE_BYTES[recipe.model.dtype]
-
-
-def host_load_bytes(shape: ModelShape, recipe: Recipe, strategy: str, gpus_per_node: int) -> int:
-    """Host RAM per node while loading: every rank reads the whole checkpoint (and the reference copy), except
-    under zero3/fsdp, where the weights are loaded once per node and scattered into shards (zero.Init / rank-0
-    loading)."""
-    whole = shape.frozen_bytes + shape.num_trainable * DTYPE_BYTES[recipe.model.dtype] + reference_bytes(shape, recipe)
-    return whole * (1 if strategy in ("zero3", "fsdp") else gpus_per_node)
 
 
 def estimates(
@@ -400,14 +412,3 @@ def choose(
             )
         ],
     )
-
-
-def disk_bytes(shape: ModelShape, recipe: Recipe) -> int:
-    """Disk at output_dir for a run: train.keep_last checkpoints, one more while the next is written (the
-    oldest goes only once it is complete), and the exported final model. A checkpoint holds the whole
-    model in its load dtype and the optimizer's fp32 moments (+ fp32 master weights under mixed precision)
-    of the trainable parameters, whatever the strategy: sharded states add up to the same bytes."""
-    model = shape.frozen_bytes + shape.num_trainable * DTYPE_BYTES[recipe.model.dtype]
-    half = recipe.train.precision != "fp32" or recipe.model.dtype != "fp32"
-    optimizer = shape.num_trainable * (8 + (4 if half else 0))
-    return (recipe.train.keep_last + 1) * (model + optimizer) + model

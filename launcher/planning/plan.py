@@ -281,21 +281,27 @@ def make_plan(
 
 
 def estimate_line(recipe, plan, gpu_memory: int | None) -> str:
-    """One line for the dry-run table: the estimate of the plan's own strategy. Plain ddp on CPU processes has
-    no GPU to fit, and is left out: building the model on the meta device imports torch and transformers,
-    which would make every dry run many times slower."""
-    if (
-        plan.device == "cpu"
-        and plan.choice == ("ddp", "none", False)
-        and recipe.model.lora is None
-        and recipe.model.quantization is None
-        and gpu_memory is None
-    ):
-        return "not estimated for CPU processes; see `launch plan RECIPE --gpus-per-node G --gpu-memory SIZE`"
+    """One line for the dry-run table: the estimate of the plan's own strategy. A full fine-tune on CPU
+    processes is counted from the model folder's files (planning.weights: no torch, so the dry run stays
+    fast; a hub id from its snapshot in the local cache); other plans build the model on the meta device,
+    which imports torch and transformers."""
+    from launcher.config.loading import resolve_model_path
     from launcher.planning import memory
+    from launcher.planning.weights import folder_shape, model_folder
 
+    cpu_full = plan.device == "cpu" and plan.choice == ("ddp", "none", False) and recipe.model.lora is None
     try:
-        shape = memory.model_shape(recipe)
+        if cpu_full and recipe.model.quantization is None:
+            path = resolve_model_path(recipe.model.path)
+            folder = model_folder(path, recipe.model.revision)
+            shape = folder_shape(folder, recipe) if folder is not None else None
+            if shape is None:
+                where = (
+                    "its folder has no safetensors weights" if folder else "it is not in the local Hugging Face cache"
+                )
+                return f"not estimated: {path}: {where} (launch plan RECIPE --gpus-per-node G --gpu-memory SIZE)"
+        else:
+            shape = memory.model_shape(recipe)
     except RecipeError as exc:
         return f"not estimated: {exc.problems[0].message}"
     est = memory.estimate(
@@ -305,6 +311,7 @@ def estimate_line(recipe, plan, gpu_memory: int | None) -> str:
         num_nodes=plan.num_nodes,
         gpus_per_node=plan.procs_per_node,
         micro_batch=plan.micro_batch_size,
+        device=plan.device,
     )
     g = memory.gib
     line = (

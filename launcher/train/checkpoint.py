@@ -1,25 +1,32 @@
 """Atomic checkpoints, resume and retention.
 
 A checkpoint is written into a hidden temporary folder and renamed into
-place by rank 0 only after every rank has finished writing, so a folder named
-checkpoint-* is always complete; a crash mid-write leaves only a .tmp folder
-that the next save or resume removes. Before the rename rank 0 also writes a
+place by rank 0 only after every rank has finished writing (at once, or in
+the background: train.background_checkpoint), so a folder named checkpoint-* is
+always complete; a crash mid-write leaves only a .tmp folder that the next
+save or resume removes. Before the rename rank 0 also writes a
 manifest (every file's size, and its SHA-256 unless train.checkpoint_hash is off),
 verified before resume, so a checkpoint damaged later (a truncated copy, a
 deleted shard, a file swapped in) is found at plan time rather than mid-load.
+
+What a checkpoint may hold is checked before it is loaded (train.unpickling: no pickle naming anything but
+tensors and the libraries' state types), and the ranks load it with torch's weights_only loader. Retention
+deletes only the launcher's own checkpoint folders (manifest and trainer_state.json inside, no symbolic link)
+and its own temporary folders.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
-from launcher.records import CheckpointState, RecordError, write_json_atomic
+from launcher.records import CheckpointState, write_json_atomic
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
@@ -27,27 +34,15 @@ MANIFEST_FILE = "manifest.json"
 
 
 class CheckpointMismatch(Exception):
-    """A checkpoint that cannot continue this recipe (different model or task)."""
+    """A checkpoint that cannot continue this recipe (different model, task, data or settings)."""
 
 
-def fingerprint(recipe) -> dict:
-    # LoRA decides the checkpoint's layout (adapter-only states); so does the strategy, which check_compatible
-    # compares as planned (`auto` resolved), not as written in the recipe
-    found = {
-        "model": recipe.model.path,
-        "task": recipe.task.type,
-        "num_labels": recipe.task.resolved_num_labels,
-        "global_batch_size": recipe.train.batch_size,
-        "lora": recipe.model.lora is not None,
-    }
-    # what a step's data is (bins or rows, their order); only when set, so checkpoints written before agree
-    for key, default in UNSET.items():
-        if getattr(recipe.data, key) != default:
-            found[key] = getattr(recipe.data, key)
-    return found
+class CheckpointDamaged(CheckpointMismatch):
+    """A checkpoint whose files no longer match the manifest written with it."""
 
 
-UNSET = {"packing": "none", "group_by_length": False}  # fingerprint keys left out at these values
+class CheckpointUnsafe(CheckpointMismatch):
+    """A checkpoint holding a pickle that names a global a checkpoint never needs (it would run code)."""
 
 
 def complete(run_dir: Path) -> list[Path]:
@@ -75,52 +70,6 @@ def read_state(folder: Path) -> CheckpointState:
     return CheckpointState.read(folder / STATE_FILE)
 
 
-def check_compatible(folder: Path, recipe, plan) -> CheckpointState:
-    """The checkpoint's state if it can continue this recipe under this plan. The world size may differ: the
-    data position is in samples and the global batch is the recipe's, so only the split into micro-batches
-    changes (ZeRO states are resharded at load: train.engines). The strategy may not: its states' layout."""
-    try:
-        state = read_state(folder)
-    except RecordError:
-        state = None
-    if state is None or state.fingerprint is None or state.world_size is None:
-        raise CheckpointMismatch(
-            f"{folder} is not a readable checkpoint (no valid {STATE_FILE}); point train.resume "
-            "at a checkpoint-* folder, or remove it"
-        )
-    mine, theirs = fingerprint(recipe), state.fingerprint
-    keys = list(mine) + [k for k in UNSET if k in theirs and k not in mine]
-    differ = {
-        k: (theirs.get(k, UNSET.get(k)), mine.get(k, UNSET.get(k)))
-        for k in keys
-        if theirs.get(k, UNSET.get(k)) != mine.get(k, UNSET.get(k))
-    }
-    if differ:
-        detail = "; ".join(f"{k}: checkpoint {a!r}, recipe {b!r}" for k, (a, b) in differ.items())
-        raise CheckpointMismatch(
-            f"{folder} was written by a different run ({detail}). Use another output_dir, "
-            "or train.resume=never to start over in a fresh output_dir."
-        )
-    written = state.plan.get("strategy", plan.strategy)
-    if written != plan.strategy:  # `strategy: auto` can choose differently on another number of GPUs
-        raise CheckpointMismatch(
-            f"{folder} holds {written} states but this launch plans {plan.strategy} "
-            f"({plan.world_size} processes); set distributed.strategy={written} to resume "
-            f"it (any number of processes works), or train.resume=never in a fresh output_dir"
-        )
-    return state
-
-
-def world_size_note(state: CheckpointState, world_size: int) -> str | None:
-    """What changes when a checkpoint resumes on another number of processes (None: the same)."""
-    if state.world_size == world_size:
-        return None
-    return (
-        f"world size changed: checkpoint written by {state.world_size} processes, resuming on {world_size}; "
-        f"same global batch, split into other micro-batches (summation order differs: float rounding only)"
-    )
-
-
 def rank_seed(seed: int, step: int, rank: int) -> int:
     """The RNG seed of a rank that has no saved random state (a rank beyond the checkpoint's world size):
     a function of (seed, step, rank) only, so such a resume is reproducible."""
@@ -129,15 +78,39 @@ def rank_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
 
-def restore_missing_rng(folder: Path, rank: int, seed: int, step: int) -> bool:
-    """Accelerate's load_state restores random_states_{rank}.pkl when present and silently keeps the current
-    state when not; a rank the checkpoint had no file for is seeded with rank_seed instead. True if seeded."""
-    if (folder / f"random_states_{rank}.pkl").exists():
-        return False
-    from accelerate.utils import set_seed
+def restore_rng(folder: Path, rank: int, seed: int, step: int) -> bool:
+    """This rank's random state from random_states_{rank}.pkl (written by Accelerate's save_state), loaded with
+    weights_only and applied; a file that cannot be loaded is an error (Accelerate's own load_state would keep
+    the current state without a word). A rank the checkpoint had no file for is seeded with rank_seed instead.
+    True if seeded."""
+    path = folder / f"random_states_{rank}.pkl"
+    if not path.exists():
+        from accelerate.utils import set_seed
 
-    set_seed(rank_seed(seed, step, rank))
-    return True
+        set_seed(rank_seed(seed, step, rank))
+        return True
+    import random
+
+    import numpy as np
+    import torch
+
+    try:
+        states = torch.load(path, weights_only=True)
+        random.setstate(states["random_state"])
+        np.random.set_state(states["numpy_random_seed"])
+        torch.set_rng_state(states["torch_manual_seed"])
+        if torch.cuda.is_available() and "torch_cuda_manual_seed" in states:
+            torch.cuda.set_rng_state_all(states["torch_cuda_manual_seed"])
+    except Exception as exc:  # noqa: BLE001 - any failure of the file is reported as what it is
+        raise CheckpointDamaged(
+            f"{path} cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            f"without it rank {rank} would not continue its random sequence. {_older_hint(folder.parent, folder)}"
+        ) from None
+    return False
+
+
+def folder_of(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / f"{PREFIX}{step:08d}"
 
 
 def save(
@@ -149,40 +122,94 @@ def save(
     engine=None,
     hash_files: bool = True,
     written: Callable[[], None] | None = None,
+    note: Callable[[str], None] | None = None,
+    keep: Collection[Path] = (),
 ) -> Path:
     """Every rank calls this; it returns once the checkpoint is in place. `engine` (train.strategy) adds the
     sharded model and optimizer states that Accelerate does not hold. `written()` runs on each rank once its
-    own files are written, before the rename (the failure drill's phase=write)."""
-    final = run_dir / f"{PREFIX}{step:08d}"
-    tmp = run_dir / f".tmp-{PREFIX}{step:08d}"
-    if accelerator.is_main_process:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    if engine is not None:
-        engine.save(tmp)
+    own files are written, before the rename (the failure drill's phase=write). `keep`: checkpoints pruning
+    must leave whatever keep_last says (the best one, train.keep_best)."""
+    tmp, final = begin(accelerator, run_dir, step)
+    try:
+        if engine is not None:
+            engine.save(tmp)
+    except Exception as exc:  # torch, safetensors and DeepSpeed each raise their own type for a full disk
+        raise_write_failed(exc, tmp, run_dir, step)
     if written is not None:
         written()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state.write(tmp / STATE_FILE)
-        write_manifest(tmp, hash_files)
-        if final.exists():  # the same step saved again (e.g. end of run after a save_every hit)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(run_dir)
-        prune(run_dir, keep_last)
+        put_in_place(tmp, final, state, step, keep_last, hash_files, note, keep)
     accelerator.wait_for_everyone()
     return final
 
 
-class CheckpointDamaged(CheckpointMismatch):
-    """A checkpoint whose files no longer match the manifest written with it."""
+def begin(accelerator, run_dir: Path, step: int) -> tuple[Path, Path]:
+    """The fresh temporary folder of step's checkpoint, with Accelerate's states (RNG, optimizer) in it."""
+    final = folder_of(run_dir, step)
+    tmp = run_dir / f".tmp-{PREFIX}{step:08d}"
+    if accelerator.is_main_process:
+        remove_own(tmp)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+    except Exception as exc:  # a full disk, said as such (raise_write_failed)
+        raise_write_failed(exc, tmp, run_dir, step)
+    return tmp, final
 
 
-def _sha256(path: Path) -> str:
+def put_in_place(tmp: Path, final: Path, state: CheckpointState, step: int, keep_last: int, hash_files: bool,
+                 note: Callable[[str], None] | None = None, keep: Collection[Path] = ()) -> None:  # fmt: skip
+    """Rank 0, once every rank's files are in `tmp`: the state and the manifest, then the atomic rename and the
+    retention of the run's own checkpoints (`keep`: never pruned)."""
+    run_dir = final.parent
+    try:
+        state.write(tmp / STATE_FILE)
+        write_manifest(tmp, hash_files)
+    except OSError as exc:
+        raise_write_failed(exc, tmp, run_dir, step)
+    if final.exists() or final.is_symlink():  # the same step saved again (end of run after a save_every hit)
+        remove_own(final)
+    os.replace(tmp, final)
+    _fsync_dir(run_dir)
+    prune(run_dir, keep_last, note, keep)
+
+
+class CheckpointWriteFailed(RuntimeError):
+    """A checkpoint could not be written (most often: the disk is full); the message says where and why."""
+
+
+DISK_FULL = ("No space left on device", "os error 28", "unexpected pos", "Disk quota exceeded")
+
+
+def raise_write_failed(exc: Exception, tmp: Path, run_dir: Path, step: int, remove_partial: bool = True):
+    """A checkpoint write failed: remove its partial folder (it can never be resumed from); a full disk is said
+    plainly with the file system's free space (torch says "[enforce fail at inline_container.cc] unexpected
+    pos", safetensors "I/O error ... os error 28"); any other failure is raised as it is (`remove_partial`
+    False: its partial folder left as a kill would leave it, for the next save to remove)."""
+    free = shutil.disk_usage(run_dir)
+    written = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) if tmp.is_dir() else 0
+    full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(w in str(exc) for w in DISK_FULL)
+    if remove_partial or full or free.free < 2**20:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not (full or free.free < 2**20):
+        raise exc
+    why = "the disk is full" if full else f"{free.free} bytes left after {type(exc).__name__}: {exc}"
+    newest = complete(run_dir)
+    kept = f"the newest complete checkpoint, {newest[-1].name}, is intact" if newest else "no earlier checkpoint"
+    raise CheckpointWriteFailed(
+        f"the checkpoint of step {step} could not be written to {run_dir} ({why}; {_size(free.free)} free of "
+        f"{_size(free.total)} on that file system; {_size(written)} were written before the failure and "
+        f"removed). Free space or lower train.keep_last, then launch again: {kept}."
+    ) from None
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**30:.2f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
+
+
+def file_sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
@@ -193,7 +220,7 @@ def write_manifest(folder: Path, hash_files: bool) -> None:
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE):
         entry = {"size": path.stat().st_size}
         if hash_files:
-            entry["sha256"] = _sha256(path)
+            entry["sha256"] = file_sha256(path)
         files[path.relative_to(folder).as_posix()] = entry
     write_json_atomic(folder / MANIFEST_FILE, {"files": files})
 
@@ -215,7 +242,7 @@ def damage(folder: Path) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != size:
             return f"{name} has {path.stat().st_size} bytes, the manifest says {size} (truncated or replaced)"
-        if digest is not None and _sha256(path) != digest:
+        if digest is not None and file_sha256(path) != digest:
             return f"{name} does not match its SHA-256 in the manifest (corrupted or replaced)"
     return None
 
@@ -253,11 +280,38 @@ def _older_hint(run_dir: Path, damaged: Path) -> str:
     return " Point train.resume at an intact checkpoint-* folder, or use train.resume=never in a fresh output_dir."
 
 
-def prune(run_dir: Path, keep_last: int) -> None:
-    for old in complete(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+def own_checkpoints(run_dir: Path) -> list[Path]:
+    """The complete checkpoints the launcher wrote here (a manifest inside; not a symbolic link), oldest first:
+    the only ones retention may delete."""
+    return [p for p in complete(run_dir) if not p.is_symlink() and (p / MANIFEST_FILE).is_file()]
+
+
+def remove_own(path: Path) -> None:
+    """Remove a folder the launcher wrote; a symbolic link in its place is unlinked, never followed."""
+    if path.is_symlink():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+def prune(
+    run_dir: Path, keep_last: int, note: Callable[[str], None] | None = None, keep: Collection[Path] = ()
+) -> None:
+    """Keep the newest `keep_last` of this run's checkpoints, and those in `keep` (the best one); remove stale
+    temporary folders of its saves. Anything else (a symbolic link, a folder without a manifest) is left alone,
+    and said once."""
+    own = own_checkpoints(run_dir)
+    kept = {Path(p).name for p in keep}
+    for old in own[:-keep_last]:
+        if old.name not in kept:
+            shutil.rmtree(old, ignore_errors=True)
     for stale in run_dir.glob(f".tmp-{PREFIX}*"):
-        shutil.rmtree(stale, ignore_errors=True)
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+    others = [p.name for p in complete(run_dir) if p not in own]
+    if others and note is not None:
+        note(f"retention leaves {', '.join(others)} alone: not a checkpoint folder this launcher wrote (a symbolic "
+             "link, or no manifest)")  # fmt: skip
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -274,12 +328,10 @@ def export(model, tokenizer, final_dir: Path, state_dict: dict | None = None) ->
     if state_dict is not None:
         state_dict = _without_aliases(model, state_dict)
     tmp = final_dir.with_name(f".tmp-{final_dir.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    remove_own(tmp)
     model.save_pretrained(str(tmp), state_dict=state_dict)
     tokenizer.save_pretrained(str(tmp))
-    if final_dir.exists():
-        shutil.rmtree(final_dir)
+    remove_own(final_dir)  # the export of an earlier launch of this run (output_dir is the run's: launcher.ownership)
     os.replace(tmp, final_dir)
 
 

@@ -17,6 +17,7 @@ class Clock:
         self.facts = facts
         self.marks: dict[str, float] = {"rank_start": time.time()}
         self.cpu: dict[str, float] = {}
+        self.saves: list[float] = []  # seconds each checkpoint save held the loop
 
     def mark(self, name: str) -> None:
         """Note that the run reached `name` now (the first time only: a mark is a moment, not a duration)."""
@@ -42,4 +43,5 @@ class Clock:
             training_wall_s=train_wall,
             training_cpu_s=self.cpu["train_end"] - self.cpu["train_start"],
             samples_per_s=steps_run * global_batch_size / train_wall if steps_run and train_wall > 0 else None,
+            checkpoint_saves_s=self.saves,
         )

@@ -1,21 +1,22 @@
-"""Evaluation: each rank scores a strided share of a split; outputs are gathered and scored once."""
+"""Evaluation: each rank scores a strided share of a split, folding each batch into accumulated statistics
+(train.metrics.EvalOutputs: class counts, running sums; ROC-AUC's scores only); the ranks' statistics are
+gathered, merged and scored once. Nothing grows with the split but ROC-AUC's float32 scores."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
 from launcher.config.recipe import Recipe
 from launcher.planning.plan import Plan
 from launcher.train.data import to_device
-from launcher.train.metrics import EvalOutputs, compute
+from launcher.train.metrics import EvalOutputs, compute, keeps_scores
 from launcher.train.tasks import TaskHooks
 
 
 class Evaluator:
-    """Metrics do not depend on the world size: they are computed on the whole gathered split."""
+    """Metrics do not depend on the world size: they are computed once, on the ranks' merged statistics."""
 
     def __init__(self, accelerator, model, loss_fn, collate, task: TaskHooks, recipe: Recipe, plan: Plan):
         self.acc, self.model, self.loss_fn, self.collate, self.task = accelerator, model, loss_fn, collate, task
@@ -30,7 +31,9 @@ class Evaluator:
 
         self.model.eval()
         mine = rows[self.acc.process_index :: self.acc.num_processes]
-        loss_sum, count, probs, labels = 0.0, 0.0, [], []
+        out = EvalOutputs(
+            task=self.task.spec.name, label_names=self.label_names, keep_scores=keeps_scores(self.metric_names)
+        )
         # Under zero3/fsdp a forward is a collective, so every rank runs as many batches as the largest share
         # (a rank with fewer rows runs a discarded filler batch).
         largest_share = -(-len(rows) // self.acc.num_processes)
@@ -42,24 +45,12 @@ class Evaluator:
             progress()
             if not chunk:
                 continue
-            loss_sum += batch_loss
-            count += float(sum(r["weight"] for r in chunk))
-            if kept is not None:
-                probs.append(kept[0])
-                labels.append(kept[1])
-        parts = gather_object([(loss_sum, count, probs, labels)])
+            out.loss_sum += batch_loss
+            out.loss_count += float(sum(r["weight"] for r in chunk))
+            out.add(kept)
+        parts = gather_object([out])
         self.model.train()
-        out = EvalOutputs(
-            task=self.task.spec.name,
-            label_names=self.label_names,
-            loss_sum=sum(p[0] for p in parts),
-            loss_count=sum(p[1] for p in parts),
-        )
-        all_probs = [a for p in parts for a in p[2]]
-        all_labels = [a for p in parts for a in p[3]]
-        if all_probs:
-            if self.task.spec.label == "number":  # predictions, not class probabilities
-                out.preds, out.labels = np.concatenate(all_probs), np.concatenate(all_labels)
-            else:
-                out.probs, out.labels = np.concatenate(all_probs), np.concatenate(all_labels)
-        return compute(out, self.metric_names)
+        merged = parts[0]
+        for part in parts[1:]:
+            merged.merge(part)
+        return compute(merged, self.metric_names)

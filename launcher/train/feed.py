@@ -58,13 +58,12 @@ class Feed:
         plan = self.batches(step, self.rank)
         counts = StepCounts()
         micro = []
-        lengths = self.collate.task.lengths
         for groups in plan.micro_batches:
             rows = [self._rows(group) for group in groups]
             batch = self.collate(rows)
             for group in rows:
                 for row in group:
-                    for n in lengths(row):
+                    for n in self.collate.task.sequence_lengths(row):  # a preference pair: two sequences
                         counts.input_tokens += n
                         counts.squared_lengths += n * n
                     counts.trained_tokens += row["weight"]

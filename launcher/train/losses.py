@@ -1,4 +1,4 @@
-"""Loss registry: loss config class (config.recipe's LossConfig union) → builder. Each loss returns the SUM
+"""Loss registry: loss config class (config.losses' LossConfig union) → builder. Each loss returns the SUM
 of its terms over a micro-batch.
 
 The training loop divides by the number of loss terms in the whole global
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from launcher.config.recipe import BCE, DPO, MAE, MSE, ORPO, BradleyTerry, CrossEntropy, Focal, Huber, SimPO
+from launcher.config.losses import BCE, DPO, MAE, MSE, ORPO, BradleyTerry, CrossEntropy, Focal, Huber, SimPO
 from launcher.config.tasks import TaskSpec
 from launcher.train.tasks import IGNORE, PairLogps
 

@@ -3,6 +3,9 @@
 `build` runs the stages in order, each taking the model the previous one
 returned: load (bitsandbytes quantizes while loading) → k-bit preparation or
 activation checkpointing → LoRA adapters (the task head trained in full).
+With `on_meta` the same stages build the model on the meta device (shapes, no
+storage, no weights read): the ranks of a strategy that loads the weights once
+(train.engines.fsdp_loading) mirror rank 0's model that way.
 """
 
 from __future__ import annotations
@@ -35,7 +38,10 @@ def load_tokenizer(recipe: Recipe):
     return tokenizer
 
 
-def bnb_config(recipe: Recipe):
+def bnb_config(recipe: Recipe, quant_storage: torch.dtype | None = None):
+    """`quant_storage`: the dtype the packed 4-bit weights are stored in (None: bitsandbytes' uint8). A strategy
+    that shards parameters asks for the dtype of its shards (engines: Engine.quant_storage), so that casting
+    the shards to that dtype leaves the packed bytes as they are."""
     from transformers import BitsAndBytesConfig
 
     quant = recipe.model.quantization
@@ -46,7 +52,22 @@ def bnb_config(recipe: Recipe):
         bnb_4bit_quant_type=quant.quant_type,
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype],
+        bnb_4bit_quant_storage=quant_storage or torch.uint8,
     )
+
+
+def keep_4bit_packing(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU kernel. On a CPU with AVX512-BF16, the first
+    eval-mode forward of a Linear4bit without gradients rewrites its weight into another layout and changes
+    the layer's shared quant_state with it (bitsandbytes 0.50, Linear4bit.forward). Under a strategy that
+    gathers the weight anew for every forward (fsdp, zero3) the next gather brings the original packing back
+    under the changed quant_state: measured, the training loss after the first evaluation jumped back to its
+    first-step value. Sharded runs therefore keep the packing they were loaded with (on GPUs this is moot)."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 HEAD_NAMES = ("classifier", "score")  # the freshly initialised heads of Auto*ForSequence/TokenClassification
@@ -76,8 +97,17 @@ def add_lora(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
     return get_peft_model(model, config)
 
 
-def build(recipe: Recipe, tokenizer, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """The model to train on `device` (where a quantized model is loaded: bitsandbytes cannot move it later)."""
+def build(
+    recipe: Recipe,
+    tokenizer,
+    device: torch.device | str = "cpu",
+    *,
+    quant_storage: torch.dtype | None = None,
+    on_meta: bool = False,
+) -> torch.nn.Module:
+    """The model to train on `device` (where a quantized model is loaded: bitsandbytes cannot move it later).
+    `quant_storage`: see bnb_config. `on_meta`: the same model on the meta device, no weights read (a 4-bit
+    layer then holds its unquantized shape: the loader of engines/fsdp_loading.py gives it rank 0's)."""
     task = recipe.task
     kwargs: dict = {
         "revision": recipe.model.revision,
@@ -92,8 +122,10 @@ def build(recipe: Recipe, tokenizer, device: torch.device | str = "cpu") -> torc
             kwargs["id2label"] = dict(enumerate(task.labels))
             kwargs["label2id"] = {name: i for i, name in enumerate(task.labels)}
     if recipe.model.quantization is not None:
-        kwargs["quantization_config"] = bnb_config(recipe)
+        kwargs["quantization_config"] = bnb_config(recipe, quant_storage)
         kwargs["device_map"] = {"": device}
+    if on_meta:
+        kwargs["device_map"] = {"": "meta"}
     model = auto_class(recipe).from_pretrained(resolve_model_path(recipe.model.path), **kwargs)
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -103,10 +135,16 @@ def build(recipe: Recipe, tokenizer, device: torch.device | str = "cpu") -> torc
 
         # fp32 norms and head, input grads for the frozen base; checkpointing only if the recipe asks
         model = prepare_model_for_kbit_training(model, recipe.distributed.activation_checkpointing, checkpointing)
+        if quant_storage is not None:  # a sharded strategy
+            keep_4bit_packing(model)
     elif recipe.distributed.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     if recipe.model.lora is not None:
         model = add_lora(model, recipe)
+    if recipe.model.adapter is not None:  # a trained adapter (and its task head), e.g. for `launch eval`
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, recipe.model.adapter, is_trainable=True)
     if recipe.train.compile:
         compile_blocks(model)
     return model

@@ -227,7 +227,7 @@ def needs(recipe, plan) -> dict:
     """Host RAM and disk each node needs, from the planner (the model's config on the meta device).
     CPU ranks keep the model states in host RAM too, so they count with the host's share."""
     from launcher.errors import RecipeError
-    from launcher.planning import memory
+    from launcher.planning import host_memory, memory
 
     try:
         shape = memory.model_shape(recipe)
@@ -240,9 +240,10 @@ def needs(recipe, plan) -> dict:
         num_nodes=plan.num_nodes,
         gpus_per_node=plan.procs_per_node,
         micro_batch=plan.micro_batch_size,
+        device=plan.device,
     )
     ram = est.host_per_node if plan.device == "cuda" else max(est.host_per_node, est.per_gpu * plan.procs_per_node)
-    return {"ram": ram, "disk": memory.disk_bytes(shape, recipe), "why_not": None}
+    return {"ram": ram, "disk": host_memory.disk_bytes(shape, recipe), "why_not": None}
 
 
 # ----------------------------------------------------------------------------- the verdict (pure)

@@ -1,4 +1,5 @@
-"""What a run tells its user: the progress bar, log lines, metrics.jsonl, TensorBoard.
+"""What a run tells its user: the progress bar, log lines, metrics.jsonl, and the experiment trackers
+(train.trackers: TensorBoard, MLflow, W&B).
 
 Only rank 0 writes files and draws the bar; every rank may log, and its lines
 say which rank they come from.
@@ -41,14 +42,23 @@ class _ConsoleHandler(logging.Handler):
         self.console.print(self.format(record), markup=False, highlight=False, soft_wrap=True)
 
 
-def truncate_metrics(run_dir: Path, last_step: int) -> None:
-    """On resume, forget records of steps after the checkpoint: they are trained again."""
+def truncate_metrics(run_dir: Path, last_step: int, log: logging.Logger | None = None) -> None:
+    """On resume, forget records of steps after the checkpoint: they are trained again. A line that is not a
+    JSON record (a kill in the middle of a write tears the last one) is dropped, and said."""
     path = run_dir / METRICS_FILE
     if not path.exists():
         return
-    kept = [
-        line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= last_step
-    ]
+    kept, torn = [], []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except ValueError:
+            torn.append(number)
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= last_step:
+            kept.append(line)
+    if torn and log is not None:
+        log.warning(f"{path}: dropped {len(torn)} line(s) that are not JSON records (line {torn[0]}: torn by a kill?)")
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)
@@ -62,22 +72,18 @@ class Reporter:
         total_steps: int,
         start_step: int,
         log_every: int,
-        tensorboard: bool,
         logger: logging.Logger,
+        trackers=None,
     ):
         self.is_main = is_main
         self.log_every = log_every
         self.total = total_steps
         self.logger = logger
         self.metrics_path = run_dir / METRICS_FILE
-        self.writer = None
+        self.trackers = trackers  # train.trackers.Trackers on rank 0, when the recipe reports to any
         self.progress = None
         if not is_main:
             return
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
         from rich.console import Console
         from rich.progress import (
             BarColumn,
@@ -136,12 +142,10 @@ class Reporter:
             "time": time.time(),
         }
         self._append(record)
-        if self.writer:
-            self.writer.add_scalar("train/loss", loss, step)
-            self.writer.add_scalar("train/lr", lr, step)
-            for name in ("trained_tokens_per_s", "padding_fraction", "mfu"):
-                if (throughput or {}).get(name) is not None:
-                    self.writer.add_scalar(f"train/{name}", throughput[name], step)
+        if self.trackers:
+            numbers = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "samples_per_s": samples_per_s}
+            numbers.update({k: (throughput or {}).get(k) for k in ("trained_tokens_per_s", "padding_fraction", "mfu")})
+            self.trackers.log("train", step, {f"train/{k}": v for k, v in numbers.items() if v is not None})
         tokens = tokens_text(throughput)
         if self.progress:
             self.progress.update(self.task_id, loss=loss, lr=lr, speed=samples_per_s, tokens=tokens)
@@ -160,19 +164,19 @@ class Reporter:
         if not self.is_main:
             return
         self._append({"step": step, "split": split, "metrics": metrics, "time": time.time()})
-        if self.writer:
-            for name, value in metrics.items():
-                if isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"{split}/{name}", value, step)
+        if self.trackers:
+            numbers = {f"{split}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+            self.trackers.log(split, step, numbers)
         flat = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, (int, float)))
         self.logger.info(f"eval {split} at step {step}: {flat}")
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
+        """`finished`: the run completed (else it stopped, to resume later: its tracker runs stay open)."""
         if self.progress:
             self.progress.stop()
             self.logger.handlers = self.plain_handlers
-        if self.writer:
-            self.writer.close()
+        if self.trackers:
+            self.trackers.close(finished)
 
 
 def tokens_text(throughput: dict | None) -> str:
@@ -184,7 +188,8 @@ def tokens_text(throughput: dict | None) -> str:
 
 
 class StepLosses:
-    """Per-step loss sums stay on the device until a flush, which all-reduces them in one collective.
+    """Per-step loss sums stay on the device until a flush, which all-reduces them in one collective (and
+    gathers the throughput's window: train.throughput, which counts the tokens).
 
     No host sync and no collective per step (on a GPU both stall the pipeline), yet
     metrics.jsonl still gets every step's global-batch loss.

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from launcher.config.recipe import Recipe
 from launcher.planning.conversations import Encoded, pair_encoder
+from launcher.train.metrics import pair_sums
 
 IGNORE = -100  # label of a position that carries no loss (padding, a prompt token, a word's later sub-words)
 
@@ -65,10 +66,6 @@ class TaskHooks:
             "weight": [1] * len(enc["input_ids"]),
         }
 
-    def lengths(self, row: dict) -> list[int]:
-        """Tokens of each sequence a tokenized row feeds the model (the throughput's token counts)."""
-        return [len(row["input_ids"])]
-
     def collate(self, rows: list[dict], pad: Callable[[list[dict]], dict]) -> dict[str, torch.Tensor]:
         """Rows → a batch; `pad` (train.data.Collate.pad) pads model inputs and calls collate_labels."""
         return pad(rows)
@@ -83,6 +80,10 @@ class TaskHooks:
 
     def configure(self, plan) -> None:
         """What the plan resolved for this task's forward and loss (the causal-LM loss); called once in set-up."""
+
+    def sequence_lengths(self, row: dict) -> list[int]:
+        """The token counts of the sequences a tokenized row becomes in a batch (train.feed's token accounting)."""
+        return [len(row["input_ids"])]
 
     def model_inputs(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v for k, v in batch.items() if k != "labels"}
@@ -102,8 +103,10 @@ class TaskHooks:
         return float(loss_fn(logits, batch["labels"])), self.eval_outputs(logits, batch["labels"])
 
     def eval_outputs(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
-        """What evaluation keeps of a batch for the metrics (launcher.train.metrics.EvalOutputs.scores):
-        class probabilities, or predictions; None when the loss alone is scored (perplexity)."""
+        """What evaluation folds into its statistics for a batch (launcher.train.metrics.EvalOutputs.add):
+        (class probabilities or predictions, labels); a dict of named sums for a metric of its own (a metric
+        then reads `out.sums[name]`); None when the loss alone is scored (perplexity). Nothing is kept whole
+        but ROC-AUC's scores."""
         return logits.softmax(-1).cpu().numpy(), labels.cpu().numpy()
 
 
@@ -341,7 +344,7 @@ class Pairs(Conversations, TokenLevel):
             "weight": 1,  # one loss term per pair
         }
 
-    def lengths(self, row):
+    def sequence_lengths(self, row):
         return [len(row["chosen_input_ids"]), len(row["rejected_input_ids"])]
 
     def collate(self, rows, pad):
@@ -386,11 +389,12 @@ class Preference(Pairs):
         return loss_fn(*self.logps(model, batch, loss_fn))
 
     def evaluate(self, model, batch, loss_fn):
-        """Kept for the metrics (train.metrics): [B, 2] rewards and [B, 2] log-probabilities (chosen, rejected)."""
+        """Folded into the metrics' sums (train.metrics.pair_sums): the implicit rewards and the policy's
+        log-probabilities of chosen and rejected."""
         policy, reference = self.logps(model, batch, loss_fn)
         rewards = torch.stack(loss_fn.rewards(policy, reference), 1)
         logps = torch.stack([policy.chosen, policy.rejected], 1)
-        return float(loss_fn(policy, reference)), (rewards.float().cpu().numpy(), logps.float().cpu().numpy())
+        return float(loss_fn(policy, reference)), pair_sums(rewards.float().cpu().numpy(), logps.float().cpu().numpy())
 
 
 class RewardModel(Pairs):
@@ -404,10 +408,10 @@ class RewardModel(Pairs):
         return loss_fn(*self.rewards(model, batch))
 
     def evaluate(self, model, batch, loss_fn):
-        """Kept for the metrics: [B, 2] rewards (chosen, rejected), twice (a reward model has no log-probs)."""
+        """Folded into the metrics' sums (train.metrics.pair_sums): the rewards of chosen and rejected (a reward
+        model has no log-probabilities)."""
         chosen, rejected = self.rewards(model, batch)
-        rewards = torch.stack([chosen, rejected], 1).cpu().numpy()
-        return float(loss_fn(chosen, rejected)), (rewards, rewards)
+        return float(loss_fn(chosen, rejected)), pair_sums(torch.stack([chosen, rejected], 1).cpu().numpy())
 
 
 def hooks_class(rank_hooks: str) -> type[TaskHooks]:

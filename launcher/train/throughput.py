@@ -91,8 +91,10 @@ class Throughput:
     of the losses (a collective: every rank calls it) returns the window's figures for metrics.jsonl."""
 
     def __init__(self, accelerator, flops: ModelFlops | None, peak_tflops: float | None, straggler_factor: float,
-                 log=None):  # fmt: skip
+                 log=None, tokens_before: int = 0):  # fmt: skip
+        """`tokens_before`: the input tokens earlier launches trained on (the checkpoint's tokens_seen)."""
         self.acc, self.flops, self.factor, self.log = accelerator, flops, straggler_factor, log
+        self.tokens_before = tokens_before
         device = accelerator.device
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
         self.peak = peak_flops(name, peak_tflops)
@@ -182,6 +184,12 @@ class Throughput:
         return worst
 
     # ------------------------------------------------------------------ the run
+    @property
+    def tokens_seen(self) -> int:
+        """Non-padding input tokens trained on up to the last flush: every rank, this launch and earlier ones
+        (summary.json's trained_tokens, a checkpoint's tokens_seen)."""
+        return self.tokens_before + int(self.totals[FIELDS.index("input_tokens")])
+
     def summary(self) -> dict | None:
         """summary.json's throughput: totals over this launch's flushed windows, and per-rank step times (one
         all-gather: every rank calls it)."""

@@ -158,6 +158,8 @@ def prepare(name: str, case: dict, tmp_path: Path, request) -> tuple[list, Path]
     if setup.startswith("checkpoint-"):
         shutil.copytree(request.getfixturevalue("trained"), out)
         damage_checkpoints(out, setup)
+    if setup.startswith("safety-"):
+        argv += safety_setup(setup, out, tmp_path, request)
     if "model" in case:
         tiny = request.getfixturevalue("tiny")
         argv.append(f"model.path={tiny['bert' if case['model'] == 'tiny' else 'bert_dropout']}")
@@ -239,7 +241,9 @@ def test_auto_resume_passes_over_a_damaged_newest_checkpoint(trained, tiny, tmp_
     shutil.copytree(trained, out)
     damage_checkpoints(out, "checkpoint-truncate")
     before = tree(out)
-    code, text = in_process([GOOD, f"model.path={tiny['bert']}", f"output_dir={out}", "--procs", "1", "--dry-run"])
+    # the trained run's settings (its data split among them: the checkpoint records what it trained on)
+    code, text = in_process([GOOD, f"model.path={tiny['bert']}", f"output_dir={out}", "data.split.validation=0",
+                             "--procs", "1", "--dry-run"])  # fmt: skip
     assert code == 0, text
     assert f"warning: {out / CHECKPOINTS[-1]} is damaged (model.safetensors has" in text
     assert "resuming from an older checkpoint" in text
@@ -260,3 +264,63 @@ def test_huge_recipe_is_refused_with_bounded_memory(tmp_path):
     tracemalloc.stop()
     assert code == 2 and "over 1000000 bytes" in text
     assert time.time() - start < 2 and peak < 20 * 2**20, f"{peak} bytes"
+
+
+# ---- safety (issue 13): the setups of the cases after "safety" in cases.yaml
+class Payload:
+    """Runs a command when unpickled: it would create the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def safety_setup(setup: str, out: Path, tmp_path: Path, request) -> list:
+    """Build what a safety case needs; the command-line arguments it adds."""
+    import torch
+
+    from launcher import ownership
+
+    if setup.startswith("safety-payload"):  # a real run's checkpoints, a payload planted as an attacker would:
+        source = tmp_path / "shared" if setup == "safety-payload-elsewhere" else out  # manifests rewritten
+        shutil.copytree(request.getfixturevalue("trained"), source)
+        newest = source / CHECKPOINTS[-1]
+        marker = tmp_path / "PAYLOAD_RAN"
+        request.addfinalizer(lambda: _never_ran(marker))
+        payload = {"state": Payload(marker)}
+        target = {"safety-payload-rng": "random_states_0.pkl", "safety-payload-planted": "custom_checkpoint_0.pkl"}
+        torch.save(payload, newest / target.get(setup, "optimizer.bin"))
+        if setup == "safety-payload-no-manifest":
+            (newest / checkpoint.MANIFEST_FILE).unlink()
+        else:
+            checkpoint.write_manifest(newest, hash_files=True)
+        return [f"train.resume={newest}"] if setup == "safety-payload-elsewhere" else []
+    if setup == "safety-foreign-folder":  # someone's results: the launcher must not touch them
+        (out / "final").mkdir(parents=True)
+        (out / "final" / "model.safetensors").write_bytes(b"weights of another tool")
+        (out / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+        (out / "summary.json").write_text("{}")
+        return []
+    if setup == "safety-changed-data":  # the same rows, one appended: a resume would not continue exactly
+        shutil.copytree(request.getfixturevalue("trained"), out)
+        data = tmp_path / "train.jsonl"
+        data.write_text(
+            (REPO / "recipes/data/sms_spam/train.jsonl").read_text() + '{"text": "one more", "label": "ham"}\n'
+        )
+        return [f"data.train={data}"]
+    if setup == "safety-home":
+        return [f"output_dir={Path.home()}"]
+    if setup == "safety-repository":
+        return [f"output_dir={REPO}"]
+    if setup == "safety-in-use":  # held by a launch (this process, through another open file) for the whole case
+        stack = contextlib.ExitStack()
+        stack.enter_context(ownership.claim(out))
+        request.addfinalizer(stack.close)
+        return []
+    raise AssertionError(setup)
+
+
+def _never_ran(marker: Path) -> None:
+    assert not marker.exists(), "the planted payload ran"

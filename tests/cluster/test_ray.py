@@ -73,15 +73,68 @@ def ray_profile(ray_cluster, tmp_path_factory):
     return path
 
 
-def ray_run(model: str, out, profile, *extra: str, env: dict | None = None):
-    return launch(*small_run(model, out), *extra, "--nodes", "2", "--cluster", profile, env=env, timeout=RAY_TIMEOUT)
+def ray_run(model: str, out, profile, *extra: str, env: dict | None = None, cwd: Path = REPO, eval_command=False):
+    command = ["eval"] if eval_command else []
+    return launch(
+        *command, *small_run(model, out), *extra, "--nodes", "2", "--cluster", profile, env=env, timeout=RAY_TIMEOUT,
+        cwd=cwd,
+    )  # fmt: skip
+
+
+# The clean run's environment holds a secret (which Ray must never receive in a runtime_env) and a plain setting
+# that does travel in the workers' runtime_env: Ray's state shows the second, so a search for the first means
+# something.
+SECRET_TOKEN = f"hf_{secrets.token_hex(16)}"
+PLAIN_PROBE = f"probe-{secrets.token_hex(8)}"
 
 
 @pytest.fixture(scope="module")
 def clean_run(tiny, ray_profile, tmp_path_factory):
-    """An uninterrupted 2-worker run: dropout on, so the resumed run must restore every rank's RNG too."""
+    """An uninterrupted 2-worker run: dropout on, so the resumed run must restore every rank's RNG too. Its
+    output_dir is relative (`run`, from the folder `launch` runs in), as users write it: the workers, whose
+    working directory is Ray's session folder, must still write there."""
     out = tmp_path_factory.mktemp("ray-clean") / "run"
-    return out, ray_run(tiny["bert_dropout"], out, ray_profile)
+    # Ray Train keeps its run state (shown by the dashboard's Train API) when this is on: searched below too
+    env = {"HF_TOKEN": SECRET_TOKEN, "LAUNCHER_STATE_PROBE": PLAIN_PROBE, "RAY_TRAIN_ENABLE_STATE_TRACKING": "1"}
+    return out, ray_run(tiny["bert_dropout"], out, ray_profile, "output_dir=run", env=env, cwd=out.parent)
+
+
+def ray_state(dashboard: str) -> dict[str, str]:
+    """What Ray's State API and dashboard hold about jobs, actors, tasks, runtime envs, events and Ray Train runs
+    (the raw JSON answers), read with this session's token as an API client would."""
+    import urllib.request
+
+    answers = {}
+    for endpoint in (
+        "/api/v0/tasks?detail=1&limit=10000",
+        "/api/v0/actors?detail=1&limit=10000",
+        "/api/v0/jobs?limit=10000",
+        "/api/jobs/",
+        "/api/v0/runtime_envs?limit=10000",
+        "/api/v0/cluster_events?limit=10000",
+        "/api/v0/workers?detail=1&limit=10000",
+        "/api/v0/objects?limit=10000",
+        "/api/train/v2/runs/v1",
+    ):
+        request = urllib.request.Request(
+            dashboard + endpoint, headers={"Authorization": f"Bearer {os.environ['RAY_AUTH_TOKEN']}"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            answers[endpoint] = answer.read().decode()
+    return answers
+
+
+def test_a_secret_reaches_the_workers_but_never_rays_state(clean_run, ray_cluster):
+    """HF_TOKEN travels from the driver to the workers through the object store (backends/ray/trainer.py): the
+    workers have it, and no answer of Ray's State API or dashboard (jobs, actors, tasks with their runtime_env,
+    runtime envs, events, Ray Train runs) contains it, while the runtime_env's plain settings are there."""
+    out, run = clean_run
+    assert run.returncode == 0, run.output[-4000:]
+    assert "HF_TOKEN" in summary(out)["ray"]["secrets_received"]
+    state = ray_state(ray_cluster[1])
+    assert any(PLAIN_PROBE in text for text in state.values()), "the state searched holds the workers' runtime_env"
+    leaked = [endpoint for endpoint, text in state.items() if SECRET_TOKEN in text]
+    assert leaked == [], f"Ray recorded the token in {leaked}"
 
 
 def test_two_workers_on_two_ray_nodes(clean_run):
@@ -100,6 +153,11 @@ def test_two_workers_on_two_ray_nodes(clean_run):
     # every complete checkpoint was reported to Ray and copied into its storage
     ray_dir = next((out / "ray").iterdir())
     assert sorted(p.name for p in ray_dir.glob("checkpoint-*")) == ["checkpoint-00000008", "checkpoint-00000012"]
+    # the relative output_dir: everything in it, and the closing line names it
+    for name in ("summary.json", "metrics.jsonl", "final/model.safetensors", "checkpoint-00000012"):
+        assert (out / name).exists(), name
+    assert f"summary: {out.resolve() / 'summary.json'}" in run.stdout
+    assert "\x1b[" not in run.output, "no raw ANSI colour codes in a log"
 
 
 def test_killed_worker_is_restarted_and_resumes_exactly(clean_run, tiny, ray_profile, tmp_path):
@@ -140,16 +198,12 @@ def test_zero2_in_ray_workers_shards_and_matches_ddp(clean_run, tiny, ray_profil
 
 def test_failing_run_exits_nonzero_with_the_cause(ray_env, tiny, tmp_path):
     """A failing worker ends the launch with exit 1 naming the rank and its error (restarts are shown by the
-    test above). This run uses `address: local`: a private one-node Ray started and stopped by the launch."""
-    profile = tmp_path / "ray-local.yaml"
-    profile.write_text(
-        "backend: ray\naddress: local\ncpu_workers_per_node: 2\nmax_failures: 0\n"
-        f"object_store_memory: {OBJECT_STORE}B\n"
-    )
+    test above). This run uses the shipped cluster/ray-local.yaml (`address: local`: a private one-node Ray
+    started and stopped by the launch, max_failures 0)."""
     run = launch(
         *small_run(tiny["bert"], tmp_path / "run"),
         "--cluster",
-        profile,
+        REPO / "cluster" / "ray-local.yaml",
         timeout=RAY_TIMEOUT,
         env={"LAUNCHER_FAULT": "rank=1,step=2,phase=step,kind=raise"},
     )
@@ -173,7 +227,7 @@ def test_submit_as_ray_job_and_follow(tiny, ray_profile, tmp_path):
     )
     assert run.returncode == 0, run.output[-4000:]
     assert "submitted Ray job raysubmit_" in run.stdout and "SUCCEEDED" in run.stdout
-    assert f"done: {out.resolve() / 'summary.json'}" in run.stdout, "the job's own log was streamed"
+    assert f"summary: {out.resolve() / 'summary.json'}" in run.stdout, "the job's own log was streamed"
     s = summary(out)
     assert s["world_size"] == 2 and s["steps"] == 12
     # the job handle of the backend contract: `launch status RUN_DIR` asks Ray Jobs about the submission
@@ -252,3 +306,17 @@ def test_ray_up_example_follows_rays_cluster_schema():
     config = yaml.safe_load((REPO / "cluster" / "ray-up.yaml").read_text())
     jsonschema.validate(config, schema)
     assert config["available_node_types"]["gpu-worker"]["max_workers"] == config["max_workers"] == 4
+
+
+@pytest.mark.slow  # the eval path is the training path with train.max_steps=0 (tests/integration/test_best_and_eval.py)
+def test_eval_through_ray_workers_gives_the_runs_metrics(clean_run, tiny, ray_profile):
+    """`launch eval --model final/` on the 2-node Ray cluster: the metrics the training run reported."""
+    out, clean = clean_run
+    assert clean.returncode == 0, clean.output[-4000:]
+    run = ray_run(tiny["bert_dropout"], out, ray_profile, "--model", str(out / "final"), eval_command=True)
+    assert run.returncode == 0, run.output[-4000:]
+    got, want = summary(out / "eval" / "final"), summary(out)
+    assert got["steps"] == 0 and got["world_size"] == 2 and got["final_model"] is None
+    for split in want["metrics"]:
+        numbers = {k: v for k, v in want["metrics"][split].items() if isinstance(v, float)}
+        assert {k: got["metrics"][split][k] for k in numbers} == pytest.approx(numbers, rel=1e-5), split

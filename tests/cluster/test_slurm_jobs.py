@@ -11,6 +11,7 @@ passed through the environment and absent from every written file.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -24,17 +25,17 @@ import pytest
 import yaml
 from helpers import RECIPES, REPO, final_weights, launch, metric_lines, summary
 
+from launcher.train import checkpoint
+
 SECRET = "s3cr3t-" + secrets.token_hex(8)
 HF_SECRET = "hf_" + secrets.token_hex(8)
 ENV = {"LAUNCHER_TEST_SECRET": SECRET, "HF_TOKEN": HF_SECRET}
 
 
 def cpu_profile(folder: Path, **fields) -> Path:
+    """The shipped cluster/slurm-cpu.yaml (the testbed's partition `debug`), with a secret to pass."""
     data = {
-        "backend": "slurm",
-        "time": "00:15:00",
-        "procs_per_node": 1,
-        "env": {"OMP_NUM_THREADS": "1"},
+        **yaml.safe_load((REPO / "cluster" / "slurm-cpu.yaml").read_text()),
         "secret_env": ["LAUNCHER_TEST_SECRET"],
         # proves the secret reached the job without printing it
         "setup": ['[ -n "${LAUNCHER_TEST_SECRET:-}" ] || { echo "LAUNCHER_TEST_SECRET missing" >&2; exit 3; }'],
@@ -95,6 +96,7 @@ def test_two_nodes_train_one_world_and_one_node_resumes_it(slurm_cluster, tiny, 
     # each node's agent saw to the tokenized cache before its ranks started (one writer, or already there)
     prepared = re.findall(r"\[launch\] node (n\d) \(\d of 2, job \d+\): data", (out / "slurm.log").read_text())
     assert sorted(set(prepared)) == ["n1", "n2"], (out / "slurm.log").read_text()[-3000:]
+    assert "\x1b[" not in (out / "slurm.log").read_text(), "no raw ANSI colour codes in the job's log"
     assert SECRET not in run.output and HF_SECRET not in run.output
     assert_no_secret_written(out, tmp_path / "slurm-cpu.yaml")
     status = launch("status", out)
@@ -144,6 +146,33 @@ def test_launch_prepare_as_a_job_step_on_every_node(slurm_cluster, tiny, tmp_pat
     assert len(written) == 2, log[-3000:]  # train and validation, each written by one node only
     assert len(list((cache / "tokenized").glob("*/manifest.json"))) == 2
     assert not (out / "summary.json").exists() and not list(out.glob("checkpoint-*"))
+
+
+@pytest.mark.slow  # the eval path is the training path with train.max_steps=0 (tests/integration/test_best_and_eval.py)
+def test_eval_as_a_two_node_slurm_job(slurm_cluster, tiny, tmp_path):
+    """`launch eval` of the base model as a 2-node Slurm job: a summary with the validation metrics, no
+    training, no checkpoint, no export; the same numbers as on this machine's one process."""
+    out = tmp_path / "run"
+    args = [*tiny_run(tiny["bert"], out), "data.test=null"]
+    run = launch("eval", *args, "--nodes", "2", "--cluster", cpu_profile(tmp_path), "--follow", env=ENV, timeout=300)
+    assert run.returncode == 0, run.output[-4000:]
+    s = summary(out / "eval" / "base")
+    assert s["steps"] == 0 and s["world_size"] == 2 and s["final_model"] is None and s["hosts"] == ["n1", "n2"]
+    here = launch("eval", *args, f"output_dir={tmp_path / 'here'}", "--procs", "1", env=ENV, timeout=300)
+    assert here.returncode == 0, here.output[-4000:]
+    assert summary(tmp_path / "here" / "eval" / "base")["metrics"]["validation"]["loss"] == pytest.approx(
+        s["metrics"]["validation"]["loss"], rel=1e-5
+    )
+
+
+def test_without_a_profile_a_multinode_launch_finds_this_slurm(slurm_cluster, tmp_path):
+    """No --cluster, no LAUNCHER_CLUSTER, no default file, and sbatch on PATH: the site's Slurm, with its own
+    default partition, and GPUs per node as sinfo reports them (the testbed has none)."""
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "no-config"), "LAUNCHER_CLUSTER": "", "RAY_ADDRESS": ""}
+    run = launch(RECIPES / "quickstart.yaml", f"output_dir={tmp_path / 'run'}", "--nodes", "2", "--dry-run", env=env)
+    assert run.returncode == 0, run.output[-3000:]
+    assert "slurm (detected: sbatch on PATH" in run.stdout and "CPU ranks: sinfo shows no GPUs" in run.stdout
+    assert "#SBATCH --nodes=2" in run.stdout and "--partition" not in run.stdout
 
 
 def test_cancel_a_submitted_job(slurm_cluster, tiny, tmp_path):
@@ -233,7 +262,9 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tiny, tmp
     out = tmp_path / "run"
     proc = _start(
         [
-            *tiny_run(tiny["bert"], out, "train.max_steps=40", "train.save_every=1000"),
+            *tiny_run(
+                tiny["bert"], out, "train.max_steps=40", "train.save_every=1000", "train.report_to=[tensorboard]"
+            ),
             "--nodes",
             "2",
             "--cluster",
@@ -260,6 +291,14 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tiny, tmp
     log = (out / "slurm.log").read_text()
     assert "(restart 0)" in log and "(restart 1)" in log, "both runs of the job log into one file"
     assert "requeued" in log and re.search(r"restarts 1\b", output)
+    # the requeued job continued the tracker run it started (its id in the checkpoint): each step once
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = json.loads((out / "trackers.json").read_text())["runs"]
+    assert checkpoint.read_state(Path(s["resumed_from"])).trackers == runs
+    events = EventAccumulator(runs["tensorboard"])
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 41))
 
 
 def test_killed_rank_fails_the_job_fast_naming_node_and_rank(slurm_cluster, tiny, tmp_path):
@@ -288,3 +327,31 @@ def test_killed_rank_fails_the_job_fast_naming_node_and_rank(slurm_cluster, tiny
         -4000:
     ]
     assert not (out / "summary.json").exists()
+
+
+def test_real_sbatch_reads_every_directive_of_a_hostile_run_directory(slurm_cluster, tmp_path):
+    """What tests/integration/test_slurm_script_safety.py checks with its stub sbatch, against the real one: a run
+    directory named with spaces, #, %, quotes and a command substitution keeps every directive, and the log path
+    Slurm will write is the run's own. The job is held, read back with scontrol and cancelled, never run."""
+    from launcher.backends.slurm.script import render_script
+    from launcher.config.cluster import SlurmProfile
+    from launcher.config.loading import load_recipe
+    from launcher.planning.plan import make_plan
+
+    run_dir = tmp_path / """run x#y %j 'q' "dq" $(touch owned)"""
+    run_dir.mkdir()
+    recipe = load_recipe(RECIPES / "quickstart.yaml", [f"output_dir={run_dir}"])
+    plan = make_plan(recipe, num_train_samples=800, procs_per_node=1, num_nodes=2)
+    script = run_dir / "job.sbatch"
+    script.write_text(render_script(recipe, plan, SlurmProfile(time="00:07:00")))
+    done = subprocess.run(["sbatch", "--hold", "--parsable", str(script)], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    job_id = done.stdout.strip().split(";")[0]
+    try:
+        shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+    finally:
+        subprocess.run(["scancel", job_id], capture_output=True)
+    assert f"StdOut={run_dir / 'slurm.log'}\n" in shown, shown
+    assert f"JobName={run_dir.name}\n" in shown and "TimeLimit=00:07:00" in shown and "NumNodes=2" in shown, shown
+    assert "Requeue=1" in shown, shown
+    assert not list(tmp_path.rglob("owned")), "nothing ran"

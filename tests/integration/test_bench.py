@@ -21,6 +21,8 @@ TITLES = {
     "memory": "memory per rank (MiB)",
     "gpu": "GPU: ",
     "sft_throughput": "SFT throughput: trained tokens/s",
+    "checkpoint": "checkpoint stall under fsdp",
+    "eval_memory": "evaluation memory per rank",
 }
 
 
@@ -81,12 +83,18 @@ def test_memory(started):
     ddp = result["strategies"]["ddp"]
     assert all(g > 0 for g in ddp["growth_bytes_per_rank"])
     assert ddp["reference_bytes"] == 16 * result["num_params"]
+    assert "loading the weights, host memory per rank" in out
+    for strategy in ("ddp", "fsdp"):
+        loaded = result["load"]["strategies"][strategy]
+        assert loaded["planner_node"] > 0 and len(loaded["growth_bytes_per_rank"]) == result["procs"]
 
 
 def test_gpu_script_smoke(started):
     out, result = finished(started, "gpu")
     assert result["peak_measured"] > 0 and result["flops_per_token"] > 0
     assert result["runs"]["full"]["results"]["HF Trainer"]["samples_per_s"] > 0
+    qlora = result["runs"]["qlora-fsdp"]["adapter_check"]  # QLoRA under fsdp: trained, exported, reloaded
+    assert qlora["lora_B_trained"] and qlora["reloaded_logits_finite"] and qlora["max_relative_norm_error"] < 1e-4
 
 
 def test_sft_throughput_against_trl(started):
@@ -98,3 +106,15 @@ def test_sft_throughput_against_trl(started):
     padded, packed = result["runs"]["launch padded"][0], result["runs"]["launch packed"][0]
     assert packed["padding_fraction"] < padded["padding_fraction"]  # the skewed rows pad; the bins barely do
     assert packed["trained_tokens"] > padded["trained_tokens"]  # a step of bins holds more rows than a step of rows
+
+
+def test_checkpoint_stall(started):
+    out, result = finished(started, "checkpoint")
+    assert "background ÷ synchronous" in out
+    assert all(result["saves_s"][mode] and all(t > 0 for t in result["saves_s"][mode]) for mode in result["saves_s"])
+
+
+def test_eval_memory(started):
+    _, result = finished(started, "eval_memory")
+    assert all(case["same_metrics"] for case in result["cases"])
+    assert all(new < old for case in result["cases"] for new, old in [case["gathered_bytes"]])

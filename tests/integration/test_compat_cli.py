@@ -7,9 +7,14 @@ from helpers import RECIPES, launch
 
 
 def test_refusal_reaches_the_command_line_before_anything_starts(tmp_path):
-    run = launch(RECIPES / "llama-qlora-4bit.yaml", "--dry-run", f"output_dir={tmp_path}", "distributed.strategy=zero3")
+    qlora = (RECIPES / "llama-qlora-4bit.yaml", "--dry-run", f"output_dir={tmp_path}", "distributed.strategy=zero3")
+    run = launch(*qlora, "model.quantization.bits=8")
     assert run.returncode == 2, run.output
-    assert "zero3 shards parameters and cannot shard bitsandbytes 4-bit weights; use strategy ddp" in run.stderr
+    assert (
+        "zero3 cannot shard an 8-bit base" in run.stderr and "use model.quantization.bits: 4 with zero3" in run.stderr
+    )
+    sharded = launch(*qlora)  # a 4-bit base is sharded as asked
+    assert sharded.returncode == 0 and "warning" not in sharded.stderr, sharded.output
     rewritten = launch(
         RECIPES / "llama-qlora-4bit.yaml", "--dry-run", f"output_dir={tmp_path}", "distributed.strategy=zero2"
     )

@@ -1,8 +1,12 @@
-"""LoRA, DoRA, 8-bit LoRA and 4-bit QLoRA: real training through `launch`, save, reload in this process, merge.
+"""LoRA, DoRA, 8-bit LoRA and 4-bit QLoRA sharded by ZeRO-3 and by FSDP2: real training through `launch`, save,
+reload in this process, merge, resume.
 
 The adapter is checked against the values the ranks trained (their per-tensor
 norms, summed from the shards each rank held): the known failure of other
 tools under ZeRO-3 is an adapter file that is saved but empty or untrained.
+The 4-bit base is sharded too (its packed weights, stored in the shards' dtype);
+under fsdp rank 1 never reads the weights (it builds on meta and receives its
+shards) and its checkpoints are written in the background.
 """
 
 from __future__ import annotations
@@ -23,14 +27,16 @@ SHORT = [
     "train.log_every=1",
     "train.precision=fp32",
 ]
+QLORA = [
+    "model.lora.r=8",
+    "train.optimizer.lr=1e-2",
+    "model.quantization.bits=4",
+    "model.quantization.compute_dtype=fp32",
+    "train.save_every=4",
+]
 CASES = {
     # name: (model, recipe, procs, overrides)
-    "lora-zero3": (
-        "llama",
-        SFT,
-        2,
-        ["model.lora.r=8", "train.optimizer.lr=1e-2", "distributed.strategy=zero3", "train.save_every=4"],
-    ),
+    "4bit-zero3": ("llama64", SFT, 2, [*QLORA, "distributed.strategy=zero3"]),
     "dora-classifier": (
         "bert",
         QUICKSTART,
@@ -43,18 +49,9 @@ CASES = {
         ],
     ),
     "8bit": ("llama64", SFT, 1, ["model.lora.r=8", "train.optimizer.lr=1e-2", "model.quantization.bits=8"]),
-    "4bit": (
-        "llama64",
-        SFT,
-        2,
-        [
-            "model.lora.r=8",
-            "train.optimizer.lr=1e-2",
-            "model.quantization.bits=4",
-            "model.quantization.compute_dtype=fp32",
-        ],
-    ),
+    "4bit-fsdp": ("llama64", SFT, 2, [*QLORA, "distributed.strategy=fsdp"]),
 }
+RESUMED = ("4bit-zero3", "4bit-fsdp")  # their checkpoints hold the adapters' states (and fsdp's the 4-bit shards)
 
 
 @pytest.fixture(scope="module")
@@ -92,24 +89,25 @@ def runs(models, tmp_path_factory):
         )
         merged = launch("export", run_dir, "--merge") if trained.returncode == 0 else None
         out[name] = (run_dir, trained, merged)
-    # ZeRO-3 checkpoints of a LoRA run hold the adapter's states only; resume from step 4 of a copy
-    again = root / "lora-zero3-resumed"
-    if out["lora-zero3"][1].returncode == 0:
-        shutil.copytree(root / "lora-zero3", again)
-        for gone in ("checkpoint-00000008", "final", "merged"):
-            shutil.rmtree(again / gone)
-        (again / "summary.json").unlink()
-        model, recipe, procs, extra = CASES["lora-zero3"]
-        out["lora-zero3-resumed"] = launch(
-            recipe,
-            f"model.path={tiny[model]}",
-            f"output_dir={again}",
-            *SHORT,
-            *extra,
-            "--procs",
-            str(procs),
-            timeout=600,
-        )
+    # resume from step 4 of a copy that lost everything after it
+    for name in RESUMED:
+        again = root / f"{name}-resumed"
+        if out[name][1].returncode == 0:
+            shutil.copytree(root / name, again)
+            for gone in ("checkpoint-00000008", "final", "merged"):
+                shutil.rmtree(again / gone)
+            (again / "summary.json").unlink()
+            model, recipe, procs, extra = CASES[name]
+            out[f"{name}-resumed"] = launch(
+                recipe,
+                f"model.path={tiny[model]}",
+                f"output_dir={again}",
+                *SHORT,
+                *extra,
+                "--procs",
+                str(procs),
+                timeout=600,
+            )
     return out
 
 
@@ -141,8 +139,12 @@ def test_adapter_trains_and_saves_what_was_trained(runs, name):
             assert 8 in tensor.shape or 4 in tensor.shape  # the rank r
     if name == "dora-classifier":
         assert any("magnitude" in n for n in norms) and any(n.startswith("base_model.model.classifier") for n in saved)
-    if name in ("8bit", "4bit"):
+    if name in ("8bit", "4bit-zero3", "4bit-fsdp"):
         assert s["world_size"] == CASES[name][2]
+    if name in ("4bit-zero3", "4bit-fsdp"):  # the frozen 4-bit base is sharded with the adapters
+        assert s["sharded"] == "parameters"
+        (local0, whole0), (local1, whole1) = s["held_per_rank"]
+        assert whole0 == whole1 and 0.45 * whole0 <= local0 <= 0.55 * whole0 and local0 + local1 == whole0
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -173,14 +175,32 @@ def _base_path(run_dir) -> str:
     return yaml.safe_load((run_dir / "launch" / "recipe.yaml").read_text())["model"]["path"]
 
 
-def test_lora_under_zero3_resumes_to_the_same_adapter(runs):
+@pytest.mark.parametrize("name", RESUMED)
+def test_sharded_qlora_resumes_to_the_same_adapter(runs, name):
     from safetensors.torch import load_file
 
-    resumed = runs["lora-zero3-resumed"]
+    resumed = runs[f"{name}-resumed"]
     assert resumed.returncode == 0, resumed.output[-3000:]
-    run_dir = runs["lora-zero3"][0]
-    again = run_dir.with_name("lora-zero3-resumed")
+    run_dir = runs[name][0]
+    again = run_dir.with_name(f"{name}-resumed")
     assert summary(again)["resumed_from"].endswith("checkpoint-00000004")
     a = load_file(str(run_dir / "final" / "adapter_model.safetensors"))
     b = load_file(str(again / "final" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_eval_of_a_lora_runs_adapter_gives_the_runs_metrics(runs, models):
+    """`launch eval --model final/` of a LoRA run: its adapter (and trained head) loaded onto the base, and
+    the validation and test metrics the run reported at its end."""
+    run_dir, trained, _ = runs["dora-classifier"]
+    assert trained.returncode == 0, trained.output[-3000:]
+    model, recipe, procs, extra = CASES["dora-classifier"]
+    args = [recipe, f"model.path={models[model]}", f"output_dir={run_dir}", *SHORT, *extra]
+    run = launch("eval", *args, "--model", run_dir / "final", "--procs", str(procs), timeout=600)
+    assert run.returncode == 0, run.output[-3000:]
+    assert "with the adapter" in " ".join(run.stdout.replace("│", " ").split())
+    got, want = summary(run_dir / "eval" / "final")["metrics"], summary(run_dir)["metrics"]
+    assert got.keys() == want.keys() == {"validation", "test"}
+    for split in want:
+        numbers = {k: v for k, v in want[split].items() if isinstance(v, float)}
+        assert {k: got[split][k] for k in numbers} == pytest.approx(numbers, rel=1e-5), split

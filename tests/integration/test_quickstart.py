@@ -21,6 +21,13 @@ def test_quickstart_learns_spam(tmp_path):
     for key in ("time_to_first_step_s", "training_wall_s", "samples_per_s", "model_load_s", "data_prep_s"):
         assert s["timings"][key] > 0
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-00000025", "checkpoint-00000050"]
+    # clean logs: no colour codes, the new classifier head said once in plain words, a closing line that leads
+    # with the final metrics per split
+    assert "\x1b[" not in run.output and "LOAD REPORT" not in run.output
+    assert run.output.count("the task head is new and starts random (classifier.bias, classifier.weight)") == 1
+    closing = run.stdout.strip().splitlines()[-2]
+    assert closing.startswith("done: validation loss") and f"test loss {test['loss']:.4g} accuracy" in closing
+    assert s["trained_tokens"] > 800 * 5, "800 messages of at least a few tokens each"
 
     # the exported folder is a plain Hugging Face model that classifies on its own
     model = AutoModelForSequenceClassification.from_pretrained(s["final_model"]).eval()

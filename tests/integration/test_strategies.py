@@ -10,11 +10,18 @@ world size; tests/test_resume_world_size.py has the other directions).
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+import pickle
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from helpers import RECIPES, final_weights, launch, summary
+
+from launcher import cli
 
 SFT = RECIPES / "sft-causal-lm.yaml"
 STRATEGIES = {
@@ -144,3 +151,54 @@ def test_export_command_on_full_weight_runs(runs, tmp_path):
     assert full.returncode == 0 and "holds the full weights (nothing to merge: not a LoRA run)" in full.stdout
     missing = launch("export", tmp_path / "nowhere")
     assert missing.returncode == 2 and "has not finished" in missing.stderr
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def plant(path: Path, marker: Path) -> None:
+    """A payload where a pickle was, as an attacker with write access would put it: a raw pickle for a raw one,
+    a torch archive for an archive; DCP's concatenated item files get one more archive at their end."""
+    if path.read_bytes()[:1] == b"\x80":
+        path.write_bytes(pickle.dumps(Payload(marker)))
+    elif path.suffix == ".distcp":
+        buffer = io.BytesIO()
+        torch.save({"state": Payload(marker)}, buffer)
+        with open(path, "ab") as f:
+            f.write(buffer.getvalue())
+    else:
+        torch.save({"state": Payload(marker)}, path)
+
+
+@pytest.mark.parametrize("name", ["ddp", "zero2", "zero3", "fsdp"])
+def test_a_payload_in_any_pickle_of_a_checkpoint_is_refused_and_never_runs(runs, name, tiny, tmp_path):
+    """Every file of the strategy's newest checkpoint that holds a pickle (model and optimizer states, ZeRO
+    shards, DCP metadata and item files, RNG states) gets a payload in turn, its manifest rewritten to match: the
+    launch is refused with exit 2 naming the file and the callable, and the payload never runs."""
+    from launcher.train.checkpoint import MANIFEST_FILE, complete, write_manifest
+    from launcher.train.unpickling import pickles_in
+
+    root, out = runs
+    assert out[name].returncode == 0, out[name].output[-3000:]
+    newest = complete(root / name)[-1]
+    holders = sorted(p.relative_to(newest) for p in newest.rglob("*") if p.is_file() and any(pickles_in(p)))
+    assert len(holders) >= 2, holders  # ddp on 1 rank: optimizer.bin, random_states_0.pkl
+    marker = tmp_path / "payload-ran"
+    extra = STRATEGIES.get(name, [])
+    for relative in holders:
+        run = tmp_path / f"{name}-{relative.as_posix().replace('/', '_')}"
+        shutil.copytree(root / name, run, ignore=shutil.ignore_patterns("final", "summary.json"))
+        folder = run / newest.name
+        plant(folder / relative, marker)
+        write_manifest(folder, hash_files="sha256" in (newest / MANIFEST_FILE).read_text())
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = cli.main([str(a) for a in sft_args(tiny["llama"], run, *extra)] + ["--procs", "2"])
+        assert code == 2, err.getvalue()[-2000:]
+        assert f"{relative.name}" in err.getvalue() and "names posix.system" in err.getvalue(), err.getvalue()
+    assert not marker.exists()

@@ -39,8 +39,13 @@ LORA = {"lora": {"r": 8}}
 REFUSED = [
     # (recipe, field named, advice given)
     (recipe(model={"quantization": {"bits": 4}}), "model.quantization", "add a model.lora section"),
-    (recipe({"strategy": "zero3"}, {**LORA, "quantization": {"bits": 4}}), "distributed.strategy", "use strategy ddp"),
-    (recipe({"strategy": "fsdp"}, {**LORA, "quantization": {"bits": 8}}), "distributed.strategy", "use strategy ddp"),
+    # 8-bit cannot be sharded: why, as tests/integration/test_quantized_sharding.py measures it
+    (
+        recipe({"strategy": "zero3"}, {**LORA, "quantization": {"bits": 8}}),
+        "distributed.strategy",
+        "does not partition",
+    ),
+    (recipe({"strategy": "fsdp"}, {**LORA, "quantization": {"bits": 8}}), "distributed.strategy", "Int8Params.CB"),
     (recipe({"offload": "cpu"}), "distributed.offload", "use zero2 or zero3 with offload"),
     (recipe({"strategy": "zero3", "offload": "nvme"}), "distributed.nvme_path", "needs nvme_path"),
     (recipe({"strategy": "fsdp", "offload": "nvme", "nvme_path": "/x"}), "distributed.offload", "use offload: cpu"),
@@ -76,10 +81,22 @@ def test_rewrites_to_working_equivalents_warn():
     assert plan(recipe({"strategy": "zero3"})).warnings == []
 
 
+def test_4bit_qlora_shards_under_zero3_and_fsdp():
+    """QLoRA runs sharded as asked (no rewrite, no warning), offload included; 8-bit advises 4-bit or ddp."""
+    for dist in ({"strategy": "zero3"}, {"strategy": "fsdp"}, {"strategy": "zero3", "offload": "cpu"}):
+        p = plan(recipe(dist, {**LORA, "quantization": {"bits": 4}}))
+        assert (p.strategy, p.offload, p.warnings) == (dist["strategy"], dist.get("offload", "none"), [])
+    message = refusal(recipe({"strategy": "zero3"}, {**LORA, "quantization": {"bits": 8}}))
+    assert "bits: 4 with zero3" in message and "strategy ddp with 8-bit" in message
+
+
 def test_planner_can_filter_candidates():
     qlora = recipe(model={**LORA, "quantization": {"bits": 4}})
     assert incompatibilities(qlora, "ddp", "none") == []
-    assert incompatibilities(qlora, "zero3", "cpu", offload_parameters=True)
+    assert incompatibilities(qlora, "zero3", "cpu", offload_parameters=True) == []
+    assert incompatibilities(qlora, "zero2", "none")  # only the adapters' optimizer states would be sharded
+    eight = recipe(model={**LORA, "quantization": {"bits": 8}})
+    assert [p.path for p in incompatibilities(eight, "fsdp", "none")] == ["distributed.strategy"]
     plain = recipe()
     assert incompatibilities(plain, "zero3", "cpu", offload_parameters=True) == []
     assert incompatibilities(plain, "zero3", "nvme", device="cpu")

@@ -9,7 +9,8 @@ import shutil
 import pytest
 import torch
 
-from launcher.config.recipe import CrossEntropy, Recipe
+from launcher.config.losses import CrossEntropy
+from launcher.config.recipe import Recipe
 from launcher.config.tasks import TASKS
 from launcher.train.data import Collate
 from launcher.train.lm_loss import HeadInput, lm_loss

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from launcher.config.recipe import BCE, MAE, MSE, CrossEntropy, Focal, Huber
+from launcher.config.losses import BCE, MAE, MSE, CrossEntropy, Focal, Huber
 from launcher.config.tasks import TASKS
 from launcher.train.losses import LossContext, build_loss, class_weights_from_counts
 

@@ -140,13 +140,14 @@ def test_model_states_match_deepspeed_estimators(config, nodes, gpus, tmp_path, 
 
 
 def test_ddp_and_zero1_follow_the_same_accounting(tmp_path):
-    """ddp is zero2 on one GPU (20 bytes per parameter); zero1 shards only the fp32 side."""
+    """ddp is zero2 on one GPU (20 bytes per parameter), + DDP's gradient buckets (the parameters' dtype) on more
+    than one; zero1 shards only the fp32 side."""
     r = recipe(llama_folder(tmp_path, **SMALL))
     shape = memory.model_shape(r)
     n = shape.num_params
     ddp = memory.estimate(shape, r, Choice("ddp"), num_nodes=2, gpus_per_node=4, micro_batch=1)
     zero1 = memory.estimate(shape, r, Choice("zero1"), num_nodes=2, gpus_per_node=4, micro_batch=1)
-    assert (ddp.parameters, ddp.gradients, ddp.optimizer) == (2 * n, 6 * n, 12 * n)
+    assert (ddp.parameters, ddp.gradients, ddp.optimizer) == (2 * n, 6 * n + 2 * n, 12 * n)
     assert (zero1.parameters, zero1.gradients, zero1.optimizer) == (2 * n, 2 * n + 4 * n // 8, 12 * n // 8)
     fp32 = recipe(llama_folder(tmp_path, **SMALL), model={"dtype": "fp32"}, precision="fp32")
     plain = memory.estimate(memory.model_shape(fp32), fp32, Choice("ddp"), num_nodes=1, gpus_per_node=1, micro_batch=1)
@@ -175,7 +176,7 @@ def test_lora_memory_by_hand(tmp_path):
     est = memory.estimate(shape, r, Choice("ddp"), num_nodes=1, gpus_per_node=2, micro_batch=1)
     assert (est.parameters, est.gradients, est.optimizer) == (
         2 * adapters + 2 * BASE_PARAMS,
-        6 * adapters,
+        6 * adapters + 2 * adapters,  # DDP's buckets hold the adapters' gradients only
         12 * adapters,
     )
     zero3 = memory.estimate(shape, r, Choice("zero3"), num_nodes=1, gpus_per_node=2, micro_batch=1)
@@ -305,18 +306,23 @@ def test_auto_picks_ddp_for_a_100m_model(tmp_path):
     assert (plan.strategy, plan.offload) == ("ddp", "none") and plan.strategy_reason.startswith("fastest that fits")
 
 
-def test_auto_never_picks_a_refused_combination(tmp_path):
-    """A 4-bit 70B base is 37 GiB: ddp/zero2 do not fit in 40 GiB, and zero3 (which would) cannot shard it."""
-    r = recipe(
-        str(LLAMA_70B),
-        max_length=4096,
-        model={"lora": LORA_QV, "quantization": {"bits": 4}},
-        distributed={"strategy": "auto", "activation_checkpointing": True},
-    )
-    with pytest.raises(RecipeError, match="auto: nothing fits in 36.0 GiB usable per GPU") as info:
-        plan_for(r, nodes=1, gpus=4, gpu_memory="40GiB")
-    assert "zero3" not in str(info.value) and "more GPUs or nodes" in str(info.value)
+def test_auto_shards_a_4bit_base_and_never_picks_a_refused_combination(tmp_path):
+    """A 4-bit 70B base is 37 GiB: ddp does not fit in 40 GiB, zero2 is refused with a quantized base, and zero3
+    shards the packed weights (QLoRA under ZeRO-3); on 80 GiB ddp fits. An 8-bit base (70 GiB) fits nowhere:
+    zero3 cannot shard it."""
+    dist = {"strategy": "auto", "activation_checkpointing": True}
+
+    def qlora(bits: int) -> Recipe:
+        model = {"lora": LORA_QV, "quantization": {"bits": bits}}
+        return recipe(str(LLAMA_70B), max_length=4096, model=model, distributed=dist)
+
+    r, eight = qlora(4), qlora(8)
+    chosen = plan_for(r, nodes=1, gpus=4, gpu_memory="40GiB")
+    assert chosen.strategy == "zero3" and "zero2" not in chosen.strategy_reason and "ddp" in chosen.strategy_reason
     assert plan_for(r, nodes=1, gpus=4, gpu_memory="80GiB").strategy == "ddp"
+    with pytest.raises(RecipeError, match="auto: nothing fits in 36.0 GiB usable per GPU") as info:
+        plan_for(eight, nodes=1, gpus=4, gpu_memory="40GiB")
+    assert "zero3" not in str(info.value) and "more GPUs or nodes" in str(info.value)
 
 
 def test_auto_on_cpu_is_ddp_and_on_gpu_needs_the_gpu_memory(tmp_path):
@@ -337,7 +343,7 @@ def test_compatibility_rules_refuse_at_plan_time(tmp_path):
     for name, r in bad.items():
         with pytest.raises(RecipeError) as info:
             make_plan(r, num_train_samples=128, procs_per_node=2)
-        assert ("use strategy ddp" if name == "quantized zero3" else "use zero2 or zero3 with offload") in str(
+        assert ("strategy ddp with 8-bit" if name == "quantized zero3" else "use zero2 or zero3 with offload") in str(
             info.value
         ), name
 
@@ -385,3 +391,65 @@ def test_dpo_counts_a_frozen_reference_copy_and_pairs_twice_the_activations(stra
         Choice(strategy), num_nodes=1, gpus_per_node=gpus, micro_batch=1,
     )  # fmt: skip
     assert lora.parameters == lora_sft.parameters  # the reference is the base, its adapter disabled
+
+
+def test_background_checkpoints_asked_of_a_synchronous_strategy_are_warned_as_ignored(tmp_path):
+    from launcher.planning.checks import ignored_settings
+
+    def notes(strategy: str) -> list[str]:
+        r = recipe(llama_folder(tmp_path, **SMALL), distributed={"strategy": strategy})
+        return ignored_settings(r.model_copy(update={"train": r.train.model_copy(update={"checkpoint_async": True})}))
+
+    assert any("train.checkpoint_async is ignored: zero3 saves synchronously" in n for n in notes("zero3"))
+    assert notes("fsdp") == [] and ignored_settings(recipe(llama_folder(tmp_path, **SMALL))) == []
+
+
+def test_4bit_base_is_sharded_but_not_its_constants(tmp_path):
+    """zero3 and fsdp shard the packed 4-bit weights like any parameter; the quantization constants (absmax,
+    double-quant state) are attributes of each layer and stay whole on every rank."""
+    four = recipe(llama_folder(tmp_path, **SMALL), model={"lora": LORA_QV, "quantization": {"bits": 4}})
+    shape = memory.model_shape(four)
+    blocks = [-(-n // 64) for n in (64 * 64, 64 * 32, 64 * 32, 64 * 64, 64 * 128, 64 * 128, 128 * 64)]
+    assert shape.quant_constant_bytes == 2 * sum(b + 4 * -(-b // 256) for b in blocks)  # two layers
+    ddp = memory.estimate(shape, four, Choice("ddp"), num_nodes=1, gpus_per_node=4, micro_batch=1)
+    for strategy in ("zero3", "fsdp"):
+        est = memory.estimate(shape, four, Choice(strategy), num_nodes=1, gpus_per_node=4, micro_batch=1)
+        adapters32 = shape.num_trainable * (2 if strategy == "zero3" else 4)  # fsdp keeps fp32 adapter shards
+        gathered = 2 * shape.largest_layer_params
+        expected = (adapters32 + shape.frozen_bytes - shape.quant_constant_bytes) // 4
+        assert est.parameters == expected + shape.quant_constant_bytes + gathered, strategy
+        assert est.parameters - gathered < ddp.parameters / 2  # 4 GPUs: a quarter, and the constants whole
+
+
+def test_host_ram_at_load_per_strategy(tmp_path):
+    """Every rank loads the weights, except under fsdp (rank 0 loads, the others hold their shards and the shard
+    being received, in host memory on CPU ranks only) and zero3 without LoRA (zero.Init)."""
+    from launcher.planning.host_memory import host_load_per_rank
+
+    full = recipe(llama_folder(tmp_path, **SMALL))
+    lora = recipe(llama_folder(tmp_path, **SMALL), model={"lora": LORA_QV})
+    shape, whole = memory.model_shape(full), memory.model_shape(full).num_params * 2  # bf16
+    assert host_load_per_rank(shape, full, "ddp", 4) == (whole, whole)
+    assert host_load_per_rank(shape, full, "ddp", 4, "cpu") == (2 * whole, 2 * whole)  # + DDP's buckets
+    assert host_load_per_rank(shape, full, "zero3", 4) == (whole, 0)
+    assert host_load_per_rank(memory.model_shape(lora), lora, "zero3", 4)[1] > 0  # no zero.Init with LoRA
+    assert host_load_per_rank(shape, full, "fsdp", 4) == (whole, 0)
+    shard, largest = whole // 4, 64000 * 2
+    assert host_load_per_rank(shape, full, "fsdp", 4, "cpu") == (whole + shard + largest, shard + largest // 4)
+    est = memory.estimate(shape, full, Choice("fsdp"), num_nodes=1, gpus_per_node=4, micro_batch=1, device="cpu")
+    assert est.host_load == whole + shard + largest + 3 * (shard + largest // 4)
+    ddp = memory.estimate(shape, full, Choice("ddp"), num_nodes=2, gpus_per_node=4, micro_batch=1)
+    assert ddp.host_load == 4 * whole
+
+
+def test_background_checkpoints_stage_a_host_copy(tmp_path):
+    """fsdp's background checkpoint write copies each rank's share of the states to host memory first."""
+    from launcher.planning.host_memory import checkpoint_bytes
+
+    r = recipe(llama_folder(tmp_path, **SMALL))
+    shape = memory.model_shape(r)
+    est = memory.estimate(shape, r, Choice("fsdp"), num_nodes=2, gpus_per_node=4, micro_batch=1)
+    assert est.host_staging == checkpoint_bytes(shape, r) // 8 * 4
+    sync = r.model_copy(update={"train": r.train.model_copy(update={"checkpoint_async": False})})
+    assert memory.estimate(shape, sync, Choice("fsdp"), num_nodes=2, gpus_per_node=4, micro_batch=1).host_staging == 0
+    assert memory.estimate(shape, r, Choice("zero3"), num_nodes=2, gpus_per_node=4, micro_batch=1).host_staging == 0

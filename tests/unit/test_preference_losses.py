@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from launcher.config.recipe import DPO, ORPO, BradleyTerry, SimPO
+from launcher.config.losses import DPO, ORPO, BradleyTerry, SimPO
 from launcher.config.tasks import TASKS
 from launcher.train.losses import LossContext, build_loss
 from launcher.train.tasks import IGNORE, PairLogps

@@ -15,14 +15,17 @@ import pytest
 from launcher.backends import BACKENDS
 from launcher.backends.base import Backend
 from launcher.config.cluster import PROFILES
-from launcher.config.recipe import LOSS_CONFIGS, DistributedConfig, LossConfig, TaskConfig
+from launcher.config.losses import LOSS_CONFIGS, LossConfig
+from launcher.config.recipe import DistributedConfig, TaskConfig
 from launcher.config.tasks import TASKS
+from launcher.config.training import Tracker
 from launcher.planning.compat import IMPLEMENTED
 from launcher.train.engines import ENGINES
 from launcher.train.engines.base import Engine
 from launcher.train.losses import LOSSES
 from launcher.train.metrics import METRICS
 from launcher.train.tasks import TaskHooks, hooks_class
+from launcher.train.trackers import TRACKERS
 
 LAUNCHER = Path(__file__).resolve().parents[2] / "launcher"
 
@@ -48,6 +51,11 @@ def test_loss_registry_covers_the_loss_union_exactly():
 
 def test_metric_registry_covers_every_metric_a_task_allows():
     assert {name for spec in TASKS.values() for name in spec.metrics} == set(METRICS)
+
+
+def test_tracker_registry_covers_every_report_to_name():
+    assert set(TRACKERS) == literal_values(Tracker)
+    assert all(tracker.name == name for name, tracker in TRACKERS.items())
 
 
 def test_engine_registry_covers_every_strategy_the_planner_can_plan():

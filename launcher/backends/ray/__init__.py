@@ -23,12 +23,13 @@ from typing import ClassVar
 import yaml
 
 from launcher.backends.base import Backend, Layout, Submission, scoped_environ
-from launcher.backends.local import result_file
+from launcher.backends.local import closing_line
 from launcher.backends.ray.jobs import RayJob
-from launcher.backends.ray.trainer import describe_failure, fit, newer_than_output_dir
+from launcher.backends.ray.trainer import describe_failure, fit, job_runtime_env, newer_than_output_dir, run_name
 from launcher.config.cluster import RayProfile
 from launcher.config.recipe import Recipe
 from launcher.errors import JobFailed, Problem, ProfileError, StoppedBySignal, TrainingFailed, UsageError
+from launcher.ownership import claim
 from launcher.planning.plan import Plan
 from launcher.spec import SPEC_DIR, LaunchFacts, write_spec
 
@@ -79,14 +80,16 @@ class RayBackend(Backend):
         import ray
 
         profile = self.profile
-        write_spec(Path(recipe.output_dir), recipe, plan, facts)
+        facts = facts.on(ray_run_name=run_name(recipe))
 
         def stop(signum, _frame):
             raise StoppedBySignal(signum)
 
         previous = signal.signal(signal.SIGTERM, stop)
         try:
-            with scoped_environ({"RAY_AUTH_MODE": profile.auth}):  # read when ray is initialised
+            # the driver holds output_dir while the workers run; RAY_AUTH_MODE is read when ray is initialised
+            with claim(Path(recipe.output_dir)), scoped_environ({"RAY_AUTH_MODE": profile.auth}):
+                write_spec(Path(recipe.output_dir), recipe, plan, facts)
                 fit(recipe, plan, profile, facts)
         except (ConnectionError, ray.exceptions.AuthenticationError) as exc:  # from connect
             raise JobFailed(
@@ -107,7 +110,7 @@ class RayBackend(Backend):
             from launcher.commands.prepare import closing
 
             return closing(recipe)
-        return f"done: {Path(recipe.output_dir).resolve() / result_file(recipe)}"
+        return closing_line(recipe)
 
     def submit(self, submission: Submission, recipe: Recipe) -> RayJob:
         """The same `launch` command as a Ray job; recorded in OUTPUT_DIR/launch/ for `launch status RUN_DIR`."""
@@ -120,21 +123,23 @@ class RayBackend(Backend):
                 [Problem("dashboard", "--submit goes through Ray Jobs; set dashboard: http://HEAD:8265")],
             )
         command = ["-m", "launcher.cli", str(submission.recipe), *submission.overrides]
-        command += ["--nodes", str(submission.nodes), "--cluster", str(submission.cluster)]
+        command += ["--nodes", str(submission.nodes)]
+        if submission.cluster is not None:  # else the head finds the profile as this launch did (RAY_ADDRESS)
+            command += ["--cluster", str(submission.cluster)]
         if submission.procs is not None:
             command += ["--procs", str(submission.procs)]
         if "working_dir" in profile.runtime_env:  # uploaded by Ray; paths are relative to it
             entrypoint = shlex.join(["python", *command])
         else:  # the head sees this folder and this Python (a shared filesystem)
             entrypoint = f"cd {shlex.quote(os.getcwd())} && {shlex.join([sys.executable, *command])}"
-        with scoped_environ({"RAY_AUTH_MODE": profile.auth}):
-            client = JobSubmissionClient(profile.dashboard)
-            job_id = client.submit_job(entrypoint=entrypoint, runtime_env=profile.runtime_env or None)
         spec = Path(recipe.output_dir) / SPEC_DIR
-        spec.mkdir(parents=True, exist_ok=True)
-        (spec / "cluster.yaml").write_text(yaml.safe_dump(profile.model_dump(mode="json"), sort_keys=False))
-        with open(spec / "jobs", "a") as jobs:
-            jobs.write(job_id + "\n")
+        with claim(Path(recipe.output_dir), submitting=True):  # then the job holds it (launch/jobs: ownership)
+            with scoped_environ({"RAY_AUTH_MODE": profile.auth}):
+                client = JobSubmissionClient(profile.dashboard)
+                job_id = client.submit_job(entrypoint=entrypoint, runtime_env=job_runtime_env(profile))
+            (spec / "cluster.yaml").write_text(yaml.safe_dump(profile.model_dump(mode="json"), sort_keys=False))
+            with open(spec / "jobs", "a") as jobs:
+                jobs.write(job_id + "\n")
         print(f"submitted Ray job {job_id}; its logs: ray job logs --follow {job_id} --address {profile.dashboard}")
         return RayJob(job_id, profile.dashboard, Path(recipe.output_dir))
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from contextlib import nullcontext
 from pathlib import Path
 
 from launcher.backends.torchrun import worker_env
-from launcher.config.cluster import RayProfile
+from launcher.config.cluster import ALWAYS_SECRET, RayProfile
 from launcher.config.loading import dump_recipe
 from launcher.config.recipe import Recipe
 from launcher.planning.plan import Plan
@@ -19,6 +20,10 @@ from launcher.spec import LaunchFacts
 IN_RAY_JOB = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 # Travel from the driver to the workers: the launcher's own settings (cache, failure drills) and Hugging Face's.
 FORWARDED_PREFIXES = ("LAUNCHER_", "HF_")
+# The trackers' settings (train.report_to: MLFLOW_TRACKING_URI, WANDB_MODE, ...) travel too; their credentials
+# (CREDENTIAL in the name) never in a runtime_env, which Ray records: they travel as secrets (the object store).
+TRACKER_PREFIXES = ("MLFLOW_", "WANDB_")
+CREDENTIAL = re.compile(r"TOKEN|PASSWORD|SECRET|KEY")
 
 
 def run_name(recipe: Recipe) -> str:
@@ -30,12 +35,41 @@ def run_name(recipe: Recipe) -> str:
 
 
 def ray_worker_env(plan: Plan, profile: RayProfile) -> dict[str, str]:
-    """Environment of every worker; the profile's runtime_env.env_vars win."""
+    """Environment of every worker, without a secret (see `secrets`); the profile's runtime_env.env_vars win.
+    It becomes the workers' runtime_env, which Ray records in its state (State API, dashboard, export events)."""
     env = worker_env(plan)
     # Ray would guess from the reservation; say it, since a missing OMP_NUM_THREADS costs up to 40x on CPU.
     env["OMP_NUM_THREADS"] = str(profile.cpus_per_worker)
-    env.update({k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES)})
+    secret = set(secret_names(profile))
+    env.update({k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES) and k not in secret})
+    env.update({k: v for k, v in os.environ.items() if k.startswith(TRACKER_PREFIXES) and k not in secret})
     env.update(profile.runtime_env.get("env_vars", {}))
+    return env
+
+
+def secret_names(profile: RayProfile) -> list[str]:
+    """The profile's secrets, and the trackers' credentials this environment holds (MLFLOW_TRACKING_PASSWORD...)."""
+    trackers = [k for k in os.environ if k.startswith(TRACKER_PREFIXES) and CREDENTIAL.search(k)]
+    return [*ALWAYS_SECRET, *profile.secret_env, *trackers]
+
+
+def secrets(profile: RayProfile) -> dict[str, str]:
+    """The secrets of this environment the workers need (HF_TOKEN, ...). They never go into a runtime_env: the
+    driver puts them into the object store (ray.put), the workers read them with ray.get and set them in their
+    own process. Ray records object ids, sizes and call sites, never an object's content."""
+    return {name: os.environ[name] for name in secret_names(profile) if name in os.environ}
+
+
+# Ray Train's PreemptionWatcher actor (2.60) logs an error line at every start ("constructor arguments in the
+# object store and max_restarts > 0") and a traceback when its drain poll fails; the launcher does not use
+# what it watches for (node drain notices: a stop is a checkpoint and a restart here), so it is not started.
+QUIET_RAY = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+def job_runtime_env(profile: RayProfile) -> dict:
+    """The profile's runtime_env for the Ray job, with QUIET_RAY (the profile's own env_vars win)."""
+    env = dict(profile.runtime_env)
+    env["env_vars"] = {**QUIET_RAY, **env.get("env_vars", {})}
     return env
 
 
@@ -54,10 +88,10 @@ def connect(profile: RayProfile, plan: Plan) -> None:
             num_cpus=plan.world_size * profile.cpus_per_worker,
             num_gpus=plan.world_size if profile.gpus_per_node else 0,
             object_store_memory=parse_bytes(profile.object_store_memory),
-            runtime_env=profile.runtime_env or None,
+            runtime_env=job_runtime_env(profile),
         )
     else:
-        ray.init(address=profile.address, runtime_env=profile.runtime_env or None)
+        ray.init(address=profile.address, runtime_env=job_runtime_env(profile))
 
 
 def fit(recipe: Recipe, plan: Plan, profile: RayProfile, facts: LaunchFacts) -> None:
@@ -67,6 +101,8 @@ def fit(recipe: Recipe, plan: Plan, profile: RayProfile, facts: LaunchFacts) -> 
 
     storage = profile.storage_path or str((Path(recipe.output_dir) / "ray").resolve())
     resources = {"CPU": profile.cpus_per_worker, **({"GPU": 1} if profile.gpus_per_node else {})}
+    import ray
+
     connect(profile, plan)
     prepare_on_nodes(recipe, plan, profile)  # before TorchTrainer makes the process group
     if recipe.data.prepare == "only":
@@ -77,6 +113,7 @@ def fit(recipe: Recipe, plan: Plan, profile: RayProfile, facts: LaunchFacts) -> 
             "recipe": dump_recipe(recipe),
             "plan": plan.model_dump_json(),
             "facts": facts.model_dump_json(),
+            "secrets": [ray.put(secrets(profile))],  # a reference, resolved by each worker (in a list: not by Ray)
         },
         # Ray Train makes the process group; give it the recipe's collective timeout (Ray's default: 30 min)
         torch_config=TorchConfig(backend=plan.backend, timeout_s=int(recipe.distributed.collective_timeout)),
@@ -87,7 +124,7 @@ def fit(recipe: Recipe, plan: Plan, profile: RayProfile, facts: LaunchFacts) -> 
             placement_strategy=profile.placement_strategy,
         ),
         run_config=RunConfig(
-            name=run_name(recipe),
+            name=facts.scheduler.get("ray_run_name") or run_name(recipe),
             storage_path=storage,
             failure_config=FailureConfig(max_failures=profile.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=recipe.train.keep_last),
@@ -166,6 +203,8 @@ def train_worker(config: dict) -> None:
 
     from launcher.train.run import run
 
+    received = ray.get(config["secrets"][0])
+    os.environ.update(received)  # this worker's own process: what the libraries read (HF_TOKEN, ...)
     recipe = Recipe.model_validate(yaml.safe_load(config["recipe"]))
     plan = Plan.model_validate_json(config["plan"])
     facts = LaunchFacts.model_validate_json(config["facts"])
@@ -195,6 +234,7 @@ def train_worker(config: dict) -> None:
             "node_id_per_rank": nodes,
             "resumed_from_ray_storage": from_ray,
             "torch_threads": torch.get_num_threads(),
+            "secrets_received": sorted(received),  # names only
         }
         summary.write(Path(recipe.output_dir) / "summary.json")
 

@@ -23,10 +23,11 @@ from launcher.backends.local import count_gpus
 from launcher.backends.slurm.agent import agent
 from launcher.backends.slurm.environment import SlurmEnvironment
 from launcher.backends.slurm.jobs import SlurmJob
-from launcher.backends.slurm.script import LOG, SCRIPT, render_script, resolved
+from launcher.backends.slurm.script import LOG, SCRIPT, recipe_problems, render_script, resolved
 from launcher.config.cluster import SlurmProfile
 from launcher.config.recipe import Recipe
 from launcher.errors import JobFailed, Problem, ProfileError, UsageError
+from launcher.ownership import claim
 from launcher.planning.plan import Plan
 from launcher.spec import LaunchFacts, write_spec
 
@@ -79,7 +80,11 @@ class SlurmBackend(Backend):
                     )
                 ],
             )
-        return agent(recipe, plan, self.profile, env, facts)
+        with claim(Path(recipe.output_dir)):  # node 0's agent holds it; the job's id holds it between runs
+            return agent(recipe, plan, self.profile, env, facts.on(slurm_job_id=env.job_id))
+
+    def recipe_problems(self, recipe: Recipe) -> list[Problem]:
+        return recipe_problems(recipe)
 
     def preview(self, recipe: Recipe, plan: Plan) -> str:
         """--dry-run: the job script that would be submitted; nothing is written."""
@@ -91,21 +96,26 @@ class SlurmBackend(Backend):
     def _submit(self, recipe: Recipe, plan: Plan, *, follow: bool) -> str:
         profile = self.profile
         run_dir = Path(recipe.output_dir).resolve()
-        spec = write_spec(run_dir, recipe, plan, LaunchFacts.now())
-        (spec / "cluster.yaml").write_text(yaml.safe_dump(resolved(profile).model_dump(mode="json"), sort_keys=False))
-        script = run_dir / SCRIPT
-        script.write_text(render_script(recipe, plan, profile))
-        for name in profile.secret_env:
-            if name not in os.environ:
-                print(f"warning: secret_env names {name}, which is not set here; the job will not have it",
-                      file=sys.stderr)  # fmt: skip
-        # --export=ALL: the job inherits this environment, secrets included, without writing them anywhere.
-        done = subprocess.run(["sbatch", "--parsable", "--export=ALL", str(script)], capture_output=True, text=True)
-        if done.returncode:
-            raise JobFailed(f"sbatch refused the job:\n{done.stderr.strip()}")
-        job_id = done.stdout.strip().split(";")[0]
-        with open(spec / JOBS, "a") as jobs:
-            jobs.write(job_id + "\n")
+        text = render_script(recipe, plan, profile)  # refuses what it cannot write safely, before anything is written
+        # held while submitting; from then on the job holds it (its id, the newest line of launch/jobs: ownership)
+        with claim(run_dir, submitting=True):
+            spec = write_spec(run_dir, _resuming_itself(recipe), plan, LaunchFacts.now())
+            (spec / "cluster.yaml").write_text(
+                yaml.safe_dump(resolved(profile).model_dump(mode="json"), sort_keys=False)
+            )
+            script = run_dir / SCRIPT
+            script.write_text(text)
+            for name in profile.secret_env:
+                if name not in os.environ:
+                    print(f"warning: secret_env names {name}, which is not set here; the job will not have it",
+                          file=sys.stderr)  # fmt: skip
+            # --export=ALL: the job inherits this environment, secrets included, without writing them anywhere.
+            done = subprocess.run(["sbatch", "--parsable", "--export=ALL", str(script)], capture_output=True, text=True)
+            if done.returncode:
+                raise JobFailed(f"sbatch refused the job:\n{done.stderr.strip()}")
+            job_id = done.stdout.strip().split(";")[0]
+            with open(spec / JOBS, "a") as jobs:
+                jobs.write(job_id + "\n")
         log = run_dir / LOG
         submitted = (
             f"submitted job {job_id}: {plan.num_nodes} node(s) x {plan.procs_per_node} rank(s)\n"
@@ -116,3 +126,11 @@ class SlurmBackend(Backend):
             return submitted
         print(submitted, flush=True)
         return SlurmJob(job_id, run_dir).follow().outcome()
+
+
+def _resuming_itself(recipe: Recipe) -> Recipe:
+    """The recipe the job runs. `train.resume: never` holds at submission (output_dir has no checkpoint then:
+    planning.checks.mixed_runs); a requeued job continues from its own checkpoints, so the job resumes `auto`."""
+    if recipe.train.resume != "never":
+        return recipe
+    return recipe.model_copy(update={"train": recipe.train.model_copy(update={"resume": "auto"})})

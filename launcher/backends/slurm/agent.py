@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from launcher.backends.slurm.environment import AllocationError, SlurmEnvironment
-from launcher.backends.torchrun import run_ranks, worker_env
+from launcher.backends.torchrun import forward_to_children, run_ranks, worker_env
 from launcher.config.cluster import SlurmProfile
 from launcher.config.recipe import Recipe
 from launcher.errors import JobFailed, StoppedBySignal, StoppedOnRequest
@@ -30,7 +30,7 @@ def agent(recipe: Recipe, plan: Plan, profile: SlurmProfile, env: SlurmEnvironme
         raise JobFailed(f"node {host}: {exc}") from None
     # The ranks get a stop signal themselves (Slurm signals every process of the step); the agent must
     # survive it (USR1's default action kills) and passes it on for a signal sent to the agent only.
-    signal.signal(signal.SIGUSR1, _forward_to_children)
+    signal.signal(signal.SIGUSR1, forward_to_children)
     rendezvous = [
         "--nnodes",
         str(env.num_nodes),
@@ -64,13 +64,6 @@ def agent(recipe: Recipe, plan: Plan, profile: SlurmProfile, env: SlurmEnvironme
         else:
             return f"[launch] {node}: done"
     return _after_stop(profile, env, node)
-
-
-def _forward_to_children(signum, frame) -> None:
-    import psutil
-
-    for child in psutil.Process().children():
-        child.send_signal(signum)
 
 
 def _after_stop(profile: SlurmProfile, env: SlurmEnvironment, node: str) -> str:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from launcher.backends.base import Job, JobStatus
 from launcher.backends.slurm.script import LOG
-from launcher.errors import JobFailed, StoppedBySignal
+from launcher.errors import JobFailed, StoppedBySignal, UsageError
+from launcher.spec import SPEC_DIR
 
 ENDED = {
     "COMPLETED",
@@ -31,6 +32,8 @@ ENDED = {
     "SPECIAL_EXIT",
 }
 POLL_S = 1.0
+# what scancel, scontrol and sacct are given: a job id, or an array job's task (1234_5); never an option (--me)
+JOB_ID = re.compile(r"[0-9]+(_[0-9]+)?")
 
 
 def job_info(job_id: str) -> dict[str, str] | None:
@@ -71,6 +74,13 @@ class SlurmJob(Job):
     """A job `launch` submitted with sbatch; its log is OUTPUT_DIR/slurm.log (every restart appends to it)."""
 
     def __init__(self, job_id: str, run_dir: Path | None = None, log: Path | None = None):
+        if not JOB_ID.fullmatch(job_id):
+            where = f"{run_dir / SPEC_DIR / 'jobs'} ends with" if run_dir is not None else "the job id is"
+            raise UsageError.one(
+                "RUN_DIR|JOBID",
+                f"{where} {job_id!r}, which is not a Slurm job id (digits, or JOBID_TASK for an array job); "
+                "give the job id itself (squeue --me lists them)",
+            )
         super().__init__(job_id, run_dir)
         self.log = log or (run_dir / LOG if run_dir is not None else None)
 

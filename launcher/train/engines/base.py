@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
 
 from launcher.config.recipe import Recipe
 from launcher.planning.plan import Plan
+from launcher.train.model import build
 
 OptimizerFactory = Callable[[torch.nn.Module], torch.optim.Optimizer]
 
@@ -18,12 +20,19 @@ class Engine(ABC):
     """One strategy's way of holding and updating the model; the loop (train.run) talks to nothing else."""
 
     sharded = "nothing"
+    # the dtype a 4-bit base's packed weights are stored in (model.bnb_config): that of the strategy's shards,
+    # so that casting the shards leaves the packed bytes intact; None: bitsandbytes' uint8 (nothing is cast)
+    quant_storage: torch.dtype | None = None
 
     def __init__(self, accelerator, recipe: Recipe, plan: Plan):
         self.acc, self.recipe, self.plan = accelerator, recipe, plan
         self.model: torch.nn.Module | None = None
         self.optimizer = None  # what steps
         self.base_optimizer: torch.optim.Optimizer | None = None  # the torch AdamW the scheduler drives
+
+    def build_model(self, recipe: Recipe, tokenizer) -> torch.nn.Module:
+        """The model this rank starts from: every rank loads the pretrained weights (fsdp: rank 0 only)."""
+        return build(recipe, tokenizer, self.acc.device, quant_storage=self.quant_storage)
 
     @abstractmethod
     def prepare(self, model: torch.nn.Module, make_optimizer: OptimizerFactory) -> torch.nn.Module:
@@ -47,6 +56,14 @@ class Engine(ABC):
     def save(self, folder: Path) -> None:
         """Model and optimizer states beyond what accelerator.save_state writes (nothing for DDP)."""
         return None
+
+    # whether save_async exists: the sharded states written in the background (checkpoint.save_in_background)
+    saves_in_background = False
+
+    def save_async(self, folder: Path, written: Callable[[], None] | None) -> Future:
+        """Start writing what save() writes; return once the states are staged in host memory. The future is
+        done when this rank's files are written; `written()` runs in the writing thread before that."""
+        raise NotImplementedError(f"{type(self).__name__} saves synchronously")
 
     def load(self, folder: Path, saved_world_size: int) -> None:
         """Restore what save() wrote; `saved_world_size`: the checkpoint's, which may differ from this run's."""

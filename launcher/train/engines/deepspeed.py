@@ -13,6 +13,8 @@ import io
 import shutil
 from pathlib import Path
 
+import torch
+
 from launcher.config.recipe import Recipe
 from launcher.planning.plan import Plan
 from launcher.train.engines.base import Engine
@@ -30,6 +32,12 @@ class DeepSpeedEngine(Engine):
         self.config = plan.deepspeed_config
         self.stage = self.config["zero_optimization"]["stage"]
         self.sharded = "parameters" if self.stage == 3 else "optimizer states"
+        if self.stage == 3:
+            # ZeRO-3 casts every floating parameter to its own dtype: a 4-bit base stored in float32 under bf16
+            # would be cast and broken (measured: "shape '[64, 32]' is invalid for input of size 1024")
+            enabled = [dtype for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16))
+                       if self.config.get(key, {}).get("enabled")]  # fmt: skip
+            self.quant_storage = enabled[0] if enabled else torch.float32
         if plan.device == "cpu":
             skip_deepspeed_shm_op()
         import deepspeed
@@ -99,12 +107,13 @@ class DeepSpeedEngine(Engine):
     def _load_resharded(self, folder: Path) -> None:
         """ZeRO partitions depend on the world size, so a checkpoint of another world size is converted to
         DeepSpeed's universal checkpoint (one fp32 file per parameter and per Adam moment) by rank 0, into a
-        hidden folder beside the checkpoint (which stays as written), and loaded from there by every rank."""
+        hidden folder of this run's output_dir (the checkpoint stays as written, and may be someone else's:
+        train.resume=PATH), and loaded from there by every rank."""
         from argparse import Namespace
 
         from deepspeed.checkpoint import ds_to_universal
 
-        universal = folder.parent / f".universal-{folder.name}"
+        universal = Path(self.recipe.output_dir) / f".universal-{folder.name}"
         if self.acc.is_main_process:
             print(
                 f"resharding the ZeRO states of {folder.name} for {self.acc.num_processes} processes through "
