@@ -93,14 +93,16 @@ def planner_estimate(recipe, plan) -> int | None:
 
 
 def plan_for(recipe_path, procs: int):
-    """The plan `launch` would make, or the plan's refusal as text."""
+    """The plan `launch` would make, or the plan's refusal as text. Asked before a run and of a finished one
+    (the load table): its resume: never would refuse the output_dir it filled (two runs would mix there), so
+    the plan is the one of resuming it, the same plan."""
     from launcher.config.loading import load_recipe
     from launcher.errors import RecipeError
     from launcher.planning.checks import check_recipe
     from launcher.planning.plan import make_plan
 
     try:
-        recipe = load_recipe(recipe_path)
+        recipe = load_recipe(recipe_path, ["train.resume=auto"])
         summary = check_recipe(recipe)
         return recipe, make_plan(
             recipe,
