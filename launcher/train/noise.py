@@ -26,7 +26,7 @@ def _load_report(match: re.Match) -> str | None:
     rows = re.findall(r"^(\S+)\s*\|\s*(\w+)\s*\|", match.string, flags=re.M)
     rows = [(key, status) for key, status in rows if key != "Key"]
     if rows and all(status == "MISSING" and key.startswith(HEAD_PREFIXES) for key, status in rows):
-        keys = ", ".join(key for key, _ in rows)
+        keys = ", ".join(sorted(key for key, _ in rows))  # transformers lists them in no fixed order
         return f"the task head is new and starts random ({keys}): expected for a fine-tune"
     return match.string
 

@@ -1,7 +1,8 @@
 """Every benchmark runs end to end at its smoke size and prints its table (CI). Benchmarks are not tests:
 no timing is asserted, only that each table was printed and its measured quantities came out positive.
 
-The smoke runs start together (they mostly wait on process start-up), each test waits for its own.
+The smoke runs start together (they mostly wait on process start-up), each test waits for its own. They take
+5–6 minutes of a 2-core machine together, so they are `slow` (`make test-all`), not part of the default suite.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 from helpers import REPO
+
+pytestmark = pytest.mark.slow
 
 TITLES = {
     "step_overhead": "step overhead: samples/s",
