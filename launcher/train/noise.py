@@ -45,11 +45,14 @@ RULES: list[tuple[re.Pattern, Callable[[re.Match], str | None] | None]] = [
 class LibraryNoise(logging.Filter):
     """Strips ANSI codes from every record; rewrites or drops the RULES' messages, each said once."""
 
-    def __init__(self):
+    def __init__(self, is_main: bool = True):
         super().__init__()
         self.said: set[str] = set()
+        self.is_main = is_main
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if not self.is_main and record.levelno < logging.ERROR:  # rank 0 says it; whatever a library's own level
+            return False
         text = ANSI.sub("", record.getMessage())
         for pattern, say in RULES:
             match = pattern.search(text)
@@ -68,7 +71,7 @@ class LibraryNoise(logging.Filter):
 
 def install(is_main: bool) -> LibraryNoise:
     """The filter on the rank's library handlers (a plain root handler is added when there is none)."""
-    noise = LibraryNoise()
+    noise = LibraryNoise(is_main)
     root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)

@@ -162,6 +162,7 @@ def assert_one_tracker_run_without_duplicates(run: Path, runs: dict, mlflow_uri:
     assert [e.step for e in events.Scalars("train/loss")] == steps
 
 
+@pytest.mark.slow  # with the kill loop: 40 s of the default suite
 def test_kill_during_the_background_write_keeps_the_previous_checkpoint(tiny, clean, tmp_path):
     """fsdp writes checkpoints in the background while training goes on; rank 1 dies in that write of step 8
     (its shard files written, the checkpoint's metadata not yet): no checkpoint-00000008 appears, checkpoint 4

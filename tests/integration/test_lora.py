@@ -89,18 +89,26 @@ def runs(models, tmp_path_factory):
         )
         merged = launch("export", run_dir, "--merge") if trained.returncode == 0 else None
         out[name] = (run_dir, trained, merged)
-    # resume from step 4 of a copy that lost everything after it
+    return out
+
+
+@pytest.fixture(scope="module")
+def resumed(runs, models):
+    """The sharded QLoRA runs resumed from step 4 of a copy that lost everything after it (slow: two more
+    2-rank launches)."""
+    out = {}
     for name in RESUMED:
-        again = root / f"{name}-resumed"
-        if out[name][1].returncode == 0:
-            shutil.copytree(root / name, again)
+        run_dir = runs[name][0]
+        again = run_dir.with_name(f"{name}-resumed")
+        if runs[name][1].returncode == 0:
+            shutil.copytree(run_dir, again)
             for gone in ("checkpoint-00000008", "final", "merged"):
                 shutil.rmtree(again / gone)
             (again / "summary.json").unlink()
             model, recipe, procs, extra = CASES[name]
-            out[f"{name}-resumed"] = launch(
+            out[name] = launch(
                 recipe,
-                f"model.path={tiny[model]}",
+                f"model.path={models[model]}",
                 f"output_dir={again}",
                 *SHORT,
                 *extra,
@@ -175,11 +183,12 @@ def _base_path(run_dir) -> str:
     return yaml.safe_load((run_dir / "launch" / "recipe.yaml").read_text())["model"]["path"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", RESUMED)
-def test_sharded_qlora_resumes_to_the_same_adapter(runs, name):
+def test_sharded_qlora_resumes_to_the_same_adapter(runs, resumed, name):
     from safetensors.torch import load_file
 
-    resumed = runs[f"{name}-resumed"]
+    resumed = resumed[name]
     assert resumed.returncode == 0, resumed.output[-3000:]
     run_dir = runs[name][0]
     again = run_dir.with_name(f"{name}-resumed")
