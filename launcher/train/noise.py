@@ -45,14 +45,11 @@ RULES: list[tuple[re.Pattern, Callable[[re.Match], str | None] | None]] = [
 class LibraryNoise(logging.Filter):
     """Strips ANSI codes from every record; rewrites or drops the RULES' messages, each said once."""
 
-    def __init__(self, is_main: bool = True):
+    def __init__(self):
         super().__init__()
         self.said: set[str] = set()
-        self.is_main = is_main
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not self.is_main and record.levelno < logging.ERROR:  # rank 0 says it; whatever a library's own level
-            return False
         text = ANSI.sub("", record.getMessage())
         for pattern, say in RULES:
             match = pattern.search(text)
@@ -71,13 +68,16 @@ class LibraryNoise(logging.Filter):
 
 def install(is_main: bool) -> LibraryNoise:
     """The filter on the rank's library handlers (a plain root handler is added when there is none)."""
-    noise = LibraryNoise(is_main)
+    noise = LibraryNoise()
     root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(name)s: %(levelname)s %(message)s"))
         root.addHandler(handler)
     root.setLevel(logging.WARNING if is_main else logging.ERROR)
+    # transformers prints through its own handler, and with CI=true also propagates to the root's: one record,
+    # two lines (the second past the filter, which had already rewritten it). Its handler is enough.
+    logging.getLogger("transformers").propagate = False
     for name in ("", "transformers", "DeepSpeed"):
         for handler in logging.getLogger(name).handlers:
             handler.addFilter(noise)
