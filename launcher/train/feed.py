@@ -59,7 +59,7 @@ class Feed:
         counts = StepCounts()
         micro = []
         for groups in plan.micro_batches:
-            rows = [self._rows(group) for group in groups]
+            rows = [self.rows.rows(group) for group in groups]  # one read of the memory-mapped split per group
             batch = self.collate(rows)
             for group in rows:
                 for row in group:
@@ -70,12 +70,6 @@ class Feed:
             counts.positions += batch["input_ids"].numel()
             micro.append({k: v.pin_memory() for k, v in batch.items()} if self.pin else batch)
         return FedStep(micro, plan.global_weight, counts)
-
-    def _rows(self, indices: list[int]) -> list[dict]:
-        """Rows by index: one read of the memory-mapped split (SplitView.rows), or one by one (streaming)."""
-        if hasattr(self.rows, "rows"):
-            return self.rows.rows(indices)
-        return [self.rows[i] for i in indices]
 
     def _fill(self, first: int, last: int) -> None:
         for step in range(first, last):

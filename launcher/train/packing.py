@@ -113,15 +113,14 @@ def make_batches(plan: Plan, recipe: Recipe, data: TokenizedData) -> Batches:
     settings, train = recipe.data, data.train
     if settings.streaming:  # the streamed split is its own sampler (compat refuses pack/group_by_length there)
         return Batches(train, settings.packing)
+    if settings.packing != "pack" and not settings.group_by_length:
+        return Batches(make_sampler(recipe, plan, data), settings.packing)
+    weights, lengths = train.column("weight").astype(np.float64), train.lengths()
     if settings.packing == "pack":
-        weights = train.column("weight").astype(np.float64)
-        sampler: Sampler = PackedSampler(plan, settings.seed, weights, train.lengths(), settings.max_length)
-    elif settings.group_by_length:
-        weights = train.column("weight").astype(np.float64)
-        probs = balanced_row_probs(train.column("labels")) if settings.balance else None
-        sampler = LengthGroupedSampler(plan, settings.seed, weights, train.lengths(), probs)
+        sampler: Sampler = PackedSampler(plan, settings.seed, weights, lengths, settings.max_length)
     else:
-        sampler = make_sampler(recipe, plan, data)
+        probs = balanced_row_probs(train.column("labels")) if settings.balance else None
+        sampler = LengthGroupedSampler(plan, settings.seed, weights, lengths, probs)
     return Batches(sampler, settings.packing)
 
 

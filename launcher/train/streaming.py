@@ -128,6 +128,10 @@ class StreamingTrain:
     def __getitem__(self, position: int) -> dict:
         return self.window[position]
 
+    def rows(self, positions) -> list[dict]:
+        """The rows at these positions of the last global batch read (as SplitView.rows gives a split's)."""
+        return [self.window[p] for p in positions]
+
     def batch(self, step: int, rank: int) -> StepBatch:
         plan = self.plan
         size, start = plan.global_batch_size, step * plan.global_batch_size
